@@ -1,0 +1,135 @@
+"""Plain-data vCPU state and the one function that restores it in order.
+
+Capture and restore go through :class:`VcpuState`, a bag of the raw kernel
+structs as bytes (so nothing is lost in translation) with a versioned binary
+serialisation for the store.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import struct
+from dataclasses import dataclass, field
+
+from ..kvm import Vcpu
+from ..kvm import structs as S
+
+_MAGIC = b"SNAPVCPU"
+_VERSION = 1
+_REG_NAMES = [f[0] for f in S.KvmRegs._fields_]
+
+
+@dataclass
+class VcpuState:
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes | None
+    debugregs: bytes | None
+    events: bytes
+    mp_state: int
+    msrs: dict[int, int] = field(default_factory=dict)
+    cpuid: bytes = b""
+
+    # -- convenient views -------------------------------------------------------------
+    def registers(self) -> dict[str, int]:
+        r = S.KvmRegs.from_buffer_copy(self.regs)
+        return {n: getattr(r, n) for n in _REG_NAMES}
+
+    @property
+    def rip(self) -> int:
+        return self.registers()["rip"]
+
+    def sregs_struct(self) -> S.KvmSregs:
+        return S.KvmSregs.from_buffer_copy(self.sregs)
+
+    # -- serialisation --------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        fields = {
+            "regs": self.regs, "sregs": self.sregs, "xsave": self.xsave, "events": self.events,
+            "mp_state": struct.pack("<I", self.mp_state), "cpuid": self.cpuid,
+            "msrs": b"".join(struct.pack("<IQ", k, v) for k, v in sorted(self.msrs.items())),
+        }
+        if self.xcrs is not None:
+            fields["xcrs"] = self.xcrs
+        if self.debugregs is not None:
+            fields["debugregs"] = self.debugregs
+        out = [_MAGIC, struct.pack("<II", _VERSION, len(fields))]
+        for name, data in fields.items():
+            nb = name.encode()
+            out.append(struct.pack("<B", len(nb)) + nb + struct.pack("<I", len(data)) + data)
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "VcpuState":
+        if blob[:8] != _MAGIC:
+            raise ValueError("not a snapctl vCPU state blob")
+        version, n = struct.unpack_from("<II", blob, 8)
+        if version > _VERSION:
+            raise ValueError(f"vCPU state version {version} is newer than this snapctl ({_VERSION})")
+        pos, f = 16, {}
+        for _ in range(n):
+            (ln,) = struct.unpack_from("<B", blob, pos)
+            name = blob[pos + 1:pos + 1 + ln].decode()
+            pos += 1 + ln
+            (dl,) = struct.unpack_from("<I", blob, pos)
+            f[name] = blob[pos + 4:pos + 4 + dl]
+            pos += 4 + dl
+        msrs = {k: v for k, v in struct.iter_unpack("<IQ", f["msrs"])}
+        return cls(regs=f["regs"], sregs=f["sregs"], xsave=f["xsave"], xcrs=f.get("xcrs"),
+                   debugregs=f.get("debugregs"), events=f["events"], mp_state=struct.unpack("<I", f["mp_state"])[0],
+                   msrs=msrs, cpuid=f.get("cpuid", b""))
+
+
+def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
+    """Read everything a restore needs. The vCPU must be out of KVM_RUN with no
+    half-done port exit (the VMM completes it first). MP_STATE is read before the
+    rest (reading it can change LAPIC state), VCPU_EVENTS last."""
+    mp = vcpu.get_mp_state()
+    regs = bytes(vcpu.get_regs())
+    sregs = bytes(vcpu.get_sregs())
+    xsave = vcpu.get_xsave()
+    xcrs = vcpu.get_xcrs()
+    dbg = vcpu.get_debugregs()
+    msrs = vcpu.get_msrs(msr_indices)
+    cpuid = vcpu.get_cpuid2()
+    events = bytes(vcpu.get_vcpu_events())
+    return VcpuState(regs=regs, sregs=sregs, xsave=xsave, xcrs=bytes(xcrs) if xcrs is not None else None,
+                     debugregs=bytes(dbg) if dbg is not None else None, events=events, mp_state=mp,
+                     msrs=msrs, cpuid=bytes(cpuid))
+
+
+# MSRs KVM lets userspace read but not write back verbatim, or that describe the
+# host rather than the guest; restoring them is refused or meaningless.
+_SKIP_ON_RESTORE = frozenset()
+
+
+def restore_vcpu(vcpu: Vcpu, st: VcpuState) -> list[int]:
+    """Write ``st`` into a fresh vCPU, in the order each rule below requires.
+    Returns MSR indices the kernel refused (skipped, reported, never fatal)."""
+    # CPUID first: it decides which MSRs and XSAVE features exist.
+    if st.cpuid:
+        nent = struct.unpack_from("<I", st.cpuid)[0]
+        cp = S.cpuid2_struct(nent).from_buffer_copy(st.cpuid)
+        vcpu.set_cpuid2(cp)
+    vcpu.set_mp_state(st.mp_state)
+    vcpu.set_regs(S.KvmRegs.from_buffer_copy(st.regs))
+    # SREGS before anything that depends on CR0/CR4/EFER (XSAVE needs CR4.OSXSAVE state).
+    vcpu.set_sregs(S.KvmSregs.from_buffer_copy(st.sregs))
+    xs = (C.c_uint8 * len(st.xsave)).from_buffer_copy(st.xsave)
+    vcpu.set_xsave(bytes(xs))
+    if st.xcrs is not None:
+        vcpu.set_xcrs(S.KvmXcrs.from_buffer_copy(st.xcrs))
+    if st.debugregs is not None:
+        vcpu.set_debugregs(S.KvmDebugregs.from_buffer_copy(st.debugregs))
+    # MSRs after SREGS (EFER is in both; sregs wins otherwise) and before events.
+    refused = []
+    items = [(k, v) for k, v in st.msrs.items() if k not in _SKIP_ON_RESTORE]
+    while items:
+        n = vcpu.set_msrs(dict(items))
+        if n < len(items):
+            refused.append(items[n][0])  # the kernel stops at the MSR it refuses
+        items = items[n + 1:]
+    # Pending exceptions / interrupt shadow last: earlier sets may clear them.
+    vcpu.set_vcpu_events(S.KvmVcpuEvents.from_buffer_copy(st.events))
+    return refused

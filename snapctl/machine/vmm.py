@@ -1,0 +1,416 @@
+"""The VMM: a VM with guest RAM, one thread per vCPU, pause/resume, state.
+
+Threading model. Each vCPU has a thread that loops on KVM_RUN. A vCPU *parks*
+(waits on the machine's condition variable, out of KVM_RUN) when
+
+* the machine is paused (:meth:`Machine.pause` kicks every vCPU and returns
+  only once all are parked), or
+* it *holds*: it reached its step target at a yield exit
+  (:meth:`Machine.pause_at_step`) or the guest's stop port
+  (mailbox ``stop_at``). :meth:`Machine.wait_parked` waits for all to hold.
+
+``kvm_run.immediate_exit`` is set by every kick and cleared only under the
+condition lock when a parked vCPU is released, so a kick racing with the
+thread's own check is never lost (see :mod:`snapctl.kvm.vcpu`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..kvm import KvmIoctlError, System, Vcpu
+from ..kvm.constants import (
+    EXIT_NAMES,
+    KVM_EXIT_DIRTY_RING_FULL,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_IO_OUT,
+)
+from . import guests as G
+from . import layout as L
+from .dirty import DirtyTracker, make_tracker
+from .memory import GuestMemory, validate_mem_size
+from .state import VcpuState, capture_vcpu, restore_vcpu
+
+TRACKING_MODES = ("ring", "bitmap", "none")
+
+
+class MachineError(Exception):
+    """The machine stopped: a guest fault, an unexpected exit, or a VMM error."""
+
+
+@dataclass
+class MachineConfig:
+    """Everything needed to build the same machine again (stored with checkpoints)."""
+
+    guest: str = "stamp"
+    mem_size: int = 64 << 20
+    vcpus: int = 1
+    seed: int = 1
+    steps_per_yield: int = 1000
+    tracking: str = "ring"
+    ring_entries: int = 4096
+    params: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        guest = G.get_guest(self.guest)
+        validate_mem_size(self.mem_size)
+        if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= L.MAX_VCPUS:
+            raise ValueError(f"vCPU count must be 1..{L.MAX_VCPUS}, got {self.vcpus}")
+        if self.tracking not in TRACKING_MODES:
+            raise ValueError(f"unknown tracking mode {self.tracking!r}; use one of: {', '.join(TRACKING_MODES)}")
+        if not 1 <= self.seed < (1 << 64):
+            raise ValueError(f"seed must be 1..2^64-1 (xorshift never leaves 0), got {self.seed}")
+        if not 1 <= self.steps_per_yield < (1 << 63):
+            raise ValueError(f"steps per yield must be at least 1, got {self.steps_per_yield}")
+        if self.data_pages_per_vcpu < 1:
+            raise ValueError(f"{self.mem_size >> 20} MiB leaves no data pages for each of {self.vcpus} vCPUs")
+        guest.param_values(self.params, self.data_pages_per_vcpu)
+
+    @property
+    def data_pages(self) -> int:
+        return (self.mem_size - L.SYSTEM_SIZE) // L.PAGE
+
+    @property
+    def data_pages_per_vcpu(self) -> int:
+        return self.data_pages // self.vcpus
+
+    def data_region(self, vcpu: int) -> tuple[int, int]:
+        """(gpa of first data page, pages) of vCPU ``vcpu``'s part of the data area."""
+        per = self.data_pages_per_vcpu
+        return L.SYSTEM_SIZE + vcpu * per * L.PAGE, per
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["memslots"] = [
+            {"slot": 0, "gpa": 0, "size": L.SYSTEM_SIZE, "name": "system"},
+            {"slot": 1, "gpa": L.SYSTEM_SIZE, "size": self.mem_size - L.SYSTEM_SIZE, "name": "data"},
+        ]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MachineConfig":
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class _Runner:
+    index: int
+    vcpu: Vcpu
+    thread: threading.Thread | None = None
+    parked: bool = True
+    hold: bool = False
+    exited: bool = False
+    pending_io: bool = False
+    step_target: int | None = None
+    yields: int = 0
+    exits: int = 0
+    ring_full: int = 0
+
+
+class Machine:
+    """A running (or runnable) VM. Use as a context manager.
+
+    ``Machine(config)`` boots the built-in guest: page tables, GDT, code and
+    mailboxes are written through :class:`GuestMemory` (so recorded as VMM
+    writes) and each vCPU starts at the code address in 64-bit CPL 3.
+    ``Machine(config, boot=False)`` builds the same VM without a guest, for
+    :meth:`restore_state`.
+    """
+
+    def __init__(self, config: MachineConfig, *, kvm_path: str = "/dev/kvm", boot: bool = True):
+        config.validate()
+        self.config = config
+        self._closed = False
+        self._cond = threading.Condition()
+        self._pause_req = False
+        self._stopping = False
+        self._error: BaseException | None = None
+        self.on_yield = None  # optional callback(vcpu_index, step) on the vCPU thread
+        self.system = System(kvm_path)
+        self.vm = None
+        self.memory = None
+        self.tracker: DirtyTracker | None = None
+        self._runners: list[_Runner] = []
+        try:
+            self._build()
+            if boot:
+                self._boot()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        self.vm = self.system.create_vm()
+        try:
+            self.vm.set_tss_addr()
+        except KvmIoctlError:
+            pass  # only VMX needs it; PVM and SVM may refuse
+        if cfg.tracking == "ring":
+            self.ring_limits = self.vm.enable_dirty_ring(cfg.ring_entries)
+        elif cfg.tracking == "bitmap":
+            self.vm.enable_manual_dirty_log_protect()
+        self.memory = GuestMemory(cfg.mem_size)
+        log = cfg.tracking != "none"
+        for r in self.memory.regions:
+            self.vm.set_memory_region(r.slot, r.gpa, self.memory.host_addr + r.gpa, r.size, log_dirty=log)
+        self.tracker = make_tracker(cfg.tracking, self.vm, self.memory)
+        self.msr_indices = self.system.msr_index_list()
+        self._cpuid = self.system.supported_cpuid()
+        for i in range(cfg.vcpus):
+            v = self.vm.create_vcpu(i)
+            self._runners.append(_Runner(i, v))
+
+    def _boot(self) -> None:
+        cfg, mem = self.config, self.memory
+        guest = G.get_guest(cfg.guest)
+        code = guest.code()
+        if len(code) > L.CODE_MAX:
+            raise MachineError(f"guest {cfg.guest} code is {len(code)} bytes, more than {L.CODE_MAX}")
+        for page in L.write_page_tables(mem.flat, cfg.mem_size) + L.write_gdt(mem.flat):
+            mem.note_written(np.array([page]))
+        mem.write(L.CODE_GPA, code)
+        for r in self._runners:
+            base, pages = cfg.data_region(r.index)
+            p1, p2 = guest.param_values(cfg.params, pages)
+            mb = L.mailbox_gpa(r.index)
+            fields = np.zeros(16, np.uint64)
+            fields[G.MB_MAGIC // 8] = G.MAILBOX_MAGIC
+            fields[G.MB_SEED // 8] = G.vcpu_seed(cfg.seed, r.index)
+            fields[G.MB_K // 8] = cfg.steps_per_yield
+            fields[G.MB_DATA_BASE // 8] = base
+            fields[G.MB_DATA_PAGES // 8] = pages
+            fields[G.MB_PARAM1 // 8] = p1
+            fields[G.MB_PARAM2 // 8] = p2
+            mem.write(mb, fields)
+            v = r.vcpu
+            v.set_cpuid2(self._cpuid)
+            v.set_sregs(L.long_mode_sregs(v.get_sregs()))
+            regs = v.get_regs()
+            regs.rip, regs.rdi, regs.rsp = L.CODE_GPA, mb, L.stack_top(r.index)
+            regs.rflags = L.RFLAGS_RESERVED1 | L.RFLAGS_IOPL3
+            v.set_regs(regs)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Start one thread per vCPU; the guest runs until paused, held or stopped."""
+        with self._cond:
+            for r in self._runners:
+                if r.thread is not None:
+                    raise MachineError("machine already started")
+                r.parked = False
+                r.thread = threading.Thread(target=self._loop, args=(r,), name=f"vcpu{r.index}", daemon=True)
+        for r in self._runners:
+            r.thread.start()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._stopping = True
+            for r in self._runners:
+                r.vcpu.kick()
+            self._cond.notify_all()
+        for r in self._runners:
+            if r.thread is not None and r.thread is not threading.current_thread():
+                r.thread.join()
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.vm is not None:
+            self.vm.close()
+        if self.memory is not None:
+            self.memory.close()
+        self.system.close()
+
+    # -- the vCPU thread -------------------------------------------------------------------
+    def _loop(self, r: _Runner) -> None:
+        v = r.vcpu
+        v.thread_ident = threading.get_ident()
+        try:
+            while True:
+                with self._cond:
+                    if self._pause_req or r.hold or self._stopping:
+                        if r.pending_io and not self._stopping:
+                            # Finish the OUT (RIP past it) so captured state is clean.
+                            v.complete_pending_io()
+                            r.pending_io = False
+                        r.parked = True
+                        self._cond.notify_all()
+                        while (self._pause_req or r.hold) and not self._stopping:
+                            self._cond.wait()
+                        if self._stopping:
+                            return
+                        r.parked = False
+                        v.run_struct.immediate_exit = 0
+                reason = v.run()
+                r.exits += 1
+                r.pending_io = False
+                if reason == KVM_EXIT_IO:
+                    self._on_io(r)
+                elif reason == KVM_EXIT_INTR:
+                    continue
+                elif reason == KVM_EXIT_DIRTY_RING_FULL:
+                    r.ring_full += 1
+                    self.tracker.on_ring_full(v)
+                else:
+                    raise MachineError(self._describe_exit(r, reason))
+        except BaseException as e:  # the machine stops; the error is re-raised to the controller
+            with self._cond:
+                if self._error is None:
+                    self._error = e if isinstance(e, MachineError) else MachineError(f"vCPU {r.index}: {e}")
+                    self._error.__cause__ = e if not isinstance(e, MachineError) else None
+                self._stopping = True
+                for other in self._runners:
+                    if other is not r:
+                        other.vcpu.kick()
+        finally:
+            with self._cond:
+                r.parked = True
+                r.exited = True
+                self._cond.notify_all()
+
+    def _on_io(self, r: _Runner) -> None:
+        io = r.vcpu.run_struct.exit.io
+        r.pending_io = True
+        step = self.step(r.index)
+        if io.direction == KVM_EXIT_IO_OUT and io.port == G.PORT_YIELD:
+            r.yields += 1
+            if self.on_yield is not None:
+                self.on_yield(r.index, step)
+            with self._cond:
+                if r.step_target is not None and step >= r.step_target:
+                    r.step_target = None
+                    r.hold = True
+        elif io.direction == KVM_EXIT_IO_OUT and io.port == G.PORT_STOP:
+            with self._cond:
+                r.hold = True
+        else:
+            kind = "OUT" if io.direction == KVM_EXIT_IO_OUT else "IN"
+            raise MachineError(self._describe_exit(r, KVM_EXIT_IO, f"{kind} to unknown port {io.port:#x}"))
+
+    def _describe_exit(self, r: _Runner, reason: int, detail: str = "") -> str:
+        name = EXIT_NAMES.get(reason, "unknown")
+        run = r.vcpu.run_struct
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            ie = run.exit.internal
+            detail = f"suberror {ie.suberror}, data {[hex(x) for x in ie.data[:min(ie.ndata, 4)]]}"
+        elif reason == KVM_EXIT_FAIL_ENTRY:
+            detail = f"hardware entry failure reason {run.exit.fail_entry.hardware_entry_failure_reason:#x}"
+        try:
+            regs = r.vcpu.get_regs()
+            rs = " ".join(f"{n}={getattr(regs, n):#x}" for n in ("rip", "rsp", "rax", "rbx", "rdx", "rdi", "rflags"))
+        except Exception as e:  # the registers are a courtesy; never mask the exit itself
+            rs = f"(registers unreadable: {e})"
+        return f"vCPU {r.index} stopped: unexpected exit {name} ({reason}){': ' + detail if detail else ''}; {rs}"
+
+    # -- control from other threads ----------------------------------------------------------
+    def _check_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def pause(self, timeout: float | None = 30.0) -> None:
+        """Kick every vCPU out of KVM_RUN; return once all are parked."""
+        with self._cond:
+            self._check_error()
+            self._pause_req = True
+            for r in self._runners:
+                if not r.parked:
+                    r.vcpu.kick()
+            if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
+                raise MachineError(f"vCPUs did not stop within {timeout} s")
+            self._check_error()
+
+    def resume(self) -> None:
+        """Release every parked or holding vCPU."""
+        with self._cond:
+            self._check_error()
+            self._pause_req = False
+            for r in self._runners:
+                r.hold = False
+                # Cleared here, not by the waking thread: a wait_parked() right
+                # after resume() must not see the stale "parked" of the old pause.
+                if r.thread is not None and not r.exited:
+                    r.parked = False
+            self._cond.notify_all()
+
+    def pause_at_step(self, target: int) -> None:
+        """Ask each vCPU to hold at its first yield where step >= target (sync pause)."""
+        with self._cond:
+            for r in self._runners:
+                r.step_target = target
+
+    def set_stop_at(self, step: int) -> None:
+        """Make each vCPU's guest hold exactly after step ``step`` (a VMM write to the mailbox)."""
+        for r in self._runners:
+            self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, step)
+
+    def wait_parked(self, timeout: float | None = 60.0) -> None:
+        """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
+                raise MachineError(f"vCPUs did not reach their hold point within {timeout} s")
+            self._check_error()
+
+    @property
+    def paused(self) -> bool:
+        return all(r.parked for r in self._runners)
+
+    # -- state ------------------------------------------------------------------------------------
+    def step(self, vcpu: int = 0) -> int:
+        """The guest's step counter for ``vcpu`` (from its mailbox)."""
+        return self.memory.read_u64(L.mailbox_gpa(vcpu) + G.MB_STEP)
+
+    def steps(self) -> list[int]:
+        return [self.step(i) for i in range(self.config.vcpus)]
+
+    def mailbox_gpa(self, vcpu: int) -> int:
+        return L.mailbox_gpa(vcpu)
+
+    def _require_parked(self) -> None:
+        if not self.paused:
+            raise MachineError("the machine must be paused for this")
+
+    def collect_dirty(self) -> np.ndarray:
+        """Guest pages written since the last collect (must be paused): sorted, unique."""
+        self._require_parked()
+        return self.tracker.collect()
+
+    def capture_vcpus(self) -> list[VcpuState]:
+        self._require_parked()
+        return [capture_vcpu(r.vcpu, self.msr_indices) for r in self._runners]
+
+    def restore_state(self, image: np.ndarray, vcpu_states: list[VcpuState]) -> list[int]:
+        """Load a memory image and vCPU states into a machine built with ``boot=False``.
+        Returns MSRs the kernel refused. Dirty tracking starts clean from this image."""
+        if any(r.thread is not None for r in self._runners):
+            raise MachineError("restore_state needs a machine that has not started")
+        if len(vcpu_states) != len(self._runners):
+            raise MachineError(f"state has {len(vcpu_states)} vCPUs, machine has {len(self._runners)}")
+        self.memory.load_image(image)
+        refused = []
+        for r, st in zip(self._runners, vcpu_states):
+            refused += restore_vcpu(r.vcpu, st)
+        return refused
+
+    def stats(self) -> dict:
+        return {
+            "exits": sum(r.exits for r in self._runners),
+            "yields": sum(r.yields for r in self._runners),
+            "ring_full_exits": sum(r.ring_full for r in self._runners),
+        }
