@@ -48,7 +48,12 @@ class Vcpu:
         os.set_inheritable(self.fd, False)
         self._run_mm = mmap.mmap(self.fd, vm.system.vcpu_mmap_size, flags=mmap.MAP_SHARED,
                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = S.KvmRun.from_buffer(self._run_mm)
+        # from_address, not from_buffer: a buffer export would make close() fail while
+        # any ctypes sub-object (e.g. held by a traceback) is alive. Nothing uses
+        # run_struct after close().
+        anchor = C.c_char.from_buffer(self._run_mm)
+        self.run_struct = S.KvmRun.from_address(C.addressof(anchor))
+        del anchor
         self.ring: DirtyRing | None = None
         if vm.dirty_ring_entries:
             self.ring = DirtyRing(self.fd, vm.dirty_ring_entries, on_harvest=vm._note_harvested)

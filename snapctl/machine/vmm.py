@@ -253,6 +253,11 @@ class Machine:
                         r.parked = True
                         self._cond.notify_all()
                         while (self._pause_req or r.hold) and not self._stopping:
+                            # resume() clears `parked`; if a new pause came before we woke,
+                            # say so again or that pause() would wait forever.
+                            if not r.parked:
+                                r.parked = True
+                                self._cond.notify_all()
                             self._cond.wait()
                         if self._stopping:
                             return

@@ -1,0 +1,138 @@
+"""The kvm layer's contracts: opening /dev/kvm, ring sizing, exclusivity, errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from kvm_helpers import kvm
+from snapctl.kvm import DirtyRingConfigError, KvmError, KvmUnavailableError, System
+from snapctl.kvm.constants import KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_IMMEDIATE_EXIT
+
+
+def test_missing_kvm_device_names_the_path(tmp_path):
+    missing = tmp_path / "no-kvm"
+    with pytest.raises(KvmUnavailableError, match="no-kvm does not exist"):
+        System(str(missing))
+
+
+def test_non_kvm_device_is_refused():
+    with pytest.raises(KvmUnavailableError, match="not a KVM device"):
+        System("/dev/null")
+
+
+def test_unopenable_kvm_device(tmp_path):
+    p = tmp_path / "kvm"
+    p.write_text("")
+    os.chmod(p, 0)
+    if os.geteuid() == 0:  # root ignores file modes; a directory cannot be opened O_RDWR
+        p = tmp_path
+    with pytest.raises(KvmUnavailableError, match="cannot be opened"):
+        System(str(p))
+
+
+@kvm
+def test_system_queries():
+    with System() as s:
+        assert s.api_version == 12
+        assert s.check_extension(KVM_CAP_IMMEDIATE_EXIT) > 0
+        assert s.vcpu_mmap_size >= 4096
+        cpuid = s.supported_cpuid()
+        assert cpuid.nent > 0 and any(cpuid.entries[i].function == 0 for i in range(cpuid.nent))
+        msrs = s.msr_index_list()
+        assert 0xC0000080 in msrs or len(msrs) > 0  # EFER is in every x86 list we know
+        fd = s.fd
+        assert os.get_inheritable(fd) is False
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed deterministically by the context manager
+
+
+@kvm
+def test_ring_limits_prefer_acq_rel():
+    with System() as s, s.create_vm() as vm:
+        lim = vm.dirty_ring_limits()
+        assert lim is not None
+        assert lim.cap == (KVM_CAP_DIRTY_LOG_RING_ACQ_REL if vm.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                           else KVM_CAP_DIRTY_LOG_RING)
+        assert lim.min_entries & (lim.min_entries - 1) == 0
+        assert lim.max_entries == vm.check_extension(lim.cap) // 16
+        assert lim.with_bitmap is False  # x86: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP is arm64-only
+
+
+@kvm
+@pytest.mark.parametrize("entries, problem", [(1000, "not a power of two"), (3, "not a power of two"),
+                                              (0, "not a power of two"), (-4, "not a power of two"),
+                                              (128, "below the kernel minimum"), (1 << 20, "above the kernel maximum")])
+def test_bad_ring_sizes_name_the_allowed_range(entries, problem):
+    with System() as s, s.create_vm() as vm:
+        lim = vm.dirty_ring_limits()
+        with pytest.raises(DirtyRingConfigError) as e:
+            vm.enable_dirty_ring(entries)
+        msg = str(e.value)
+        assert problem in msg
+        assert f"from {lim.min_entries} to {lim.max_entries} entries" in msg
+        assert vm.dirty_ring_entries == 0
+
+
+@kvm
+def test_kernel_agrees_with_our_ring_minimum():
+    """Our pre-check must match the kernel: min accepted, half of it refused by the kernel itself."""
+    with System() as s, s.create_vm() as vm:
+        lim = vm.dirty_ring_limits()
+        vm.enable_dirty_ring(lim.min_entries)
+    with System() as s, s.create_vm() as vm:
+        with pytest.raises(OSError):  # bypass validation: the kernel refuses half the minimum
+            vm.enable_cap(lim.cap, lim.min_entries // 2 * 16)
+
+
+@kvm
+def test_ring_refused_after_vcpu_and_twice():
+    with System() as s, s.create_vm() as vm:
+        vm.create_vcpu(0)
+        with pytest.raises(DirtyRingConfigError, match="before any vCPU"):
+            vm.enable_dirty_ring(4096)
+    with System() as s, s.create_vm() as vm:
+        vm.enable_dirty_ring(4096)
+        with pytest.raises(DirtyRingConfigError, match="already enabled"):
+            vm.enable_dirty_ring(4096)
+
+
+@kvm
+def test_ring_and_bitmap_are_exclusive():
+    with System() as s, s.create_vm() as vm:
+        vm.enable_dirty_ring(4096)
+        with pytest.raises(DirtyRingConfigError, match="exclusive"):
+            vm.enable_manual_dirty_log_protect()
+    with System() as s, s.create_vm() as vm:
+        vm.enable_manual_dirty_log_protect()
+        with pytest.raises(DirtyRingConfigError, match="exclusive"):
+            vm.enable_dirty_ring(4096)
+
+
+@kvm
+def test_get_dirty_log_with_ring_is_a_clear_error():
+    import mmap
+    with System() as s, s.create_vm() as vm:
+        vm.enable_dirty_ring(4096)
+        mm = mmap.mmap(-1, 1 << 20)
+        addr = np.frombuffer(mm, np.uint8).ctypes.data
+        vm.set_memory_region(0, 0, addr, 1 << 20, log_dirty=True)
+        with pytest.raises(KvmError, match="unavailable while the dirty ring"):
+            vm.get_dirty_log(0)
+
+
+@kvm
+def test_ring_is_mapped_with_the_vcpu_and_unmapped_with_it():
+    with System() as s, s.create_vm() as vm:
+        vm.enable_dirty_ring(512)
+        v = vm.create_vcpu(0)
+        assert v.ring is not None and v.ring.entries == 512
+        assert v.ring.harvest()[0].size == 0
+        assert vm.reset_dirty_rings() == 0
+        ring = v.ring
+        v.close()
+        assert v.ring is None
+        with pytest.raises(ValueError, match="closed"):
+            ring.harvest()
