@@ -74,7 +74,7 @@ class Store:
 
     def __init__(self, path: str, wconn: sqlite3.Connection | None,
                  rconn: sqlite3.Connection, meta: dict[str, str]) -> None:
-        self.path = path
+        self.filename = path
         self._wconn = wconn
         self._rconn = rconn
         self._wlock = threading.RLock()
@@ -186,7 +186,7 @@ class Store:
         """A write transaction on the write connection (BEGIN IMMEDIATE takes
         SQLite's write lock up front, so no upgrade deadlock later)."""
         if self._wconn is None:
-            raise StoreError(f"{self.path}: store is open read-only")
+            raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock:
             self._check_open()
             conn = self._wconn
@@ -200,7 +200,7 @@ class Store:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreError(f"{self.path}: store is closed")
+            raise StoreError(f"{self.filename}: store is closed")
 
     # --- the tree ------------------------------------------------------------
 
@@ -328,7 +328,7 @@ class Store:
         """Start writing a checkpoint; use as a context manager.  Everything
         added inside the ``with`` block commits atomically on exit."""
         if self._wconn is None:
-            raise StoreError(f"{self.path}: store is open read-only")
+            raise StoreError(f"{self.filename}: store is open read-only")
         return CheckpointWriter(self, parent, dict(meta or {}))
 
     def _view_in(self, conn, ckpt: int | None) -> _View:
@@ -524,7 +524,7 @@ class Store:
     def vacuum(self) -> None:
         """Give the space freed by ``prune`` back to the file system."""
         if self._wconn is None:
-            raise StoreError(f"{self.path}: store is open read-only")
+            raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock:
             self._wconn.execute("VACUUM")
 
@@ -710,7 +710,9 @@ class CheckpointWriter:
             "INSERT INTO versions(page, ckpt, blob) VALUES (?, ?, ?)",
             zip(pn[ins].tolist(), [self.id] * len(ins),
                 [b if b else None for b in ins_ids.tolist()]))
-        stats["dedup_pages"] += int(len(nz) - len(new_blob_rows))
+        # Changed non-zero pages whose content was already stored (or repeats
+        # within this batch); unchanged pages are counted separately.
+        stats["dedup_pages"] += int(len(ins_ids[ins_ids > 0])) - len(new_blob_rows)
 
         # Digest: old terms out, new terms in (pages only, never the image).
         terms = np.zeros((n, 2), np.uint64)

@@ -1,0 +1,393 @@
+"""The API contract: creating/opening, bad input, tags, states, ids, threads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import PAGE, _ROOT, image_digest, random_pages
+from storage import (SCHEMA_VERSION, ZERO_HASH_HEX, CorruptionError, InvalidArgumentError,
+                     NotAStoreError, SchemaVersionError, Store, StoreError,
+                     UnknownCheckpointError)
+
+
+def file_state(path):
+    """Bytes + existence of sidecars: 'untouched' means all equal."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return digest, os.stat(path).st_size, [os.path.exists(path + s) for s in ("-wal", "-shm", "-journal")]
+
+
+# --- create / open ---------------------------------------------------------
+
+def test_create_refuses_existing_path(store_path):
+    open(store_path, "wb").close()
+    with pytest.raises(StoreError, match="already exists"):
+        Store.create(store_path, {"mem_size": PAGE})
+    assert os.path.getsize(store_path) == 0
+
+
+@pytest.mark.parametrize("cfg", [{}, {"mem_size": 100}, {"mem_size": -4096}, {"mem_size": "4096"}])
+def test_create_requires_mem_size(store_path, cfg):
+    with pytest.raises(InvalidArgumentError):
+        Store.create(store_path, cfg)
+    assert not os.path.exists(store_path)
+
+
+def test_files_are_0600_regardless_of_umask(store_path):
+    old = os.umask(0)
+    try:
+        st_ = Store.create(store_path, {"mem_size": 4 * PAGE})
+        with st_.checkpoint(None, {"step": 0}) as w:
+            w.add_pages([0], np.ones((1, PAGE), np.uint8))
+        for p in (store_path, store_path + "-wal", store_path + "-shm"):
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+        st_.close()
+    finally:
+        os.umask(old)
+
+
+def test_reopen_keeps_config_and_data(make_store, store_path):
+    st_ = make_store(8, name="guest", params={"cmdline": "quiet"})
+    img = random_pages(np.random.default_rng(0), 8)
+    with st_.checkpoint(None, {"step": 3, "trigger": "base"}) as w:
+        w.add_pages(np.arange(8), img)
+    st_.close()
+    with Store.open(store_path) as again:
+        assert again.config["params"] == {"cmdline": "quiet"}
+        assert again.page_count == 8
+        out = np.empty(8 * PAGE, np.uint8)
+        again.materialize(0, out)
+        assert out.tobytes() == img.tobytes()
+    with Store.open(store_path, readonly=True) as ro:
+        assert ro.read_page(0, 5) == img[5].tobytes()
+        with pytest.raises(StoreError, match="read-only"):
+            ro.checkpoint(0, {})
+
+
+def test_empty_file_stays_empty(store_path):
+    open(store_path, "wb").close()
+    before = file_state(store_path)
+    with pytest.raises(NotAStoreError, match="empty"):
+        Store.open(store_path)
+    assert file_state(store_path) == before
+
+
+def test_non_sqlite_file_untouched(store_path):
+    with open(store_path, "wb") as f:
+        f.write(b"not a database at all\n" * 100)
+    before = file_state(store_path)
+    with pytest.raises(NotAStoreError, match="not an SQLite"):
+        Store.open(store_path)
+    assert file_state(store_path) == before
+
+
+def test_foreign_sqlite_untouched(store_path):
+    c = sqlite3.connect(store_path)
+    c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    c.execute("INSERT INTO meta VALUES ('format', 'snapctl-store')")
+    c.commit()
+    c.close()
+    before = file_state(store_path)
+    for ro in (False, True):
+        with pytest.raises(NotAStoreError, match="snapctl marker"):
+            Store.open(store_path, readonly=ro)
+    assert file_state(store_path) == before
+
+
+def test_newer_schema_refused_untouched(make_store, store_path):
+    make_store(4).close()
+    c = sqlite3.connect(store_path)
+    c.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    c.close()
+    before = file_state(store_path)
+    with pytest.raises(SchemaVersionError, match="newer"):
+        Store.open(store_path)
+    assert file_state(store_path) == before
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        Store.open(tmp_path / "nope.snap")
+
+
+# --- bad input never changes the store --------------------------------------
+
+@pytest.fixture
+def small(make_store):
+    st_ = make_store(8)
+    img = random_pages(np.random.default_rng(1), 8)
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(8), img)
+    return st_, img
+
+
+@pytest.mark.parametrize("pages, data, match", [
+    ([8], np.zeros((1, PAGE), np.uint8), "page 8 out of range"),
+    ([-1], np.zeros((1, PAGE), np.uint8), "page -1 out of range"),
+    ([0], np.zeros((1, PAGE), np.int16), "uint8"),
+    ([0], np.zeros((1, 100), np.uint8), "shape"),
+    ([0, 1], np.zeros((1, PAGE), np.uint8), "2 page numbers for 1 pages"),
+    ([[0]], np.zeros((1, PAGE), np.uint8), "1-D"),
+    ([0.5], np.zeros((1, PAGE), np.uint8), "integer"),
+])
+def test_bad_pages_rejected_store_unchanged(small, pages, data, match):
+    st_, img = small
+    before = [(i.id, i.digest) for i in st_.checkpoints()]
+    with pytest.raises(InvalidArgumentError, match=match):
+        with st_.checkpoint(0, {"step": 1}) as w:
+            w.add_pages(np.zeros(0, np.int64), np.zeros((0, PAGE), np.uint8))
+            w.add_pages(pages, data)
+    assert [(i.id, i.digest) for i in st_.checkpoints()] == before
+    assert st_.verify().ok
+    # the id was not consumed by the rolled-back attempt
+    with st_.checkpoint(0, {"step": 1}) as w:
+        pass
+    assert w.id == 1
+
+
+def test_caught_bad_call_inside_block_does_not_leak(small):
+    st_, img = small
+    with st_.checkpoint(0, {"step": 1}) as w:
+        with pytest.raises(InvalidArgumentError):
+            w.add_pages([0, 99], np.zeros((2, PAGE), np.uint8))
+        w.add_pages([1], np.zeros((1, PAGE), np.uint8))
+    assert st_.diff(0, 1).tolist() == [1]
+
+
+def test_unknown_parent_and_second_root(small):
+    st_, _ = small
+    with pytest.raises(UnknownCheckpointError, match="no checkpoint 5"):
+        with st_.checkpoint(5, {}):
+            pass
+    with pytest.raises(InvalidArgumentError, match="only for the base"):
+        with st_.checkpoint(None, {}):
+            pass
+    assert [i.id for i in st_.checkpoints()] == [0]
+
+
+@pytest.mark.parametrize("gpa, length, match", [
+    (-1, 4, ">= 0"), (0, -4, ">= 0"), (8 * PAGE - 2, 4, "past the end"), (8 * PAGE + 1, 0, "past the end"),
+])
+def test_bad_reads(small, gpa, length, match):
+    st_, _ = small
+    with pytest.raises(InvalidArgumentError, match=match):
+        st_.read(0, gpa, length)
+
+
+def test_bad_materialize_target(small):
+    st_, _ = small
+    for out in (np.zeros((8, PAGE), np.int8), np.zeros((7, PAGE), np.uint8),
+                np.zeros((8, PAGE * 2), np.uint8)[:, ::2], bytearray(8 * PAGE)):
+        with pytest.raises(InvalidArgumentError):
+            st_.materialize(0, out)
+
+
+def test_read_edges(small):
+    st_, img = small
+    flat = img.tobytes()
+    assert st_.read(0, 8 * PAGE, 0) == b""
+    assert st_.read(0, PAGE - 3, 10) == flat[PAGE - 3:PAGE + 7]
+    assert st_.read(0, 0, 8 * PAGE) == flat
+    with pytest.raises(InvalidArgumentError, match="page 8 out of range"):
+        st_.read_page(0, 8)
+    with pytest.raises(UnknownCheckpointError, match="no checkpoint 3"):
+        st_.read_page(3, 0)
+
+
+def test_materialize_into_memmap(small, tmp_path):
+    st_, img = small
+    mm = np.memmap(tmp_path / "ram.raw", dtype=np.uint8, mode="w+", shape=(8 * PAGE,))
+    mm[:] = 0x55
+    st_.materialize(0, mm)
+    assert mm.tobytes() == img.tobytes()
+
+
+# --- semantics ----------------------------------------------------------------
+
+def test_zero_dedup_delta_and_stats(make_store, store_path):
+    st_ = make_store(16)
+    rng = np.random.default_rng(2)
+    img = np.zeros((16, PAGE), np.uint8)
+    img[:4] = random_pages(rng, 4)
+    img[4] = img[0]                                   # duplicate within the batch
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(16), img)
+    s = w.stats
+    assert (s["pages"], s["zero_pages"], s["new_blobs"], s["dedup_pages"]) == (16, 11, 4, 1)
+    img1 = img.copy()
+    img1[0, 10:20] = 7                                # small edit -> delta
+    img1[1] = 0                                       # written back to zero
+    img1[6] = img[2]                                  # duplicate of a stored page
+    with st_.checkpoint(0, {"step": 1}) as w:
+        w.add_pages([0, 1, 6, 3], img1[[0, 1, 6, 3]])  # page 3 unchanged
+    s = w.stats
+    assert s["delta_blobs"] == 1 and s["new_blobs"] == 1 and s["dedup_pages"] == 1
+    assert s["unchanged_pages"] == 1 and s["zero_pages"] == 1
+    assert s["stored_bytes"] < 200 and s["raw_bytes"] == 4 * PAGE
+    assert st_.read_page(1, 1) == bytes(PAGE)
+    assert st_.diff(0, 1).tolist() == [0, 1, 6]
+    assert st_.history(1)[-1] == (1, ZERO_HASH_HEX)
+    assert [c for c, _ in st_.history(3)] == [0]      # unchanged write is not a change
+    with sqlite3.connect(store_path) as c:
+        assert c.execute("SELECT count(*) FROM blobs").fetchone()[0] == 5
+        # no delta has a delta as its dictionary
+        assert c.execute("SELECT count(*) FROM blobs b JOIN blobs d ON d.id = b.base "
+                         "WHERE d.codec = 2").fetchone()[0] == 0
+    # a chain of small edits: each new delta's base is a full blob
+    cur, parent = img1.copy(), 1
+    for k in range(5):
+        cur[0, 30 + k] ^= 0xFF
+        with st_.checkpoint(parent, {"step": 2 + k}) as w:
+            w.add_pages([0], cur[[0]])
+        parent = w.id
+        assert w.stats["delta_blobs"] == 1
+    with sqlite3.connect(store_path) as c:
+        assert c.execute("SELECT count(*) FROM blobs b JOIN blobs d ON d.id = b.base "
+                         "WHERE d.codec = 2").fetchone()[0] == 0
+    assert st_.read_page(parent, 0) == cur[0].tobytes()
+
+
+def test_later_write_wins_and_digest_matches_definition(make_store):
+    st_ = make_store(8)
+    a, b = random_pages(np.random.default_rng(3), 2)
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages([2, 2], np.stack([a, b]))       # later row wins
+        w.add_pages([3], a[None])
+        w.add_pages([3], np.zeros((1, PAGE), np.uint8))  # later call wins, back to zero
+    img = np.zeros((8, PAGE), np.uint8)
+    img[2] = b
+    assert st_.read_page(0, 2) == b.tobytes() and st_.read_page(0, 3) == bytes(PAGE)
+    assert st_.digest(0) == image_digest(img) == w.digest
+    assert st_.verify().ok        # the overwritten blob for page 3 was not leaked
+
+
+def test_equal_images_on_branches_have_equal_digests(small):
+    st_, img = small
+    edited = img[4].copy()
+    edited[0] ^= 1
+    with st_.checkpoint(0, {"step": 1}) as w:
+        w.add_pages([4], edited[None])
+    with st_.checkpoint(1, {"step": 2}) as w:
+        w.add_pages([4], img[4][None])               # back to the base image
+    assert st_.digest(2) == st_.digest(0) != st_.digest(1)
+    assert st_.diff(0, 2).size == 0
+
+
+def test_tree_tags_states_and_ids(small):
+    st_, _ = small
+    for parent in (0, 1, 0):
+        with st_.checkpoint(parent, {"step": 10, "trigger": "async", "why": "test"}) as w:
+            w.add_state("vcpu0", b"\x01\x02")
+            w.add_state("vm", b"")
+            w.set_stats({"downtime_ms": 1.5})
+    assert st_.children(0) == [1, 3] and st_.children(1) == [2]
+    assert st_.path(2) == [0, 1, 2]
+    info = st_.get(2)
+    assert (info.parent, info.trigger, info.step, info.meta["why"]) == (1, "async", 10, "test")
+    assert info.stats["downtime_ms"] == 1.5 and "write_ms" in info.stats
+    assert st_.state_names(3) == ["vcpu0", "vm"] and st_.state(3, "vm") == b""
+    with pytest.raises(StoreError, match="no state named"):
+        st_.state(0, "vcpu0")
+    st_.tag(2, "good")
+    st_.tag(2, "good")                               # idempotent
+    assert st_.resolve("good") == 2 and st_.resolve("2") == 2 and st_.resolve(3) == 3
+    assert st_.get(2).tags == ["good"]
+    with pytest.raises(StoreError, match="already names checkpoint 2"):
+        st_.tag(3, "good")
+    for bad in ("12", "", " x"):
+        with pytest.raises(InvalidArgumentError):
+            st_.tag(3, bad)
+    with pytest.raises(UnknownCheckpointError, match="'nope'"):
+        st_.resolve("nope")
+    st_.untag("good")
+    with pytest.raises(UnknownCheckpointError):
+        st_.untag("good")
+    # ids are never reused, even after the newest checkpoint is pruned
+    rep = st_.prune(keep_ids=[1])
+    assert rep.removed == [2, 3]
+    with st_.checkpoint(1, {"step": 11}) as w:
+        pass
+    assert w.id == 4
+
+
+def test_prune_reports_and_frees(make_store):
+    st_ = make_store(8)
+    rng = np.random.default_rng(4)
+    images = {}
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(8), random_pages(rng, 8))
+    for k in range(1, 6):
+        with st_.checkpoint(k - 1, {"step": k}) as w:   # 4 overwrites 3's page
+            w.add_pages([3 if k == 4 else k], random_pages(rng, 1, "random"))
+    out = np.empty((8, PAGE), np.uint8)
+    for c in range(6):
+        st_.materialize(c, out)
+        images[c] = out.copy()
+    st_.tag(2, "keep")
+    dry = st_.prune(keep_last=1, dry_run=True)
+    assert dry.removed == [1, 3, 4] and len(st_.checkpoints()) == 6
+    rep = st_.prune(keep_last=1)
+    assert rep.kept == [0, 2, 5] and rep.removed == [1, 3, 4]
+    assert rep.reparented == {2: 0, 5: 2}
+    # only checkpoint 3's page 3 is seen by no kept checkpoint
+    assert rep.blobs_freed == 1 and rep.bytes_freed == PAGE
+    assert rep.folded_versions == 2                        # page 1 -> 2, page 3 (of 4) -> 5
+    for c in (0, 2, 5):
+        st_.materialize(c, out)
+        assert np.array_equal(out, images[c])
+    assert st_.verify().ok
+    with pytest.raises(UnknownCheckpointError):
+        st_.prune(keep_ids=[99])
+    st_.vacuum()
+
+
+def test_reads_during_write_from_other_thread_and_process(small, store_path):
+    st_, img = small
+    inside, release = threading.Event(), threading.Event()
+    errors = []
+
+    def writer():
+        try:
+            with st_.checkpoint(0, {"step": 1}) as w:
+                w.add_pages([0], np.zeros((1, PAGE), np.uint8))
+                inside.set()
+                release.wait(10)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert inside.wait(10)
+    # Same Store, another thread: sees committed data, not the open checkpoint.
+    assert st_.read_page(0, 0) == img[0].tobytes()
+    assert [i.id for i in st_.checkpoints()] == [0]
+    # Another process reads while the write transaction is open (WAL).
+    code = ("import sys; sys.path.insert(0, %r); from storage import Store; "
+            "s = Store.open(%r, readonly=True); print(s.read_page(0, 0).hex()[:16], len(s.checkpoints()))"
+            % (_ROOT, store_path))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [img[0].tobytes().hex()[:16], "1"]
+    release.set()
+    t.join(10)
+    assert not errors
+    assert st_.read_page(1, 0) == bytes(PAGE)
+
+
+def test_state_corruption_named(small, store_path):
+    st_, _ = small
+    with st_.checkpoint(0, {}) as w:
+        w.add_state("vcpu0", b"abc")
+    with sqlite3.connect(store_path) as c:
+        c.execute("UPDATE states SET data = X'616263ff'")
+    with pytest.raises(CorruptionError, match="checkpoint 1: state 'vcpu0'"):
+        st_.state(1, "vcpu0")
