@@ -136,3 +136,16 @@ def test_ring_is_mapped_with_the_vcpu_and_unmapped_with_it():
         assert v.ring is None
         with pytest.raises(ValueError, match="closed"):
             ring.harvest()
+
+
+@kvm
+def test_reset_blocks_signals_only_for_the_ioctl():
+    """reset_dirty_rings blocks signals (an interrupted reset loses pages on this
+    kernel, see Vm.reset_dirty_rings) and must give the caller its mask back."""
+    import signal
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with System() as s, s.create_vm() as vm:
+        vm.enable_dirty_ring(512)
+        vm.create_vcpu(0)
+        assert vm.reset_dirty_rings() == 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
