@@ -74,16 +74,18 @@ def decode_checked(codec, data, crc, expect_hash, dict_page=None, *,
                    checkpoint=None, page=None, blob=None) -> bytes:
     """``decode`` plus both checks; a mismatch raises ``CorruptionError``
     naming the checkpoint, page and blob, so wrong bytes never escape."""
-    where = _where(checkpoint, page, blob)
     if stored_checksum(data) != crc:
+        where = _where(checkpoint, page, blob)
         raise CorruptionError(f"{where}: stored bytes fail their checksum",
                               checkpoint=checkpoint, page=page, blob=blob)
     try:
         out = decode(codec, data, dict_page)
     except Exception as exc:  # lz4.block.LZ4BlockError and friends
+        where = _where(checkpoint, page, blob)
         raise CorruptionError(f"{where}: cannot decode ({exc})",
                               checkpoint=checkpoint, page=page, blob=blob) from None
     if len(out) != PAGE_SIZE or content_hash(out) != expect_hash:
+        where = _where(checkpoint, page, blob)
         raise CorruptionError(f"{where}: content does not match its hash",
                               checkpoint=checkpoint, page=page, blob=blob)
     return out

@@ -392,56 +392,128 @@ class Store:
                       lo: int, hi: int) -> np.ndarray:
         """Decode the visible non-zero pages ``lo..hi`` of the image at
         ``path[-1]`` into ``mv`` (page ``lo`` at offset 0); return a bool mask
-        of the pages written.  This is the hot loop of restore: one C call per
-        hash and per decompression, nothing else per page."""
+        of the pages written.
+
+        The hot loop of restore.  Phase 1: one index scan of ``versions``
+        for the newest row per page on the path.  Phase 2: each distinct
+        blob is read once, in id order (sequential in the file), decoded and
+        checked; pages sharing a blob are copied with one numpy scatter.
+        Deltas wait until their base is decoded (usually already in ``mv``).
+        Per page: one row, one decompression, two hashes -- nothing else."""
         ckpt = path[-1]
         filled = np.zeros(hi - lo + 1, bool)
-        done = []
         rows = conn.execute(
-            "SELECT v.page, v.blob, b.codec, b.hash, b.crc, b.data, "
-            "       d.codec, d.hash, d.crc, d.data, b.base "
-            "FROM (SELECT page, max(ckpt) AS ck, blob FROM versions "
-            f"      WHERE ckpt IN ({_ids_sql(path)}) AND page BETWEEN ? AND ? "
-            "      GROUP BY page) AS v "
-            "JOIN blobs AS b ON b.id = v.blob "
-            "LEFT JOIN blobs AS d ON d.id = b.base", (lo, hi))
+            "SELECT page, max(ckpt), coalesce(blob, 0) FROM versions "
+            f"WHERE ckpt IN ({_ids_sql(path)}) AND page BETWEEN ? AND ? GROUP BY page",
+            (lo, hi)).fetchall()
+        if not rows:
+            return filled
+        arr = np.array(rows, np.int64)
+        keep = arr[:, 2] > 0
+        pages, blobs = arr[keep, 0] - lo, arr[keep, 2]       # pages relative to lo
+        if not len(pages):
+            return filled
+        order = np.argsort(blobs, kind="stable")
+        blobs_s, pages_s = blobs[order], pages[order]
+        first = np.ones(len(blobs_s), bool)
+        first[1:] = blobs_s[1:] != blobs_s[:-1]
+        ubl, upg = blobs_s[first], pages_s[first]
+        page_of = dict(zip(ubl.tolist(), upg.tolist()))
+
         decompress = codec._decompress
         h128, h64 = content_hash, stored_checksum
-        for page, blob, cdc, hsh, crc, data, dcdc, dhsh, dcrc, ddata, base in rows:
-            try:
-                if h64(data) != crc:
-                    raise ValueError
-                if cdc == 1:
-                    page_bytes = decompress(data, uncompressed_size=PAGE_SIZE)
-                elif cdc == CODEC_RAW:
-                    page_bytes = data
-                else:
-                    if ddata is None or h64(ddata) != dcrc:
-                        raise ValueError
-                    dpage = codec.decode(dcdc, ddata)
-                    page_bytes = decompress(data, uncompressed_size=PAGE_SIZE, dict=dpage)
-                if h128(page_bytes) != hsh:
-                    raise ValueError
-            except Exception:
-                # Slow path only on damage: say which blob (or its delta base).
-                self._raise_corrupt(ckpt, page, blob, cdc, data, crc, hsh,
-                                    base, dcdc, ddata, dcrc, dhsh)
-            off = (page - lo) * PAGE_SIZE
-            mv[off:off + PAGE_SIZE] = page_bytes
-            done.append(page)
-        if done:
-            filled[np.asarray(done, np.int64) - lo] = True
+        deferred = []
+        seen = 0
+        for bid, cdc, hsh, crc, data, base in conn.execute(
+                "SELECT id, codec, hash, crc, data, base FROM blobs "
+                "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (json.dumps(ubl.tolist()),)):
+            seen += 1
+            page = page_of[bid]
+            if cdc == 1:
+                try:
+                    out = decompress(data, uncompressed_size=PAGE_SIZE)
+                except Exception:
+                    out = None
+            elif cdc == CODEC_RAW:
+                out = data
+            else:
+                deferred.append((bid, page, cdc, hsh, crc, data, base))
+                continue
+            if out is None or h128(out) != hsh or h64(data) != crc:
+                self._raise_corrupt(ckpt, page + lo, bid, cdc, data, crc, hsh)
+            off = page * PAGE_SIZE
+            mv[off:off + PAGE_SIZE] = out
+        if seen != len(ubl):
+            self._raise_missing(conn, ckpt, ubl, page_of, lo)
+        if deferred:
+            self._decode_deltas(conn, ckpt, deferred, page_of, mv, lo)
+        if len(ubl) != len(blobs_s):                          # pages sharing a blob
+            img = np.frombuffer(mv, np.uint8).reshape(-1, PAGE_SIZE)
+            src = upg[np.cumsum(first) - 1]
+            img[pages_s[~first]] = img[src[~first]]
+        filled[pages] = True
         return filled
 
+    def _decode_deltas(self, conn, ckpt, deferred, page_of, mv, lo) -> None:
+        bases: dict[int, object] = {}
+        outside = []
+        for _, _, _, _, _, _, base in deferred:
+            p = page_of.get(base)
+            if p is not None:            # already decoded and checked into mv
+                bases[base] = mv[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+            elif base is not None:
+                outside.append(base)
+        if outside:
+            for bid, cdc, hsh, crc, data in conn.execute(
+                    "SELECT id, codec, hash, crc, data FROM blobs "
+                    "WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(sorted(set(outside))),)):
+                try:
+                    bases[bid] = codec.decode_checked(cdc, data, crc, hsh, blob=bid)
+                except CorruptionError:
+                    pass                 # reported against the dependent page below
+        h128, h64 = content_hash, stored_checksum
+        decompress = codec._decompress
+        for bid, page, cdc, hsh, crc, data, base in deferred:
+            d = bases.get(base)
+            out = None
+            if d is not None:
+                try:
+                    out = decompress(data, uncompressed_size=PAGE_SIZE, dict=d)
+                except Exception:
+                    pass
+            if out is None or h128(out) != hsh or h64(data) != crc:
+                self._raise_corrupt(ckpt, page + lo, bid, cdc, data, crc, hsh,
+                                    conn=conn, base=base)
+            off = page * PAGE_SIZE
+            mv[off:off + PAGE_SIZE] = out
+
     @staticmethod
-    def _raise_corrupt(ckpt, page, blob, cdc, data, crc, hsh, base, dcdc, ddata, dcrc, dhsh):
+    def _raise_missing(conn, ckpt, ubl, page_of, lo):
+        present = {r[0] for r in conn.execute(
+            "SELECT id FROM blobs WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(ubl.tolist()),))}
+        for b in ubl.tolist():
+            if b not in present:
+                raise CorruptionError(
+                    f"checkpoint {ckpt}, page {page_of[b] + lo}: references missing blob {b}",
+                    checkpoint=ckpt, page=page_of[b] + lo, blob=b)
+
+    @staticmethod
+    def _raise_corrupt(ckpt, page, blob, cdc, data, crc, hsh, *, conn=None, base=None):
+        """Slow path, only on damage: say which blob (or its delta base) is bad."""
         dpage = None
         if cdc == CODEC_LZ4_DELTA:
-            if ddata is None:
+            row = None
+            if conn is not None and base is not None:
+                row = conn.execute("SELECT codec, data, crc, hash FROM blobs WHERE id = ?",
+                                   (base,)).fetchone()
+            if row is None:
                 raise CorruptionError(
                     f"checkpoint {ckpt}, page {page}, blob {blob}: delta base blob {base} is missing",
                     checkpoint=ckpt, page=page, blob=blob)
-            dpage = codec.decode_checked(dcdc, ddata, dcrc, dhsh, checkpoint=ckpt,
+            dpage = codec.decode_checked(row[0], row[1], row[2], row[3], checkpoint=ckpt,
                                          page=page, blob=base)
         codec.decode_checked(cdc, data, crc, hsh, dpage, checkpoint=ckpt, page=page, blob=blob)
         raise CorruptionError(f"checkpoint {ckpt}, page {page}, blob {blob}: cannot decode",
