@@ -354,16 +354,24 @@ class Machine:
                     r.parked = False
             self._cond.notify_all()
 
-    def pause_at_step(self, target: int) -> None:
-        """Ask each vCPU to hold at its first yield where step >= target (sync pause)."""
-        with self._cond:
-            for r in self._runners:
-                r.step_target = target
+    def _per_vcpu(self, value: int | list[int]) -> list[int]:
+        vals = list(value) if isinstance(value, (list, tuple)) else [value] * len(self._runners)
+        if len(vals) != len(self._runners):
+            raise ValueError(f"need one value per vCPU ({len(self._runners)}), got {len(vals)}")
+        return vals
 
-    def set_stop_at(self, step: int) -> None:
+    def pause_at_step(self, target: int | list[int]) -> None:
+        """Ask each vCPU to hold at its first yield where step >= target (sync pause).
+        ``target`` may be one value for all vCPUs or one per vCPU."""
+        targets = self._per_vcpu(target)
+        with self._cond:
+            for r, t in zip(self._runners, targets):
+                r.step_target = t
+
+    def set_stop_at(self, step: int | list[int]) -> None:
         """Make each vCPU's guest hold exactly after step ``step`` (a VMM write to the mailbox)."""
-        for r in self._runners:
-            self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, step)
+        for r, s in zip(self._runners, self._per_vcpu(step)):
+            self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, s)
 
     def wait_parked(self, timeout: float | None = 60.0) -> None:
         """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
@@ -400,14 +408,17 @@ class Machine:
         self._require_parked()
         return [capture_vcpu(r.vcpu, self.msr_indices) for r in self._runners]
 
-    def restore_state(self, image: np.ndarray, vcpu_states: list[VcpuState]) -> list[int]:
-        """Load a memory image and vCPU states into a machine built with ``boot=False``.
+    def restore_state(self, image: np.ndarray | None, vcpu_states: list[VcpuState]) -> list[int]:
+        """Load a memory image and vCPU states into a machine built with ``boot=False``
+        (``image=None``: RAM was already filled through ``memory.pages``).
         Returns MSRs the kernel refused. Dirty tracking starts clean from this image."""
         if any(r.thread is not None for r in self._runners):
             raise MachineError("restore_state needs a machine that has not started")
         if len(vcpu_states) != len(self._runners):
             raise MachineError(f"state has {len(vcpu_states)} vCPUs, machine has {len(self._runners)}")
-        self.memory.load_image(image)
+        if image is not None:
+            self.memory.load_image(image)
+        self.memory.take_vmm_written()  # the image is the baseline, not a delta
         refused = []
         for r, st in zip(self._runners, vcpu_states):
             refused += restore_vcpu(r.vcpu, st)
