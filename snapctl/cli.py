@@ -1,18 +1,153 @@
-"""The `snapctl` command line: parse, call the library, render. No logic here."""
+"""The `snapctl` command line: parse, call the library, render. No logic here.
+
+Exit codes: 0 success; 1 an error (unknown id, missing or foreign store, no
+KVM, a failed check, ...); 2 a usage error (bad flag or value). Every error is
+one line on stderr, never a traceback, and nothing is written.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
+import click
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Checkpoint and restore VMs on /dev/kvm.")
-out = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Checkpoint and restore VMs on /dev/kvm.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
+DEFAULT_STORE = "./snapshots.db"
+StoreOpt = typer.Option(None, "--store", envvar="SNAPCTL_STORE", show_envvar=True,
+                        help=f"Store file (default: $SNAPCTL_STORE, else {DEFAULT_STORE}).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+class Failure(Exception):
+    """A user-facing error: printed as one line, exit 1."""
+
+
+def _store_path(store: Optional[str]) -> str:
+    return store or DEFAULT_STORE
+
+
+def _kvm() -> str:
+    """The KVM device ($SNAPCTL_KVM overrides /dev/kvm)."""
+    return os.environ.get("SNAPCTL_KVM", "/dev/kvm")
+
+
+# -- value parsing (usage errors, exit 2) ---------------------------------------------------------
+
+def _number(text: str, what: str, *, allow_zero: bool = True) -> int:
+    from .machine.memory import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=what) from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise typer.BadParameter(f"must be {'non-negative' if allow_zero else 'positive'}, got {text}", param_hint=what)
+    return value
+
+
+def _params(items: list[str]) -> dict[str, int]:
+    out_: dict[str, int] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
+        try:
+            out_[key] = int(val, 0)
+        except ValueError:
+            raise typer.BadParameter(f"{key}: not an integer: {val!r}", param_hint="--param") from None
+    return out_
+
+
+# -- opening stores (errors, exit 1) -----------------------------------------------------------
+
+@contextmanager
+def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  # noqa: F821
+    from storage import Store
+
+    path = _store_path(store)
+    if not os.path.lexists(path):
+        raise Failure(f"no store at {path} (run `snapctl run` first, or give --store / $SNAPCTL_STORE)")
+    if os.path.isdir(path):
+        raise Failure(f"{path} is a directory, not a store")
+    st = Store.open(path, readonly=not write)
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+def _resolve(st, ref: str) -> int:
+    return st.resolve(ref)
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _ckpt_dict(c, *, vcpus: Optional[list] = None) -> dict:
+    d = {"id": c.id, "parent": c.parent, "step": c.step, "steps": c.meta.get("steps", [c.step]),
+         "trigger": c.trigger, "created": c.created, "tags": c.tags, "digest": c.digest, "stats": c.stats}
+    if vcpus is not None:
+        d["vcpus"] = vcpus
+    return d
+
+
+def _summary_table(title: str, s: dict) -> Table:
+    t = Table(title=title, show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("checkpoints", f"{s['count']} ({s['checkpoints'][0]}..{s['checkpoints'][-1]})" if s["count"] else "0")
+    t.add_row("pages harvested", f"{s['pages_harvested']:,}")
+    t.add_row("bytes stored / raw", f"{_human(s['stored_bytes'])} / {_human(s['raw_bytes'])}")
+    t.add_row("compression ratio", f"{s['compression_ratio']}x" if s["compression_ratio"] else "-")
+    t.add_row("pause median / max", f"{s['pause_ms_median']} ms / {s['pause_ms_max']} ms"
+              if s["pause_ms_median"] is not None else "-")
+    return t
+
+
+@contextmanager
+def _progress(total: int, label: str, quiet: bool):
+    """A progress bar over checkpoints on stderr; yields the per-checkpoint callback."""
+    if quiet or total <= 0:
+        yield None
+        return
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda ckpt, stats: prog.advance(task)
+
+
+# -- commands --------------------------------------------------------------------------------
 
 def _version(value: bool) -> None:
     if value:
@@ -21,12 +156,314 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")):
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version.")):
     pass
 
 
+def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[float], steps: Optional[str] = None):
+    from .checkpoint import Schedule
+
+    if every_steps is not None and interval is not None:
+        raise typer.BadParameter("give either --every-steps or --interval, not both", param_hint="--every-steps")
+    if checkpoints < 0:
+        raise typer.BadParameter(f"must be >= 0, got {checkpoints}", param_hint="--checkpoints")
+    if interval is not None and not interval > 0:
+        raise typer.BadParameter(f"must be > 0 ms, got {interval}", param_hint="--interval")
+    return Schedule(count=checkpoints,
+                    every_steps=_number(every_steps, "--every-steps", allow_zero=False) if every_steps else None,
+                    interval_ms=interval,
+                    stop_after=_number(steps, "--steps", allow_zero=False) if steps else None)
+
+
 @app.command()
-def guests(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def run(
+    guest: str = typer.Option("stamp", help="Built-in guest (see `snapctl guests`)."),
+    mem: str = typer.Option("64M", help="Guest RAM, e.g. 64M, 1G, 0x4000000."),
+    vcpus: int = typer.Option(1, help="vCPUs."),
+    seed: str = typer.Option("1", help="Guest seed (non-zero)."),
+    steps_per_yield: str = typer.Option("1000", "--steps-per-yield", help="Guest steps between yields."),
+    checkpoints: int = typer.Option(10, help="Checkpoints to take after the base."),
+    every_steps: Optional[str] = typer.Option(None, "--every-steps", help="Sync: every N guest steps."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
+    ring_entries: str = typer.Option("4096", "--ring-entries", help="Dirty ring entries per vCPU."),
+    tracking: str = typer.Option("ring", help="Dirty tracking: ring or bitmap."),
+    param: List[str] = typer.Option([], "--param", help="Guest parameter NAME=VALUE (repeatable)."),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Boot a built-in guest, write checkpoint 0 and then the scheduled checkpoints."""
+    from .checkpoint import run as run_
+    from .machine import MachineConfig
+
+    if tracking not in ("ring", "bitmap"):
+        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    sched = _schedule(checkpoints, every_steps, interval)
+    cfg = MachineConfig(guest=guest, mem_size=_number(mem, "--mem", allow_zero=False), vcpus=vcpus,
+                        seed=_number(seed, "--seed"), steps_per_yield=_number(steps_per_yield, "--steps-per-yield"),
+                        tracking=tracking, ring_entries=_number(ring_entries, "--ring-entries"), params=_params(param))
+    path = _store_path(store)
+    if os.path.lexists(path):
+        raise Failure(f"{path} already exists; use `snapctl restore ID` to continue it, or choose another --store")
+    with _progress(sched.count + 1, "checkpoints", as_json) as cb:
+        summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm()).as_dict()
+    if as_json:
+        _print_json(summary)
+    else:
+        out.print(_summary_table(f"run: {path}", summary))
+
+
+@app.command("list")
+def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """List the checkpoints (a tree: each has a parent)."""
+    with _open(store) as st:
+        cks = st.checkpoints()
+    if as_json:
+        _print_json([_ckpt_dict(c) for c in cks])
+        return
+    t = Table("id", "parent", "step", "trigger", "created", "dirty pages", "stored", "pause ms", "tags")
+    for c in cks:
+        s = c.stats
+        t.add_row(str(c.id), "-" if c.parent is None else str(c.parent), f"{c.step:,}", c.trigger, _when(c.created),
+                  f"{s.get('dirty_pages', 0):,}", _human(s.get("stored_bytes", 0)),
+                  str(s.get("downtime_ms", "-")), ", ".join(c.tags))
+    out.print(t)
+
+
+@app.command()
+def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Optional[str] = StoreOpt,
+         as_json: bool = JsonOpt) -> None:
+    """Show one checkpoint: tree position, statistics, vCPU registers."""
+    from .checkpoint.engine import vcpu_state_name
+    from .machine import VcpuState
+
+    with _open(store) as st:
+        c = st.get(_resolve(st, id))
+        vcpus = []
+        for i in range(int(st.config.get("vcpus", 1))):
+            name = vcpu_state_name(i)
+            if name in st.state_names(c.id):
+                vcpus.append(VcpuState.from_bytes(st.state(c.id, name)).registers())
+        children = st.children(c.id)
+    d = _ckpt_dict(c, vcpus=vcpus)
+    d["children"] = children
+    if as_json:
+        _print_json(d)
+        return
+    t = Table(title=f"checkpoint {c.id}", show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k in ("parent", "children", "step", "steps", "trigger", "tags", "digest"):
+        t.add_row(k, str(d[k]))
+    t.add_row("created", _when(c.created))
+    for k, v in sorted(c.stats.items()):
+        t.add_row(k, str(v))
+    for i, r in enumerate(vcpus):
+        t.add_row(f"vcpu{i}", " ".join(f"{n}={r[n]:#x}" for n in ("rip", "rsp", "rax", "rbx", "rflags")))
+    out.print(t)
+
+
+@app.command()
+def restore(
+    id: str = typer.Argument(..., help="Checkpoint id or tag to continue from."),
+    checkpoints: int = typer.Option(10, help="Checkpoints to take."),
+    every_steps: Optional[str] = typer.Option(None, "--every-steps", help="Sync: every N guest steps."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build a fresh VM from a checkpoint and continue; new checkpoints branch from it."""
+    from .checkpoint import restore as restore_
+
+    sched = _schedule(checkpoints, every_steps, interval, steps)
+    with _open(store, write=True) as st:
+        ckpt = _resolve(st, id)
+        total = 1 if sched.stop_after else sched.count
+        with _progress(total, f"from {ckpt}", as_json) as cb:
+            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm()).as_dict()
+    summary["restored_from"] = ckpt
+    if as_json:
+        _print_json(summary)
+    else:
+        out.print(_summary_table(f"restore {ckpt}: {st.filename}", summary))
+
+
+@app.command()
+def replay(
+    id: str = typer.Argument(..., help="Checkpoint to restore."),
+    to: Optional[str] = typer.Option(None, "--to", help="Checkpoint to reach (default: the next in the branch)."),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Restore ID, re-execute to ID2's guest step, compare memory and registers; exit 1 on mismatch."""
+    from .checkpoint import replay as replay_
+
+    with _open(store) as st:
+        a = _resolve(st, id)
+        b = _resolve(st, to) if to is not None else None
+        res = replay_(st, a, b, kvm_path=_kvm())
+    d = res.as_dict()
+    if as_json:
+        _print_json(d)
+    elif res.match:
+        out.print(f"replay {res.source} -> {res.target}: match (steps {res.steps}, memory and registers identical)")
+    else:
+        out.print(f"replay {res.source} -> {res.target}: MISMATCH (reached steps {res.steps}, recorded {res.target_steps})")
+        if res.differing_pages:
+            shown = ", ".join(f"{p * 4096:#x}" for p in res.differing_pages[:8])
+            out.print(f"  {len(res.differing_pages)} pages differ, first: {shown}")
+        for k, (a_, b_) in list(res.differing_registers.items())[:8]:
+            out.print(f"  {k}: replayed {a_:#x}, recorded {b_:#x}")
+    if res.note:
+        err.print(f"note: {res.note}")
+    if not res.match:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    id: str = typer.Argument(..., help="Checkpoint id or tag."),
+    out_path: str = typer.Argument(..., metavar="OUT", help="Output file."),
+    fmt: str = typer.Option("raw", "--format", help="raw: byte i of OUT = guest-physical byte i."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (never writes through a symlink)."),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Write the guest memory image at a checkpoint to a file (mode 0600)."""
+    from .checkpoint import export_raw
+
+    if fmt != "raw":
+        raise typer.BadParameter(f"only raw is supported, got {fmt!r}", param_hint="--format")
+    with _open(store) as st:
+        ckpt = _resolve(st, id)
+        size = export_raw(st, ckpt, out_path, force=force)
+    err.print(f"wrote {out_path}: checkpoint {ckpt}, {_human(size)}")
+
+
+def _hexdump(base: int, data: bytes) -> str:
+    lines = []
+    for off in range(0, len(data), 16):
+        chunk = data[off:off + 16]
+        hexes = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{base + off:012x}  {hexes:<47}  {text}")
+    return "\n".join(lines)
+
+
+@app.command()
+def read(
+    id: str = typer.Argument(..., help="Checkpoint id or tag."),
+    addr: str = typer.Argument(..., help="Guest-physical address (decimal, 0x hex, K/M/G)."),
+    length: str = typer.Argument("256", metavar="[LEN]", help="Bytes to read (default 256)."),
+    fmt: str = typer.Option("hex", "--format", help="hex (hexdump) or raw (bytes to stdout)."),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Read guest-physical memory as it was at a checkpoint."""
+    if fmt not in ("hex", "raw"):
+        raise typer.BadParameter(f"must be hex or raw, got {fmt!r}", param_hint="--format")
+    gpa, n = _number(addr, "ADDR"), _number(length, "LEN")
+    with _open(store) as st:
+        data = st.read(_resolve(st, id), gpa, n)
+    if fmt == "raw":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        print(_hexdump(gpa, data))
+
+
+def _ranges(pages: list[int]) -> list[str]:
+    outl, i = [], 0
+    while i < len(pages):
+        j = i
+        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
+            j += 1
+        a, b = pages[i] * 4096, pages[j] * 4096 + 4095
+        outl.append(f"{a:#x}-{b:#x}" if j > i else f"{a:#x}")
+        i = j + 1
+    return outl
+
+
+@app.command()
+def diff(a: str = typer.Argument(..., help="Checkpoint id or tag."),
+         b: str = typer.Argument(..., help="Checkpoint id or tag."),
+         store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """The guest pages whose content differs between two checkpoints."""
+    with _open(store) as st:
+        pages = st.diff(_resolve(st, a), _resolve(st, b)).tolist()
+    if as_json:
+        _print_json({"pages": [p * 4096 for p in pages]})
+        return
+    out.print(f"{len(pages)} pages differ")
+    for r in _ranges(pages):
+        print(r)
+
+
+@app.command()
+def history(addr: str = typer.Argument(..., help="Guest-physical address (the page holding it)."),
+            store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """The checkpoints where the page holding ADDR changed, with content hashes."""
+    gpa = _number(addr, "ADDR")
+    with _open(store) as st:
+        if gpa >= st.page_count * 4096:
+            raise Failure(f"address {gpa:#x} is beyond the end of guest RAM ({st.page_count * 4096:#x})")
+        rows = st.history(gpa // 4096)
+    if as_json:
+        _print_json({"page": gpa // 4096 * 4096, "checkpoints": [{"id": i, "hash": h} for i, h in rows]})
+        return
+    t = Table("checkpoint", "content hash", title=f"page {gpa // 4096 * 4096:#x}")
+    for i, h in rows:
+        t.add_row(str(i), h)
+    out.print(t)
+
+
+@app.command()
+def verify(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """Check every blob, reference, tree link and digest; exit 1 if anything is damaged."""
+    with _open(store) as st:
+        rep = st.verify()
+    if as_json:
+        _print_json({"ok": rep.ok, "problems": list(rep.problems), "checked": getattr(rep, "checked", {})})
+    elif rep.ok:
+        out.print(f"ok: {getattr(rep, 'checked', '')}")
+    else:
+        for p in rep.problems:
+            print(f"damaged: {p}")
+    if not rep.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def prune(keep_last: Optional[int] = typer.Option(None, "--keep-last", help="Keep the newest N checkpoints."),
+          keep: List[str] = typer.Option([], "--keep", help="Keep this checkpoint (repeatable)."),
+          store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
+    """Remove the other checkpoints (tagged ones are kept); kept ones restore byte for byte as before."""
+    if (keep_last is None) == (not keep):
+        raise typer.BadParameter("give exactly one of --keep-last N or --keep ID ...", param_hint="--keep-last")
+    if keep_last is not None and keep_last < 1:
+        raise typer.BadParameter(f"must be >= 1, got {keep_last}", param_hint="--keep-last")
+    with _open(store, write=True) as st:
+        ids = [_resolve(st, k) for k in keep]
+        rep = st.prune(keep_last=keep_last, keep_ids=ids)
+    d = rep.__dict__ if hasattr(rep, "__dict__") else dict(rep)
+    if as_json:
+        _print_json(d)
+    else:
+        out.print(", ".join(f"{k}: {v}" for k, v in d.items()))
+
+
+@app.command()
+def tag(id: str = typer.Argument(..., help="Checkpoint id or tag."),
+        name: str = typer.Argument(..., help="Tag name (not all digits)."),
+        store: Optional[str] = StoreOpt) -> None:
+    """Name a checkpoint; names work wherever an ID does."""
+    with _open(store, write=True) as st:
+        ckpt = _resolve(st, id)
+        st.tag(ckpt, name)
+    out.print(f"tagged {ckpt} as {name}")
+
+
+@app.command()
+def guests(as_json: bool = JsonOpt) -> None:
     """List the built-in guests and their parameters."""
     from .machine.guests import GUESTS
 
@@ -34,7 +471,7 @@ def guests(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
              "params": [{"name": p.name, "default": p.default, "help": p.help} for p in g.params]}
             for g in GUESTS.values()]
     if as_json:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return
     t = Table("guest", "what it does", "parameters")
     for r in rows:
@@ -42,5 +479,82 @@ def guests(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     out.print(t)
 
 
-def main() -> None:
-    app()
+@app.command()
+def demo(store: Optional[str] = typer.Option(None, "--store", help="Store file (default: a temporary one)."),
+         as_json: bool = JsonOpt) -> None:
+    """Run, checkpoint, restore a branch, replay and verify, on a scratch store."""
+    from .checkpoint import demo as demo_
+
+    tmpdir = None
+    if store is None:
+        tmpdir = tempfile.TemporaryDirectory(prefix="snapctl-demo-")
+        store = os.path.join(tmpdir.name, "demo.db")
+    elif os.path.lexists(store):
+        raise Failure(f"{store} already exists; the demo writes a new store")
+    try:
+        with _progress(26, "demo", as_json) as cb:
+            res = demo_(store, on_step=None if as_json else (lambda m: err.print(f"[bold]{m}[/]")), on_checkpoint=cb,
+                        kvm_path=_kvm())
+        d = {"store": store if tmpdir is None else None, "run": res.run.as_dict(), "branch": res.branch.as_dict(),
+             "replay": res.replay.as_dict(), "verify": {"ok": res.verify_ok, "problems": res.verify_problems}}
+        if as_json:
+            _print_json(d)
+        else:
+            out.print(_summary_table("run (async)", d["run"]))
+            out.print(_summary_table("restore 10 -> branch (sync)", d["branch"]))
+            r = res.replay
+            out.print(f"replay {r.source} -> {r.target}: {'match' if r.match else 'MISMATCH'}; "
+                      f"verify: {'ok' if res.verify_ok else 'DAMAGED'}")
+        if not (res.replay.match and res.verify_ok):
+            raise typer.Exit(1)
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+
+
+# -- entry point: one line per error, never a traceback -------------------------------------------
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from storage import StoreError
+
+    from .kvm import KvmError
+    from .machine import MachineError
+
+    return (Failure, StoreError, KvmError, MachineError, ValueError, OSError)
+
+
+def _click_class(name: str) -> type[BaseException]:
+    """typer may vendor click (typer._click): take its classes from its own hierarchy."""
+    for base in (*typer.BadParameter.__mro__, *typer.Exit.__mro__, *typer.Abort.__mro__):
+        if base.__name__ == name:
+            return base
+    return getattr(click.exceptions, name)
+
+
+def _fail(msg: str, code: int) -> None:
+    # plain print, not rich: an error is exactly one line, never wrapped
+    print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    cmd = typer.main.get_command(app)
+    usage, click_exc = _click_class("UsageError"), _click_class("ClickException")
+    try:
+        rv = cmd.main(args=argv, prog_name="snapctl", standalone_mode=False)
+        sys.exit(rv if isinstance(rv, int) else 0)
+    except (typer.Exit, click.exceptions.Exit) as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except usage as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(f"{e.format_message()}{hint}", 2)
+    except click_exc as e:
+        _fail(e.format_message(), getattr(e, "exit_code", 1))
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except _known_errors() as e:
+        msg = str(e) or e.__class__.__name__
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{e.filename}: {e.strerror}"
+        _fail(msg, 1)
