@@ -221,10 +221,15 @@ def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     if as_json:
         _print_json([_ckpt_dict(c) for c in cks])
         return
-    t = Table("id", "parent", "step", "trigger", "created", "dirty pages", "stored", "pause ms", "tags")
+    t = Table()
+    for name, just in (("id", "right"), ("parent", "right"), ("step", "right"), ("trigger", "left"),
+                       ("created", "left"), ("dirty", "right"), ("stored", "right"), ("pause ms", "right"),
+                       ("tags", "left")):
+        t.add_column(name, justify=just, no_wrap=name != "tags")
     for c in cks:
         s = c.stats
-        t.add_row(str(c.id), "-" if c.parent is None else str(c.parent), f"{c.step:,}", c.trigger, _when(c.created),
+        created = _dt.datetime.fromtimestamp(c.created).strftime("%m-%d %H:%M:%S")
+        t.add_row(str(c.id), "-" if c.parent is None else str(c.parent), f"{c.step:,}", c.trigger, created,
                   f"{s.get('dirty_pages', 0):,}", _human(s.get("stored_bytes", 0)),
                   str(s.get("downtime_ms", "-")), ", ".join(c.tags))
     out.print(t)

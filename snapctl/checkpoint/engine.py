@@ -142,7 +142,8 @@ class Checkpointer:
         self.on_checkpoint = on_checkpoint
         self.summary = RunSummary(store=store.filename)
 
-    def _record(self, cap: Capture) -> int:
+    def record(self, cap: Capture) -> int:
+        """Write a capture as the next checkpoint of this chain and account for it."""
         ckpt, stats = commit(self.store, self.parent, cap)
         self.parent = ckpt
         s = self.summary
@@ -164,7 +165,7 @@ class Checkpointer:
         all_pages = np.arange(m.memory.npages, dtype=np.int64)
         cap = Capture(all_pages, m.memory.pages, m.capture_vcpus(), m.steps(), "base",
                       {"downtime_ms": 0.0})
-        return self._record(cap)
+        return self.record(cap)
 
     def run(self, schedule: Schedule) -> RunSummary:
         """Start (or continue) the guest and take the scheduled checkpoints.
@@ -179,13 +180,13 @@ class Checkpointer:
                 m.set_stop_at([s + schedule.stop_after for s in start_steps])
                 m.start()
                 m.wait_parked(timeout=None)
-                self._record(capture(m, "sync", already_paused=True))
+                self.record(capture(m, "sync", already_paused=True))
                 return self.summary
             if schedule.interval_ms is not None:
                 m.start()
                 for _ in range(schedule.count):
                     time.sleep(schedule.interval_ms / 1e3)
-                    self._record(capture(m, "async"))
+                    self.record(capture(m, "async"))
                 return self.summary
             every = schedule.every_steps or 100 * m.config.steps_per_yield
 
@@ -199,7 +200,7 @@ class Checkpointer:
                 m.wait_parked(timeout=None)
                 if k < schedule.count:
                     m.pause_at_step(target(k + 1))  # before capture() resumes the guest
-                self._record(capture(m, "sync", already_paused=True))
+                self.record(capture(m, "sync", already_paused=True))
         finally:
             m.pause()
         return self.summary
