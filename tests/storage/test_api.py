@@ -391,3 +391,18 @@ def test_state_corruption_named(small, store_path):
         c.execute("UPDATE states SET data = X'616263ff'")
     with pytest.raises(CorruptionError, match="checkpoint 1: state 'vcpu0'"):
         st_.state(1, "vcpu0")
+
+
+def test_close_leaves_a_self_contained_file(make_store, store_path, tmp_path):
+    """The WAL is copied into the main file (background thread, then on
+    close), so the .snap file alone is a complete store."""
+    st_ = make_store(8)
+    img = random_pages(np.random.default_rng(5), 8)
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(8), img)
+    st_.close()
+    assert not os.path.exists(store_path + "-wal") or os.path.getsize(store_path + "-wal") == 0
+    copy = tmp_path / "copy.snap"
+    copy.write_bytes(open(store_path, "rb").read())
+    with Store.open(copy, readonly=True) as again:
+        assert again.read(0, 0, 8 * PAGE) == img.tobytes()

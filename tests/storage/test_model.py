@@ -120,6 +120,12 @@ class StoreModel(RuleBasedStateMachine):
         self.parent = {c: p for c, p in self.parent.items() if c in self.images}
         self.tags = {t: c for t, c in self.tags.items() if c in self.images}
 
+    @rule()
+    def reopen(self):
+        """Close and reopen: nothing may live only in the writer's caches."""
+        self.store.close()
+        self.store = Store.open(os.path.join(self.dir.name, "s.snap"), synchronous="OFF")
+
     @rule(data=st.data())
     def read_range(self, data):
         c = data.draw(st.sampled_from(sorted(self.images)))
