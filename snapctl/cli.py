@@ -189,6 +189,7 @@ def run(
     ring_entries: str = typer.Option("4096", "--ring-entries", help="Dirty ring entries per vCPU."),
     tracking: str = typer.Option("ring", help="Dirty tracking: ring or bitmap."),
     param: List[str] = typer.Option([], "--param", help="Guest parameter NAME=VALUE (repeatable)."),
+    precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -206,7 +207,7 @@ def run(
     if os.path.lexists(path):
         raise Failure(f"{path} already exists; use `snapctl restore ID` to continue it, or choose another --store")
     with _progress(sched.count + 1, "checkpoints", as_json) as cb:
-        summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm()).as_dict()
+        summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
     if as_json:
         _print_json(summary)
     else:
@@ -275,6 +276,7 @@ def restore(
     every_steps: Optional[str] = typer.Option(None, "--every-steps", help="Sync: every N guest steps."),
     interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
+    precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -286,7 +288,7 @@ def restore(
         ckpt = _resolve(st, id)
         total = 1 if sched.stop_after else sched.count
         with _progress(total, f"from {ckpt}", as_json) as cb:
-            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm()).as_dict()
+            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
     summary["restored_from"] = ckpt
     if as_json:
         _print_json(summary)
@@ -522,10 +524,11 @@ def demo(store: Optional[str] = typer.Option(None, "--store", help="Store file (
 def _known_errors() -> tuple[type[BaseException], ...]:
     from storage import StoreError
 
+    from .checkpoint.engine import CheckpointWriteError
     from .kvm import KvmError
     from .machine import MachineError
 
-    return (Failure, StoreError, KvmError, MachineError, ValueError, OSError)
+    return (Failure, StoreError, KvmError, MachineError, CheckpointWriteError, ValueError, OSError)
 
 
 def _click_class(name: str) -> type[BaseException]:

@@ -11,7 +11,9 @@ transaction (hash, dedup, compress) while the guest runs on.
 from __future__ import annotations
 
 import json
+import queue
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -59,18 +61,6 @@ class Schedule:
 
 
 @dataclass
-class Capture:
-    """What was taken while the guest was paused."""
-
-    pages: np.ndarray  # guest page numbers, sorted
-    data: np.ndarray  # (n, 4096) copies of those pages
-    vcpus: list[VcpuState]
-    steps: list[int]
-    trigger: str
-    timings: dict = field(default_factory=dict)
-
-
-@dataclass
 class RunSummary:
     store: str
     first: int | None = None
@@ -91,15 +81,109 @@ class RunSummary:
         }
 
 
-def capture(machine: Machine, trigger: str, *, already_paused: bool = False) -> Capture:
-    """The part of a checkpoint that needs the guest stopped. Resumes it at the end."""
+@dataclass
+class Capture:
+    """What was taken while the guest was paused."""
+
+    pages: np.ndarray  # guest page numbers, sorted
+    data: np.ndarray  # (n, 4096) contents of those pages (may be a staging-buffer view)
+    vcpus: list[VcpuState]
+    steps: list[int]
+    trigger: str
+    timings: dict = field(default_factory=dict)
+    buffer: "StagingBuffer | None" = None  # returned to its pool once written
+
+    def release(self) -> None:
+        if self.buffer is not None:
+            self.buffer.release()
+            self.buffer = None
+
+    def detach(self) -> "Capture":
+        """Own the page data (copy it out of the staging buffer) and free the buffer."""
+        if self.buffer is not None:
+            self.data = np.array(self.data)
+            self.release()
+        return self
+
+
+def merge(older: Capture, newer: Capture) -> Capture:
+    """One capture equal to ``older`` followed by ``newer``: the union of their pages,
+    ``newer``'s content where both have a page. Exact, because a page in ``older``
+    that ``newer`` does not list was not written in between: its content is the same."""
+    only_old = ~np.isin(older.pages, newer.pages, assume_unique=True)
+    pages = np.concatenate([older.pages[only_old], newer.pages])
+    data = np.concatenate([older.data[only_old], newer.data])
+    order = np.argsort(pages, kind="stable")
+    out = Capture(pages[order], data[order], newer.vcpus, newer.steps, newer.trigger, dict(newer.timings))
+    newer.release()
+    out.timings["carried_pages"] = int(only_old.sum())
+    return out
+
+
+class StagingBuffer:
+    """A reusable, already-touched page buffer for the pause-time gather.
+
+    A freshly allocated buffer pays a page fault per 4 KiB on first touch (up to
+    6x the copy itself); reusing touched buffers keeps the copy at memory speed."""
+
+    def __init__(self, pool: "StagingPool"):
+        self.pool = pool
+        self.array = np.empty((0, PAGE), np.uint8)
+
+    def view(self, n: int) -> np.ndarray:
+        if n > self.array.shape[0]:
+            cap = max(n, int(self.array.shape[0] * 1.5), 256)
+            self.array = np.zeros((cap, PAGE), np.uint8)  # zeros: touched now, not during the next pause
+        return self.array[:n]
+
+    def release(self) -> None:
+        self.pool.free.put(self)
+
+
+class StagingPool:
+    def __init__(self, count: int):
+        self.free: queue.Queue[StagingBuffer] = queue.Queue()
+        for _ in range(count):
+            self.free.put(StagingBuffer(self))
+
+    def acquire(self) -> StagingBuffer:
+        """Blocks while every buffer is still queued for writing: the writer is behind,
+        so the next checkpoint waits (before the pause, while the guest runs)."""
+        return self.free.get()
+
+
+def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
+            buffer: StagingBuffer | None = None) -> Capture:
+    """The part of a checkpoint that needs the guest stopped. Resumes it at the end.
+
+    Only this happens in the pause: harvest + reset, one gather of the dirty
+    pages into a staging buffer (pages pre-copied at ring-full exits and not
+    written since are not copied again), vCPU state. Hashing, compression and
+    the store write happen after resume."""
     t0 = time.perf_counter()
     if not already_paused:
         machine.pause()
     t1 = time.perf_counter()
-    pages = machine.collect_dirty()  # harvest + reset: contents are read after this
+    fresh = machine.collect_dirty()  # harvest + reset: contents are read after this
+    early_pages, early_data = machine.tracker.take_early_copies()
     t2 = time.perf_counter()
-    data = machine.memory.pages[pages]  # one vectorised gather
+    if early_pages.size:
+        keep = ~np.isin(early_pages, fresh, assume_unique=True)  # pre-copied, not written since
+        early_pages, early_data = early_pages[keep], early_data[keep]
+        pages = np.concatenate([fresh, early_pages])
+        order = np.argsort(pages, kind="stable")
+        pages = pages[order]
+    else:
+        pages, order = fresh, None
+    n_fresh = fresh.size
+    dest = buffer.view(pages.size) if buffer is not None else np.empty((pages.size, PAGE), np.uint8)
+    if order is None:
+        np.take(machine.memory.pages, fresh, axis=0, out=dest)  # the one vectorised gather
+    else:
+        tmp = dest[:n_fresh]
+        np.take(machine.memory.pages, fresh, axis=0, out=tmp)
+        dest[n_fresh:] = early_data
+        dest[:] = dest[order]
     t3 = time.perf_counter()
     vcpus = machine.capture_vcpus()
     steps = machine.steps()
@@ -110,14 +194,13 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False) -> 
     timings = {
         "stop_ms": (t1 - t0) * 1e3, "harvest_ms": st.last_harvest_ms, "reset_ms": st.last_reset_ms,
         "collect_ms": (t2 - t1) * 1e3, "copy_ms": (t3 - t2) * 1e3, "state_ms": (t4 - t3) * 1e3,
-        "downtime_ms": (t5 - t0) * 1e3,
+        "downtime_ms": (t5 - t0) * 1e3, "precopied_pages": int(early_pages.size),
     }
-    return Capture(pages, data, vcpus, steps, trigger, timings)
+    return Capture(pages, dest, vcpus, steps, trigger, timings, buffer)
 
 
 def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None) -> tuple[int, dict]:
     """Write a capture as one checkpoint (one transaction). Returns (id, stats)."""
-    t0 = time.perf_counter()
     meta = {"step": cap.steps[0], "steps": cap.steps, "trigger": cap.trigger}
     with store.checkpoint(parent=parent, meta=meta) as w:
         w.add_pages(cap.pages, cap.data)
@@ -127,24 +210,105 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         stats = {"dirty_pages": int(cap.pages.size), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
-    write_ms = (time.perf_counter() - t0) * 1e3
-    return w.id, dict(w.stats, **stats, write_ms=round(write_ms, 3))
+    return w.id, dict(w.stats, **stats)
+
+
+class CheckpointWriteError(Exception):
+    """Checkpoints could not be written; those committed before are intact."""
+
+
+class Writer:
+    """Commits captures in order on a background thread, from a bounded queue.
+
+    A failed write loses nothing: its capture is kept and merged into the next
+    one (see :func:`merge`), which is then written instead. After
+    ``max_failures`` failures in a row, or if the last capture still cannot be
+    written at close, the run stops with :class:`CheckpointWriteError`; the
+    store keeps every checkpoint committed before (each is one transaction)."""
+
+    def __init__(self, store: Store, parent: int | None, *, depth: int = 2, max_failures: int = 3,
+                 on_commit: Callable[[int, Capture, dict], None] | None = None):
+        self.store = store
+        self.parent = parent
+        self.on_commit = on_commit
+        self.max_failures = max_failures
+        self._q: queue.Queue[Capture | None] = queue.Queue(maxsize=depth)
+        self._carry: Capture | None = None
+        self._failures = 0
+        self.last_error: BaseException | None = None
+        self.fatal: BaseException | None = None
+        self.failed_writes = 0
+        self._thread = threading.Thread(target=self._loop, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, cap: Capture) -> None:
+        """Queue a capture; blocks while the queue is full (the writer is behind)."""
+        if self.fatal is not None:
+            cap.release()
+            raise CheckpointWriteError(f"checkpoint writes keep failing: {self.fatal}") from self.fatal
+        self._q.put(cap)
+
+    def _loop(self) -> None:
+        while True:
+            cap = self._q.get()
+            if cap is None:
+                return
+            self._write(cap)
+
+    def _write(self, cap: Capture) -> bool:
+        if self._carry is not None:
+            cap, self._carry = merge(self._carry, cap), None
+        try:
+            ckpt, stats = commit(self.store, self.parent, cap)
+        except Exception as e:  # disk full, I/O error: keep the pages for the next try
+            self.failed_writes += 1
+            self._failures += 1
+            self.last_error = e
+            self._carry = cap.detach()
+            if self._failures >= self.max_failures:
+                self.fatal = e
+            return False
+        self._failures = 0
+        self.parent = ckpt
+        if self.on_commit is not None:
+            self.on_commit(ckpt, cap, stats)
+        cap.release()
+        return True
+
+    def close(self) -> None:
+        """Drain the queue; write anything carried over once more; raise if it still fails."""
+        self._q.put(None)
+        self._thread.join()
+        if self._carry is not None:
+            carry, self._carry = self._carry, None
+            if not self._write(carry):
+                raise CheckpointWriteError(
+                    f"the last checkpoint could not be written ({self.last_error}); "
+                    f"checkpoints committed before are intact (last: {self.parent})") from self.last_error
+        if self.fatal is not None:
+            raise CheckpointWriteError(f"checkpoint writes keep failing: {self.fatal}") from self.fatal
 
 
 class Checkpointer:
-    """Takes checkpoints of one machine into one store, as a chain from ``parent``."""
+    """Takes checkpoints of one machine into one store, as a chain from ``parent``.
+
+    With ``background=True`` (the default) the guest resumes before a checkpoint
+    is written; the writer's queue holds at most ``depth`` checkpoints."""
 
     def __init__(self, machine: Machine, store: Store, parent: int | None,
-                 on_checkpoint: Callable[[int, dict], None] | None = None):
+                 on_checkpoint: Callable[[int, dict], None] | None = None, *, background: bool = True,
+                 depth: int = 2, precopy: bool = False):
         self.machine = machine
         self.store = store
         self.parent = parent
         self.on_checkpoint = on_checkpoint
         self.summary = RunSummary(store=store.filename)
+        self.background = background
+        self.depth = depth
+        machine.tracker.precopy = precopy
+        self._pool = StagingPool(depth + 2)
 
-    def record(self, cap: Capture) -> int:
-        """Write a capture as the next checkpoint of this chain and account for it."""
-        ckpt, stats = commit(self.store, self.parent, cap)
+    def _account(self, ckpt: int, cap: Capture, stats: dict) -> None:
         self.parent = ckpt
         s = self.summary
         if s.first is None:
@@ -153,18 +317,24 @@ class Checkpointer:
         s.pages += int(cap.pages.size)
         s.raw_bytes += int(cap.pages.size) * PAGE
         s.stored_bytes += int(stats.get("stored_bytes", 0))
-        s.pauses_ms.append(cap.timings["downtime_ms"])
+        s.pauses_ms.append(cap.timings.get("downtime_ms", 0.0))
         if self.on_checkpoint:
             self.on_checkpoint(ckpt, stats)
+
+    def record(self, cap: Capture) -> int:
+        """Write a capture now, as the next checkpoint of this chain, and account for it."""
+        ckpt, stats = commit(self.store, self.parent, cap)
+        self._account(ckpt, cap, stats)
+        cap.release()
         return ckpt
 
     def base(self) -> int:
         """Checkpoint 0 of a fresh machine: every page (zero pages cost a marker)."""
         m = self.machine
         m.collect_dirty()  # start tracking from here; the base holds everything
+        m.tracker.take_early_copies()
         all_pages = np.arange(m.memory.npages, dtype=np.int64)
-        cap = Capture(all_pages, m.memory.pages, m.capture_vcpus(), m.steps(), "base",
-                      {"downtime_ms": 0.0})
+        cap = Capture(all_pages, m.memory.pages, m.capture_vcpus(), m.steps(), "base", {"downtime_ms": 0.0})
         return self.record(cap)
 
     def run(self, schedule: Schedule) -> RunSummary:
@@ -175,47 +345,58 @@ class Checkpointer:
         schedule.validate()
         m = self.machine
         start_steps = m.steps()
+        writer = Writer(self.store, self.parent, depth=self.depth, on_commit=self._account) if self.background else None
+
+        def take(trigger: str, already_paused: bool) -> None:
+            buf = self._pool.acquire()  # before the pause: waiting here costs no downtime
+            cap = capture(m, trigger, already_paused=already_paused, buffer=buf)
+            if writer is not None:
+                writer.submit(cap)
+            else:
+                self.record(cap)
+
         try:
             if schedule.stop_after is not None:
                 m.set_stop_at([s + schedule.stop_after for s in start_steps])
                 m.start()
                 m.wait_parked(timeout=None)
-                self.record(capture(m, "sync", already_paused=True))
-                return self.summary
-            if schedule.interval_ms is not None:
+                take("sync", True)
+            elif schedule.interval_ms is not None:
                 m.start()
                 for _ in range(schedule.count):
                     time.sleep(schedule.interval_ms / 1e3)
-                    self.record(capture(m, "async"))
-                return self.summary
-            every = schedule.every_steps or 100 * m.config.steps_per_yield
+                    take("async", False)
+            else:
+                every = schedule.every_steps or 100 * m.config.steps_per_yield
 
-            def target(k: int) -> list[int]:
-                return [s + k * every for s in start_steps]
+                def target(k: int) -> list[int]:
+                    return [s + k * every for s in start_steps]
 
-            if schedule.count:
-                m.pause_at_step(target(1))
-            m.start()
-            for k in range(1, schedule.count + 1):
-                m.wait_parked(timeout=None)
-                if k < schedule.count:
-                    m.pause_at_step(target(k + 1))  # before capture() resumes the guest
-                self.record(capture(m, "sync", already_paused=True))
+                if schedule.count:
+                    m.pause_at_step(target(1))
+                m.start()
+                for k in range(1, schedule.count + 1):
+                    m.wait_parked(timeout=None)
+                    if k < schedule.count:
+                        m.pause_at_step(target(k + 1))  # before capture() resumes the guest
+                    take("sync", True)
         finally:
             m.pause()
+            if writer is not None:
+                writer.close()
         return self.summary
 
 
 # -- the three things a user does -------------------------------------------------------------
 
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
-        kvm_path: str = "/dev/kvm") -> RunSummary:
+        kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
         store = Store.create(store_path, config.to_dict())
         with store:
-            cp = Checkpointer(m, store, None, on_checkpoint)
+            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy)
             cp.base()
             return cp.run(schedule)
 
@@ -239,11 +420,11 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm") -> Mach
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
-            kvm_path: str = "/dev/kvm") -> RunSummary:
+            kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it."""
     schedule.validate()
     with load_machine(store, ckpt, kvm_path=kvm_path) as m:
-        cp = Checkpointer(m, store, ckpt, on_checkpoint)
+        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
         return cp.run(schedule)
 
 

@@ -45,6 +45,10 @@ class DirtyTracker:
         self.stats = TrackerStats()
         self._pending: list[np.ndarray] = []
         self._pending_lock = threading.Lock()
+        # Pre-copy: contents of pages harvested at ring-full exits, copied right
+        # after their reset (so any later write is logged again and re-copied).
+        self.precopy = False
+        self._early: list[tuple[np.ndarray, np.ndarray]] = []
 
     def on_ring_full(self, vcpu) -> None:  # pragma: no cover - ring only
         raise NotImplementedError
@@ -63,10 +67,20 @@ class DirtyTracker:
         self.stats.last_pages = int(pages.size)
         return pages
 
-    def take_pending(self) -> np.ndarray:
-        """Pages harvested at ring-full exits since the last collect (for pre-copy); they stay pending."""
+    def take_early_copies(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pages, contents) copied early (pre-copy) since the last call; the newest
+        copy of each page wins. Call right after :meth:`collect` in the same pause:
+        a page written after its early copy is in that collect's result."""
         with self._pending_lock:
-            return _unique(list(self._pending))
+            early, self._early = self._early, []
+        if not early:
+            return np.empty(0, np.int64), np.empty((0, self.memory.pages.shape[1]), np.uint8)
+        pages = np.concatenate([p for p, _ in early])
+        data = np.concatenate([d for _, d in early])
+        # last occurrence of each page: unique over the reversed order
+        rev_pages, rev_idx = np.unique(pages[::-1], return_index=True)
+        keep = pages.size - 1 - rev_idx
+        return rev_pages, data[keep]
 
     def close(self) -> None:
         pass
@@ -98,8 +112,16 @@ class RingTracker(DirtyTracker):
         with self.vm.ring_lock:
             parts = self._harvest_all([vcpu])
             self.vm.reset_dirty_rings()
-        with self._pending_lock:
-            self._pending += parts
+        if self.precopy and parts:
+            # After the reset: a write from now on is logged again, so the pause
+            # copies it again; until then this copy is the page's content.
+            pages = np.unique(np.concatenate(parts))
+            data = self.memory.pages[pages]
+            with self._pending_lock:
+                self._early.append((pages, data))
+        else:
+            with self._pending_lock:
+                self._pending += parts
         self.stats.ring_full_exits += 1
 
     def _collect_kernel(self) -> list[np.ndarray]:
