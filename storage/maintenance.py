@@ -104,7 +104,10 @@ def verify(store) -> VerifyReport:
         # References from versions rows.
         v = _Versions(conn)
         meta = {r[0]: r[1:] for r in conn.execute(
-            "SELECT id, hash, codec, base, refs, size FROM blobs")}
+            "SELECT b.id, b.hash, b.codec, b.base, r.n, b.size FROM blobs AS b "
+            "LEFT JOIN refs AS r ON r.blob = b.id")}
+        for (b,) in conn.execute("SELECT blob FROM refs WHERE blob NOT IN (SELECT id FROM blobs)"):
+            P.append(f"blob {b}: reference count of a missing blob")
         known = np.array(sorted(parents), np.int64)
         for i in np.flatnonzero(~np.isin(v.ckpt, known))[:20].tolist():
             P.append(f"checkpoint {v.ckpt[i]}, page {v.page[i]}: version of an unknown checkpoint")
@@ -156,7 +159,9 @@ def verify(store) -> VerifyReport:
         expect = collections.Counter(v.blob[v.blob > 0].tolist())
         expect.update(m[2] for m in meta.values() if m[2] is not None)
         for bid, m in sorted(meta.items()):
-            if m[3] != expect.get(bid, 0):
+            if m[3] is None:
+                P.append(f"blob {bid}: no reference count")
+            elif m[3] != expect.get(bid, 0):
                 P.append(f"blob {bid}: reference count {m[3]} but {expect.get(bid, 0)} references")
 
         # Digests, recomputed from the rows and blob hashes.
@@ -250,7 +255,7 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
             delta.update(arr[arr > 0].tolist())
         for arr in dec:
             delta.subtract(arr[arr > 0].tolist())
-        conn.executemany("UPDATE blobs SET refs = refs + ? WHERE id = ?",
+        conn.executemany("UPDATE refs SET n = n + ? WHERE blob = ?",
                          [(d, b) for b, d in delta.items() if d])
         conn.executemany("UPDATE checkpoints SET parent = ? WHERE id = ?",
                          [(a, c) for c, a in new_parent.items()])
@@ -259,11 +264,14 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
             conn.execute(f"DELETE FROM {table} WHERE {col} IN ({gone})")
         # Depth <= 1, so freeing deltas can orphan their bases at most once more.
         while True:
-            dead = conn.execute("SELECT id, base, size FROM blobs WHERE refs <= 0").fetchall()
+            dead = conn.execute(
+                "SELECT r.blob, b.base, b.size FROM refs AS r JOIN blobs AS b "
+                "ON b.id = r.blob WHERE r.n <= 0").fetchall()
             if not dead:
                 break
             conn.executemany("DELETE FROM blobs WHERE id = ?", [(d[0],) for d in dead])
-            conn.executemany("UPDATE blobs SET refs = refs - 1 WHERE id = ?",
+            conn.executemany("DELETE FROM refs WHERE blob = ?", [(d[0],) for d in dead])
+            conn.executemany("UPDATE refs SET n = n - 1 WHERE blob = ?",
                              [(d[1],) for d in dead if d[1] is not None])
             report.blobs_freed += len(dead)
             report.bytes_freed += sum(d[2] for d in dead)

@@ -822,12 +822,14 @@ class CheckpointWriter:
             if bases:
                 refcount = _merge_counts(refcount, _count([(np.array(bases, np.int64), 1)]))
             conn.executemany(
-                "INSERT INTO blobs(id, hash, codec, base, refs, size, crc, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(r[0], r[1], r[2], r[3], refcount.pop(r[0], 0), len(r[4]),
-                  stored_checksum(r[4]), r[4]) for r in new_blob_rows])
+                "INSERT INTO blobs(id, hash, codec, base, size, crc, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(r[0], r[1], r[2], r[3], len(r[4]), stored_checksum(r[4]), r[4])
+                 for r in new_blob_rows])
+            conn.executemany("INSERT INTO refs(blob, n) VALUES (?, ?)",
+                             [(r[0], refcount.pop(r[0], 0)) for r in new_blob_rows])
         if refcount:
-            conn.executemany("UPDATE blobs SET refs = refs + ? WHERE id = ?",
+            conn.executemany("UPDATE refs SET n = n + ? WHERE blob = ?",
                              [(c, b) for b, c in refcount.items() if c])
         conn.executemany(
             "INSERT INTO versions(page, ckpt, blob) VALUES (?, ?, ?)",
@@ -941,11 +943,13 @@ class CheckpointWriter:
     def _commit(self, conn) -> None:
         st = self._store
         # Blobs created earlier in this checkpoint and since overwritten.
-        orphans = conn.execute("SELECT id, base FROM blobs WHERE refs <= 0 AND id >= ?",
-                               (self._first_new_blob,)).fetchall()
+        orphans = conn.execute(
+            "SELECT r.blob, b.base FROM refs AS r JOIN blobs AS b ON b.id = r.blob "
+            "WHERE r.n <= 0 AND r.blob >= ?", (self._first_new_blob,)).fetchall()
         if orphans:
             conn.executemany("DELETE FROM blobs WHERE id = ?", [(o[0],) for o in orphans])
-            conn.executemany("UPDATE blobs SET refs = refs - 1 WHERE id = ?",
+            conn.executemany("DELETE FROM refs WHERE blob = ?", [(o[0],) for o in orphans])
+            conn.executemany("UPDATE refs SET n = n - 1 WHERE blob = ?",
                              [(o[1],) for o in orphans if o[1] is not None])
             self.stats["new_blobs"] -= len(orphans)
         conn.executemany("INSERT INTO states(ckpt, name, hash, data) VALUES (?, ?, ?, ?)",

@@ -115,7 +115,7 @@ def test_every_byte_of_a_delta_and_its_base(damaged_store):
 def test_tampered_metadata_is_reported(damaged_store):
     st_, path, _ = damaged_store
     with sqlite3.connect(path) as c:
-        c.execute("UPDATE blobs SET refs = refs + 1 WHERE id = 1")
+        c.execute("UPDATE refs SET n = n + 1 WHERE blob = 1")
         c.execute("UPDATE checkpoints SET digest = zeroblob(16) WHERE id = 1")
         c.execute("UPDATE states SET data = X'00' WHERE ckpt = 0")
         c.execute("INSERT INTO versions(page, ckpt, blob) VALUES (3, 1, 999)")
