@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -94,6 +95,8 @@ class Store:
             wconn.execute("PRAGMA wal_autocheckpoint=0")
             self._wal = _WalCheckpointer(path, synchronous)
             self._wal.start()
+            # A Store dropped without close() must not leak its thread.
+            weakref.finalize(self, self._wal.stop)
 
     # --- opening -------------------------------------------------------------
 
@@ -635,7 +638,8 @@ class _WalCheckpointer(threading.Thread):
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self.join()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
 
     def run(self) -> None:
         try:

@@ -406,3 +406,15 @@ def test_close_leaves_a_self_contained_file(make_store, store_path, tmp_path):
     copy.write_bytes(open(store_path, "rb").read())
     with Store.open(copy, readonly=True) as again:
         assert again.read(0, 0, 8 * PAGE) == img.tobytes()
+
+
+def test_synchronous_is_validated_and_threads_do_not_leak(store_path, tmp_path):
+    with pytest.raises(ValueError, match="synchronous"):
+        Store.create(store_path, {"mem_size": PAGE}, synchronous="SOMETIMES")
+    assert not os.path.exists(store_path)
+    before = threading.active_count()
+    for i in range(3):
+        Store.create(tmp_path / f"{i}.snap", {"mem_size": PAGE}, synchronous="NORMAL")  # never closed
+    import gc
+    gc.collect()
+    assert threading.active_count() == before
