@@ -5,8 +5,12 @@ Speed targets live here, never in timed unit tests (these machines are noisy).
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
+
+import numpy as np
 
 from .machine import Machine, MachineConfig
 
@@ -63,6 +67,336 @@ def guest_speed(tracking: str, seconds: float = 1.0, collect_every_ms: float = 5
         elapsed = time.perf_counter() - t0
         steps = m.step()
     return {"tracking": tracking, "steps_per_s": round(steps / elapsed), "seconds": round(elapsed, 2)}
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else float("inf")
+
+
+def harvest_scaling(quick: bool) -> dict:
+    """Ring harvest+reset of 4096 pages on a big guest vs 256 MiB; the same for bitmap;
+    where bitmap becomes cheaper than ring on the big guest."""
+    big = 1 * GB if quick else 4 * GB
+    r_small, r_big = harvest_reset_cost(256 * MB, 4096, "ring"), harvest_reset_cost(big, 4096, "ring")
+    b_small, b_big = harvest_reset_cost(256 * MB, 4096, "bitmap"), harvest_reset_cost(big, 4096, "bitmap")
+    counts = [256, 1024, 4096, 16384] if quick else [64, 256, 1024, 4096, 16384, 60000]
+    curve = []
+    for n in counts:
+        curve.append({"dirty_pages": n, "ring_ms": harvest_reset_cost(big, n, "ring", repeats=3)["total_ms"],
+                      "bitmap_ms": harvest_reset_cost(big, n, "bitmap", repeats=3)["total_ms"]})
+    cheaper = [c["dirty_pages"] for c in curve if c["bitmap_ms"] < c["ring_ms"]]
+    return {
+        "ring_small_ms": r_small["total_ms"], "ring_big_ms": r_big["total_ms"],
+        "bitmap_small_ms": b_small["total_ms"], "bitmap_big_ms": b_big["total_ms"],
+        "big_guest_mb": big // MB, "bitmap_ratio": _ratio(b_big["total_ms"], b_small["total_ms"]),
+        "curve_big_guest": curve,
+        "bitmap_cheaper_from_dirty_pages": min(cheaper) if cheaper else None,
+        "ratio": _ratio(r_big["total_ms"], r_small["total_ms"]), "goal": "<= 1.3",
+    }
+
+
+def downtime(quick: bool, tracking: str = "ring", dirty: int = 16384, mem: int | None = None,
+             repeats: int | None = None) -> dict:
+    """Median pause for ``dirty`` freshly dirtied pages against the floor: a numpy
+    gather of the same pages from the same memory into a touched buffer, same run."""
+    from .checkpoint.engine import StagingPool, capture
+
+    mem = mem or (256 * MB if quick else 1 * GB)
+    repeats = repeats or (5 if quick else 15)
+    ring = min(65536, 1 << (dirty + 64).bit_length())
+    cfg = MachineConfig(guest="sweep", mem_size=mem, steps_per_yield=1 << 62, tracking=tracking,
+                        ring_entries=max(ring, 256))
+    pauses, floors, parts = [], [], []
+    pool = StagingPool(1)
+    with Machine(cfg) as m:
+        m.collect_dirty()
+        m.start()
+        for k in range(1, repeats + 2):
+            m.set_stop_at(k * dirty)
+            m.resume()
+            m.wait_parked()
+            buf = pool.acquire()
+            cap = capture(m, "async", buffer=buf)  # pause() finds it parked; times the full pause
+            m.pause()
+            out = buf.view(cap.pages.size)
+            t0 = time.perf_counter()
+            np.take(m.memory.pages, cap.pages, axis=0, out=out)
+            floor = (time.perf_counter() - t0) * 1e3
+            buf.release()
+            if k > 1:
+                pauses.append(cap.timings["downtime_ms"])
+                floors.append(floor)
+                parts.append(cap.timings)
+    med = {k: round(_median([p[k] for p in parts]), 3) for k in ("harvest_ms", "reset_ms", "copy_ms", "state_ms",
+                                                                 "collect_ms")}
+    return {"mem_mb": mem // MB, "dirty_pages": dirty, "tracking": tracking,
+            "pause_ms_median": round(_median(pauses), 3), "floor_gather_ms_median": round(_median(floors), 3),
+            "pause_split_ms": med, "ratio": _ratio(_median(pauses), _median(floors)), "goal": "<= 2"}
+
+
+def _guest_captures(guest: str, mem: int, count: int, every: int, seed: int = 1, prefill: bool = False):
+    """Real captures of a guest (sync, every ``every`` steps), detached from the VM.
+    ``prefill``: the VMM first fills the data area with random bytes, so every
+    checkpoint's image has the same number of non-zero pages."""
+    from .checkpoint.engine import capture
+
+    cfg = MachineConfig(guest=guest, mem_size=mem, seed=seed, steps_per_yield=1 << 62, ring_entries=65536)
+    caps = []
+    with Machine(cfg) as m:
+        if prefill:
+            rng = np.random.default_rng(seed)
+            data = m.memory.pages[512:]
+            data[:] = rng.integers(0, 256, data.shape, dtype=np.uint8)
+            data[:, 2048:] = 0  # half-random pages: compressible like typical memory
+        base = m.memory.pages.copy()
+        m.collect_dirty()
+        m.start()
+        for k in range(1, count + 1):
+            m.set_stop_at(k * every)
+            m.resume()
+            m.wait_parked()
+            caps.append(capture(m, "sync", already_paused=True))
+        m.pause()
+    return cfg, base, caps
+
+
+def write_throughput(quick: bool) -> dict:
+    """Pipeline write MB/s of real dirty pages (the `random` guest) against raw
+    lz4.block.compress MB/s of the same pages, same run."""
+    import lz4.block
+
+    from storage import Store
+
+    from .checkpoint.engine import commit
+
+    mem = 256 * MB if quick else 1 * GB
+    n_ckpt, every = (4, 8000) if quick else (8, 16000)
+    cfg, base, caps = _guest_captures("random", mem, n_ckpt, every)
+    total = sum(c.pages.size for c in caps) * 4096
+    with tempfile.TemporaryDirectory() as d:
+        with Store.create(os.path.join(d, "w.db"), cfg.to_dict()) as st:
+            with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
+                w.add_pages(np.arange(base.shape[0]), base)
+            parent = w.id
+            t0 = time.perf_counter()
+            for c in caps:
+                parent, _ = commit(st, parent, c)
+            t_pipe = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c in caps:
+        for page in c.data:
+            lz4.block.compress(page, store_size=False)
+    t_lz4 = time.perf_counter() - t0
+    mbps_pipe, mbps_lz4 = total / MB / t_pipe, total / MB / t_lz4
+    return {"pages": total // 4096, "pipeline_mb_s": round(mbps_pipe, 1), "lz4_mb_s": round(mbps_lz4, 1),
+            "ratio": _ratio(mbps_pipe, mbps_lz4), "goal": ">= 0.6"}
+
+
+def _chain(st, cfg, base, caps):
+    from .checkpoint.engine import commit
+
+    with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
+        w.add_pages(np.arange(base.shape[0]), base)
+    ids, parent = [w.id], w.id
+    for c in caps:
+        parent, _ = commit(st, parent, c)
+        ids.append(parent)
+    return ids
+
+
+def restore_cost(quick: bool) -> dict:
+    """Restore (materialize + vCPU state into a fresh VM) from checkpoint 50 of a
+    chain against from checkpoint 1, and against raw LZ4 decompression of the same pages."""
+    import lz4.block
+
+    from storage import Store
+
+    from .checkpoint.engine import load_machine
+
+    mem = 256 * MB if quick else 1 * GB
+    n = 20 if quick else 50
+    cfg, base, caps = _guest_captures("random", mem, n, 2000 if quick else 5000, prefill=True)
+    with tempfile.TemporaryDirectory() as d:
+        with Store.create(os.path.join(d, "r.db"), cfg.to_dict()) as st:
+            ids = _chain(st, cfg, base, caps)
+
+            def timed(ckpt):
+                ts = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    with load_machine(st, ckpt):
+                        pass
+                    ts.append((time.perf_counter() - t0) * 1e3)
+                return min(ts)
+
+            t_last, t_first = timed(ids[-1]), timed(ids[1])
+            img = np.empty((st.page_count, 4096), np.uint8)
+            st.materialize(ids[-1], img)
+    nonzero = img[img.any(axis=1)]
+    blobs = [lz4.block.compress(p, store_size=False) for p in nonzero]
+    t0 = time.perf_counter()
+    for b in blobs:
+        lz4.block.decompress(b, uncompressed_size=4096)
+    t_floor = (time.perf_counter() - t0) * 1e3
+    return {"mem_mb": mem // MB, "chain": n, "restore_last_ms": round(t_last, 1), "restore_first_ms": round(t_first, 1),
+            "decompress_floor_ms": round(t_floor, 1), "nonzero_pages": int(nonzero.shape[0]),
+            "ratio": _ratio(t_last, t_first), "goal": "<= 1.3",
+            "ratio_vs_decompress": _ratio(t_last, t_floor), "goal_vs_decompress": "<= 2"}
+
+
+def peers(quick: bool) -> dict:
+    """The same workload stored three ways: full LZ4 image per checkpoint (savevm-style),
+    raw dirty pages (Firecracker-style diff), snapctl. Each durable (fsync)."""
+    import lz4.block
+
+    from storage import Store
+
+    from .checkpoint.engine import commit
+
+    mem = 256 * MB if quick else 1 * GB
+    n = 10 if quick else 30
+    every = int(0.02 * mem / 4096)  # `random` dirties about one new page per step
+    cfg, base, caps = _guest_captures("random", mem, n, every)
+    out = {"mem_mb": mem // MB, "checkpoints": n,
+           "dirty_pages_per_checkpoint": int(_median([c.pages.size for c in caps]))}
+    image = base.copy()
+    with tempfile.TemporaryDirectory() as d:
+        # full_lz4: a whole compressed image per checkpoint
+        size, times = 0, []
+        for i, c in enumerate(caps):
+            image[c.pages] = c.data
+            t0 = time.perf_counter()
+            with open(os.path.join(d, f"full{i}"), "wb") as f:
+                for page in image:
+                    f.write(lz4.block.compress(page, store_size=False))
+                f.flush()
+                os.fsync(f.fileno())
+                size += f.tell()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out["full_lz4"] = {"bytes": size, "ms_per_checkpoint": round(_median(times), 2)}
+        # sparse_raw: the raw dirty pages and their page numbers
+        size, times = 0, []
+        for i, c in enumerate(caps):
+            t0 = time.perf_counter()
+            with open(os.path.join(d, f"diff{i}"), "wb") as f:
+                f.write(c.pages.astype(np.int64).tobytes())
+                f.write(c.data.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+                size += f.tell()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out["sparse_raw"] = {"bytes": size, "ms_per_checkpoint": round(_median(times), 2)}
+        # snapctl
+        path = os.path.join(d, "s.db")
+        with Store.create(path, cfg.to_dict()) as st:
+            with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
+                w.add_pages(np.arange(base.shape[0]), base)
+            parent = w.id
+            size0 = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
+            times, stored = [], 0
+            for c in caps:
+                t0 = time.perf_counter()
+                parent, stats = commit(st, parent, c)
+                times.append((time.perf_counter() - t0) * 1e3 + c.timings["downtime_ms"])
+                stored += stats["stored_bytes"]
+        out["snapctl"] = {"bytes": stored, "ms_per_checkpoint": round(_median(times), 2),
+                          "note": "bytes = blob bytes stored; ms = pause + background write"}
+    out["ratio_vs_full_lz4"] = _ratio(out["full_lz4"]["bytes"], out["snapctl"]["bytes"])
+    out["ratio_vs_sparse_raw"] = _ratio(out["sparse_raw"]["bytes"], out["snapctl"]["bytes"])
+    out["ratio"] = out["ratio_vs_full_lz4"]
+    out["goal"] = ">= 20x fewer bytes than full_lz4, >= 2x fewer than sparse_raw, less time than both"
+    return out
+
+
+def checkpoint_rate(quick: bool) -> dict:
+    """Sustained checkpoints per second, every one committed: 64 MiB `random` guest,
+    ~1% of memory dirtied between checkpoints, sync checkpoints, background writer."""
+    from storage import Store
+
+    from .checkpoint.engine import Checkpointer, Schedule
+
+    n = 100 if quick else 300
+    cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
+    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    with tempfile.TemporaryDirectory() as d, Machine(cfg) as m, \
+            Store.create(os.path.join(d, "c.db"), cfg.to_dict()) as st:
+        cp = Checkpointer(m, st, None)
+        cp.base()
+        t0 = time.perf_counter()
+        s = cp.run(Schedule(count=n, every_steps=every))
+        elapsed = time.perf_counter() - t0
+        committed = len(st.checkpoints()) - 1
+    rate = committed / elapsed
+    return {"checkpoints": committed, "seconds": round(elapsed, 2), "dirty_pages_per_checkpoint": every,
+            "pause_ms_median": s.as_dict()["pause_ms_median"], "per_s": round(rate, 1),
+            "ratio": round(rate / 50, 3), "goal": ">= 50/s (ratio against 50)"}
+
+
+def guest_slowdown(quick: bool) -> dict:
+    off = guest_speed("none", seconds=0.5 if quick else 2.0)
+    on = guest_speed("ring", seconds=0.5 if quick else 2.0)
+    bm = guest_speed("bitmap", seconds=0.5 if quick else 2.0)
+    return {"steps_per_s_untracked": off["steps_per_s"], "steps_per_s_ring": on["steps_per_s"],
+            "steps_per_s_bitmap": bm["steps_per_s"], "collect_every_ms": 50,
+            "ratio": _ratio(on["steps_per_s"], off["steps_per_s"]), "goal": "report (tracked / untracked)"}
+
+
+def pause_curve(quick: bool) -> list[dict]:
+    """Pause against dirty pages, ring and bitmap (for the plot in docs/benchmarks.md)."""
+    counts = [256, 1024, 4096, 16384] if quick else [256, 1024, 4096, 16384, 32768, 60000]
+    rows = []
+    for n in counts:
+        for mode in ("ring", "bitmap"):
+            d = downtime(quick, mode, dirty=n, mem=256 * MB if quick else 1 * GB, repeats=3)
+            rows.append({"dirty_pages": n, "tracking": mode, "pause_ms": d["pause_ms_median"],
+                         "floor_ms": d["floor_gather_ms_median"]})
+    return rows
+
+
+BENCHES = {
+    "harvest_scaling": harvest_scaling, "downtime": downtime, "write_throughput": write_throughput,
+    "restore": restore_cost, "peers": peers, "guest_slowdown": guest_slowdown, "checkpoint_rate": checkpoint_rate,
+}
+
+
+def run_all(quick: bool = False, only: list[str] | None = None, progress=None) -> dict:
+    out = {}
+    for name, fn in BENCHES.items():
+        if only and name not in only:
+            continue
+        if progress:
+            progress(name)
+        t0 = time.perf_counter()
+        out[name] = fn(quick)
+        out[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def plot_pause_curve(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for mode, style in (("ring", "o-"), ("bitmap", "s-")):
+        pts = [r for r in rows if r["tracking"] == mode]
+        ax.plot([r["dirty_pages"] for r in pts], [r["pause_ms"] for r in pts], style, label=f"{mode} pause")
+    floor = [r for r in rows if r["tracking"] == "ring"]
+    ax.plot([r["dirty_pages"] for r in floor], [r["floor_ms"] for r in floor], "k--", label="gather floor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("dirty pages per checkpoint")
+    ax.set_ylabel("pause (ms, median)")
+    ax.set_title("snapctl pause vs dirty pages (1 GiB guest)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def kvm_core(quick: bool = False) -> dict:

@@ -487,6 +487,35 @@ def guests(as_json: bool = JsonOpt) -> None:
 
 
 @app.command()
+def bench(quick: bool = typer.Option(False, "--quick", help="Smaller sizes; about a minute here."),
+          only: List[str] = typer.Option([], "--only", help="Run only this benchmark (repeatable)."),
+          plot: Optional[str] = typer.Option(None, "--plot", help="Also write the pause-vs-dirty-pages PNG here."),
+          as_json: bool = JsonOpt) -> None:
+    """Measure snapctl beside its floors and peers, in one run; figures as ratios with goals."""
+    from . import bench as bench_
+
+    unknown = [o for o in only if o not in bench_.BENCHES]
+    if unknown:
+        raise typer.BadParameter(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(bench_.BENCHES)}",
+                                 param_hint="--only")
+    results = bench_.run_all(quick, only or None, progress=None if as_json else (lambda n: err.print(f"bench: {n}")))
+    if plot:
+        rows = bench_.pause_curve(quick)
+        results["pause_curve"] = rows
+        bench_.plot_pause_curve(rows, plot)
+    if as_json:
+        _print_json(results)
+        return
+    t = Table("benchmark", "ratio", "goal", "figures")
+    for name, r in results.items():
+        if name == "pause_curve":
+            continue
+        figs = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("ratio", "goal") and not isinstance(v, (list, dict)))
+        t.add_row(name, str(r.get("ratio")), str(r.get("goal")), figs)
+    out.print(t)
+
+
+@app.command()
 def demo(store: Optional[str] = typer.Option(None, "--store", help="Store file (default: a temporary one)."),
          as_json: bool = JsonOpt) -> None:
     """Run, checkpoint, restore a branch, replay and verify, on a scratch store."""
