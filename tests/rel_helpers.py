@@ -1,0 +1,173 @@
+"""Shared helpers for the reliability suite (tests/test_rel_*.py).
+
+Counts: every loop count in the suite is ``scaled(ci)``: the CI count times
+$SNAPCTL_REL_SCALE (default 1). A full run is ``SNAPCTL_REL_SCALE=10``; the
+table in docs/reliability.md lists both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# The in-repo `storage` package must win over the tests/storage test folder
+# (a namespace package when tests/ is on sys.path).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if sys.path[:1] != [_ROOT]:
+    sys.path.insert(0, _ROOT)
+
+from guest_models import DATA_GPA, PAGE, Model, data_split, vcpu_seed, xorshift  # noqa: E402
+
+SCALE = float(os.environ.get("SNAPCTL_REL_SCALE", "1") or 1)
+
+
+def scaled(ci: int) -> int:
+    """The CI count ``ci`` times $SNAPCTL_REL_SCALE (at least ``ci``... unless scale < 1)."""
+    return max(1, int(round(ci * SCALE)))
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def cli_env(extra: dict | None = None) -> dict:
+    e = dict(os.environ, COLUMNS="200")
+    e.pop("SNAPCTL_STORE", None)
+    e.update(extra or {})
+    return e
+
+
+def spawn_snapctl(*args, store: Path | None = None, umask: int | None = None, cwd=None) -> subprocess.Popen:
+    """Start the real CLI in the background (stdout discarded, stderr kept)."""
+    argv = [sys.executable, "-m", "snapctl", *map(str, args)]
+    if store is not None:
+        argv += ["--store", str(store)]
+    pre = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=cwd,
+                            preexec_fn=pre)
+
+
+def run_cli(*args, store: Path | None = None, umask: int | None = None, cwd=None, timeout: float = 300):
+    """Like cli_helpers.snapctl, plus umask and cwd control. Returns cli_helpers.Result."""
+    from cli_helpers import Result
+
+    argv = [sys.executable, "-m", "snapctl", *map(str, args)]
+    if store is not None:
+        argv += ["--store", str(store)]
+    pre = (lambda: os.umask(umask)) if umask is not None else None
+    p = subprocess.run(argv, capture_output=True, timeout=timeout, env=cli_env(), cwd=cwd, preexec_fn=pre)
+    return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.stdout)
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    try:
+        proc.send_signal(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def one_line_error(r, code: int, *needles: str) -> str:
+    """Exit ``code``, exactly one non-empty stderr line starting with ``error:``, no traceback."""
+    assert r.code == code, (r.code, r.out[-500:], r.err[-2000:])
+    assert "Traceback" not in r.err, r.err
+    lines = [l for l in r.err.splitlines() if l.strip()]
+    assert len(lines) == 1, r.err
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n.lower() in lines[0].lower(), (n, lines[0])
+    return lines[0]
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def tree_state(root: Path) -> dict:
+    """name -> (mode, size, sha256 or link target) of everything under ``root``: to prove nothing changed."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_file():
+                out[rel] = (st.st_mode, st.st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                out[rel] = (st.st_mode,)
+    return out
+
+
+def remove_store(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(str(path) + suffix)
+        except FileNotFoundError:
+            pass
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+def open_ro(path):
+    from storage import Store
+
+    return Store.open(str(path), readonly=True)
+
+
+def image(store, ckpt: int) -> np.ndarray:
+    out = np.empty((store.page_count, PAGE), np.uint8)
+    store.materialize(ckpt, out)
+    return out
+
+
+def data_area(img: np.ndarray, mem: int, vcpus: int, i: int) -> np.ndarray:
+    """vCPU i's data pages of a (pages, 4096) or flat image, as (P, 4096)."""
+    first, pages = data_split(mem, vcpus)[i]
+    flat = img.reshape(-1)
+    start = DATA_GPA + first * PAGE
+    return flat[start:start + pages * PAGE].reshape(pages, PAGE)
+
+
+class StampTimeline:
+    """The stamp model (docs/guests.md) advanced incrementally: ``last(step)`` is,
+    per data page, the last n <= step whose xorshift x_n mod P chose it. Steps
+    must be asked for in non-decreasing order (one pass, any number of checkpoints)."""
+
+    def __init__(self, seed: int, pages: int):
+        self.x, self.n, self.P = seed, 0, pages
+        self.last = np.zeros(pages, np.uint64)
+
+    def at(self, step: int) -> np.ndarray:
+        assert step >= self.n, (step, self.n)
+        x, P, last = self.x, self.P, self.last
+        for i in range(self.n + 1, step + 1):
+            x = xorshift(x)
+            last[x % P] = i
+        self.x, self.n = x, step
+        return last.copy()
+
+
+def stamp_matches(data: np.ndarray, last: np.ndarray) -> bool:
+    """A (P, 4096) data area equals the stamp model ``last`` (first u64 per page, rest zero)."""
+    if data[:, 8:].any():
+        return False
+    return np.array_equal(np.ascontiguousarray(data[:, :8]).view("<u8").reshape(-1), last)
+
+
+def model_data(guest: str, seed: int, i: int, mem: int, vcpus: int) -> Model:
+    _, pages = data_split(mem, vcpus)[i]
+    return Model(guest, vcpu_seed(seed, i), pages)
+
+
+def wait_for(pred, timeout: float, interval: float = 0.0005) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
