@@ -92,6 +92,25 @@ class Capture:
     trigger: str
     timings: dict = field(default_factory=dict)
     buffer: "StagingBuffer | None" = None  # returned to its pool once written
+    # Pre-copied chunks [(pages, data)], oldest first; ``pages``/``data`` win over them.
+    early: list = field(default_factory=list)
+
+    def flatten(self) -> "Capture":
+        """Fold the pre-copied chunks in (later wins): one sorted pages/data pair."""
+        if not self.early:
+            return self
+        pages = np.concatenate([p for p, _ in self.early] + [self.pages])
+        data = np.concatenate([d for _, d in self.early] + [self.data])
+        last, idx = np.unique(pages[::-1], return_index=True)  # newest occurrence of each page
+        self.pages, self.data = last, data[pages.size - 1 - idx]
+        self.early = []
+        self.release()
+        return self
+
+    def page_count(self) -> int:
+        if not self.early:
+            return int(self.pages.size)
+        return int(np.unique(np.concatenate([p for p, _ in self.early] + [self.pages])).size)
 
     def release(self) -> None:
         if self.buffer is not None:
@@ -100,6 +119,7 @@ class Capture:
 
     def detach(self) -> "Capture":
         """Own the page data (copy it out of the staging buffer) and free the buffer."""
+        self.flatten()
         if self.buffer is not None:
             self.data = np.array(self.data)
             self.release()
@@ -110,6 +130,8 @@ def merge(older: Capture, newer: Capture) -> Capture:
     """One capture equal to ``older`` followed by ``newer``: the union of their pages,
     ``newer``'s content where both have a page. Exact, because a page in ``older``
     that ``newer`` does not list was not written in between: its content is the same."""
+    older.flatten()
+    newer.flatten()
     only_old = ~np.isin(older.pages, newer.pages, assume_unique=True)
     pages = np.concatenate([older.pages[only_old], newer.pages])
     data = np.concatenate([older.data[only_old], newer.data])
@@ -164,26 +186,11 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
     if not already_paused:
         machine.pause()
     t1 = time.perf_counter()
-    fresh = machine.collect_dirty()  # harvest + reset: contents are read after this
-    early_pages, early_data = machine.tracker.take_early_copies()
+    pages = machine.collect_dirty()  # harvest + reset: contents are read after this
+    early = machine.tracker.take_early_copies()  # O(1); merged by the writer, not here
     t2 = time.perf_counter()
-    if early_pages.size:
-        keep = ~np.isin(early_pages, fresh, assume_unique=True)  # pre-copied, not written since
-        early_pages, early_data = early_pages[keep], early_data[keep]
-        pages = np.concatenate([fresh, early_pages])
-        order = np.argsort(pages, kind="stable")
-        pages = pages[order]
-    else:
-        pages, order = fresh, None
-    n_fresh = fresh.size
     dest = buffer.view(pages.size) if buffer is not None else np.empty((pages.size, PAGE), np.uint8)
-    if order is None:
-        np.take(machine.memory.pages, fresh, axis=0, out=dest)  # the one vectorised gather
-    else:
-        tmp = dest[:n_fresh]
-        np.take(machine.memory.pages, fresh, axis=0, out=tmp)
-        dest[n_fresh:] = early_data
-        dest[:] = dest[order]
+    np.take(machine.memory.pages, pages, axis=0, out=dest)  # the one vectorised gather
     t3 = time.perf_counter()
     vcpus = machine.capture_vcpus()
     steps = machine.steps()
@@ -194,20 +201,23 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
     timings = {
         "stop_ms": (t1 - t0) * 1e3, "harvest_ms": st.last_harvest_ms, "reset_ms": st.last_reset_ms,
         "collect_ms": (t2 - t1) * 1e3, "copy_ms": (t3 - t2) * 1e3, "state_ms": (t4 - t3) * 1e3,
-        "downtime_ms": (t5 - t0) * 1e3, "precopied_pages": int(early_pages.size),
+        "downtime_ms": (t5 - t0) * 1e3, "precopied_pages": int(sum(p.size for p, _ in early)),
+        "copied_in_pause": int(pages.size),
     }
-    return Capture(pages, dest, vcpus, steps, trigger, timings, buffer)
+    return Capture(pages, dest, vcpus, steps, trigger, timings, buffer, early)
 
 
 def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None) -> tuple[int, dict]:
     """Write a capture as one checkpoint (one transaction). Returns (id, stats)."""
     meta = {"step": cap.steps[0], "steps": cap.steps, "trigger": cap.trigger}
     with store.checkpoint(parent=parent, meta=meta) as w:
+        for pages, data in cap.early:  # pre-copied first: the pause's fresh copies win
+            w.add_pages(pages, data)
         w.add_pages(cap.pages, cap.data)
         for i, st in enumerate(cap.vcpus):
             w.add_state(vcpu_state_name(i), st.to_bytes())
         w.add_state(MACHINE_STATE, json.dumps({"steps": cap.steps}).encode())
-        stats = {"dirty_pages": int(cap.pages.size), **{k: round(v, 3) for k, v in cap.timings.items()}}
+        stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
     return w.id, dict(w.stats, **stats)
@@ -314,8 +324,9 @@ class Checkpointer:
         if s.first is None:
             s.first = ckpt
         s.checkpoints.append(ckpt)
-        s.pages += int(cap.pages.size)
-        s.raw_bytes += int(cap.pages.size) * PAGE
+        n = int(stats.get("dirty_pages", cap.pages.size))
+        s.pages += n
+        s.raw_bytes += n * PAGE
         s.stored_bytes += int(stats.get("stored_bytes", 0))
         s.pauses_ms.append(cap.timings.get("downtime_ms", 0.0))
         if self.on_checkpoint:

@@ -67,20 +67,14 @@ class DirtyTracker:
         self.stats.last_pages = int(pages.size)
         return pages
 
-    def take_early_copies(self) -> tuple[np.ndarray, np.ndarray]:
-        """(pages, contents) copied early (pre-copy) since the last call; the newest
-        copy of each page wins. Call right after :meth:`collect` in the same pause:
-        a page written after its early copy is in that collect's result."""
+    def take_early_copies(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(pages, contents)] copied early (pre-copy) since the last call, oldest
+        first. O(1): nothing is copied here, so it is cheap inside the pause. A page
+        written after its early copy is in the same pause's :meth:`collect` result,
+        and that fresh copy must win (write the early chunks first)."""
         with self._pending_lock:
             early, self._early = self._early, []
-        if not early:
-            return np.empty(0, np.int64), np.empty((0, self.memory.pages.shape[1]), np.uint8)
-        pages = np.concatenate([p for p, _ in early])
-        data = np.concatenate([d for _, d in early])
-        # last occurrence of each page: unique over the reversed order
-        rev_pages, rev_idx = np.unique(pages[::-1], return_index=True)
-        keep = pages.size - 1 - rev_idx
-        return rev_pages, data[keep]
+        return early
 
     def close(self) -> None:
         pass
