@@ -103,7 +103,7 @@ INJECT = textwrap.dedent("""
         calls[0] += 1
         if fail_from <= calls[0] < fail_from + fail_count:
             with open(os.environ["REL_FAIL_LOG"], "a") as f:
-                f.write(f"{calls[0]}\n")
+                f.write(str(calls[0]) + chr(10))
             raise OSError(errno.EIO, "injected I/O error")
         return real(self, *a, **k)
     s.CheckpointWriter.add_pages = add_pages
