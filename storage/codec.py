@@ -8,6 +8,8 @@ and compression, numpy for everything that can see the whole batch at once.
 
 from __future__ import annotations
 
+import struct
+
 import lz4.block
 import numpy as np
 import xxhash
@@ -38,6 +40,17 @@ ZERO_HASH_HEX: str = ZERO_HASH.hex()
 stored_checksum = xxhash.xxh3_64_digest
 
 _MASK128 = (1 << 128) - 1
+MASK63 = (1 << 63) - 1
+_PACK_PAGE_CKPT = struct.Struct("<qq").pack
+_xxh64 = xxhash.xxh3_64_intdigest
+
+
+def row_check(page: int, ckpt: int, chash: bytes) -> int:
+    """Check value of a ``versions`` row: binds the page, the checkpoint and
+    the content hash of the blob it names (ZERO_HASH for the zero page), so
+    a row damaged into naming another valid blob, page or checkpoint is
+    caught (blob hashes alone cannot see that).  63 bits: SQLite INTEGER."""
+    return _xxh64(_PACK_PAGE_CKPT(page, ckpt) + chash) & MASK63
 _compress = lz4.block.compress
 _decompress = lz4.block.decompress
 

@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 
 from . import codec
+import json
+
 from .codec import CODEC_LZ4_DELTA, CODEC_NAMES, PAGE_SIZE
 from .errors import CorruptionError, InvalidArgumentError, StoreError
 
@@ -45,10 +47,10 @@ class _Versions:
     """All ``versions`` rows as sorted numpy columns."""
 
     def __init__(self, conn) -> None:
-        rows = conn.execute("SELECT page, ckpt, coalesce(blob, 0) FROM versions "
+        rows = conn.execute("SELECT page, ckpt, coalesce(blob, 0), chk FROM versions "
                             "ORDER BY page, ckpt").fetchall()
-        arr = np.array(rows, np.int64).reshape(-1, 3)
-        self.page, self.ckpt, self.blob = arr[:, 0], arr[:, 1], arr[:, 2]
+        arr = np.array(rows, np.int64).reshape(-1, 4)
+        self.page, self.ckpt, self.blob, self.chk = arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
 
     def visible_rows(self, path: list[int]) -> np.ndarray:
         """Indices of the rows forming the image at ``path[-1]``: per page,
@@ -83,9 +85,22 @@ def verify(store) -> VerifyReport:
     """Check every blob, reference, reference count, tree link, state and
     checkpoint digest; return what is damaged (never raises for damage)."""
     rep = VerifyReport()
+    try:
+        _verify(store, rep)
+    except CorruptionError as exc:
+        # SQLite's own structure is damaged so far that the walk cannot go on.
+        rep.problems.append(str(exc))
+    return rep
+
+
+def _verify(store, rep: VerifyReport) -> None:
     P = rep.problems
     n_pages = store.page_count
     with store._read() as conn:
+        # SQLite's own b-trees first: damage there can hide rows from us.
+        for (msg,) in conn.execute("PRAGMA quick_check"):
+            if msg != "ok":
+                P.append(f"database structure: {msg}")
         parents = dict(conn.execute("SELECT id, parent FROM checkpoints"))
         digests = dict(conn.execute("SELECT id, digest FROM checkpoints"))
 
@@ -117,6 +132,16 @@ def verify(store) -> VerifyReport:
         dangling = np.flatnonzero((v.blob > 0) & ~np.isin(v.blob, blob_ids))
         for i in dangling[:20].tolist():
             P.append(f"checkpoint {v.ckpt[i]}, page {v.page[i]}: references missing blob {v.blob[i]}")
+
+        # Every row's check value binds (page, ckpt, content hash of its blob).
+        bad_rows = 0
+        for p, c, b, k in zip(v.page.tolist(), v.ckpt.tolist(), v.blob.tolist(), v.chk.tolist()):
+            h = codec.ZERO_HASH if b == 0 else (meta[b][0] if b in meta else None)
+            if h is not None and codec.row_check(p, c, h) != k:
+                bad_rows += 1
+                if bad_rows <= 20:
+                    P.append(f"checkpoint {c}, page {p}: version row naming blob {b or None} "
+                             "fails its check value")
 
         # Every blob: checksum of the stored bytes, decode, content hash.
         users = collections.defaultdict(list)      # blob -> [(ckpt, page)], for messages
@@ -189,8 +214,7 @@ def verify(store) -> VerifyReport:
                 P.append(f"tag {name!r}: names unknown checkpoint {c}")
 
     rep.checked = dict(checkpoints=len(parents), versions=len(v.page), blobs=len(meta),
-                       damaged_blobs=damaged, states=n_states)
-    return rep
+                       damaged_blobs=damaged, damaged_rows=bad_rows, states=n_states)
 
 
 def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
@@ -243,13 +267,19 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
             dec.append(v.blob[old])
             inc.append(vc[pages])
             report.folded_versions += int(len(np.setdiff1d(pages, v.page[old])))
-            new_rows.extend(zip(pages.tolist(), [c] * len(pages),
-                                [b if b else None for b in vc[pages].tolist()]))
+            new_rows.extend(zip(pages.tolist(), [c] * len(pages), vc[pages].tolist()))
         dec.append(v.blob[np.isin(v.ckpt, removed)])
 
         touched = _ids(list(new_parent) + removed)
         conn.execute(f"DELETE FROM versions WHERE ckpt IN ({touched})")
-        conn.executemany("INSERT INTO versions(page, ckpt, blob) VALUES (?, ?, ?)", new_rows)
+        hashes = {0: codec.ZERO_HASH}
+        need = sorted({b for _, _, b in new_rows if b})
+        if need:
+            hashes.update(conn.execute("SELECT id, hash FROM blobs WHERE id IN "
+                                       "(SELECT value FROM json_each(?))", (json.dumps(need),)))
+        conn.executemany(
+            "INSERT INTO versions(page, ckpt, blob, chk) VALUES (?, ?, ?, ?)",
+            [(p, c, b or None, codec.row_check(p, c, hashes[b])) for p, c, b in new_rows])
         delta = collections.Counter()
         for arr in inc:
             delta.update(arr[arr > 0].tolist())

@@ -37,6 +37,7 @@ CREATE TABLE versions (
     page INTEGER NOT NULL,  -- guest page number (gpa // 4096)
     ckpt INTEGER NOT NULL,  -- checkpoint that stored this version
     blob INTEGER,           -- blobs.id; NULL = the zero page
+    chk INTEGER NOT NULL,   -- row_check(page, ckpt, content hash of blob)
     PRIMARY KEY (page, ckpt)
 ) WITHOUT ROWID
 """

@@ -26,6 +26,7 @@ import json
 import os
 import sqlite3
 import threading
+import struct
 import time
 import weakref
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import xxhash
 
 from . import codec, schema
 from .codec import (CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, ZERO_HASH,
@@ -41,6 +43,7 @@ from .errors import (CorruptionError, InvalidArgumentError, StoreError,
                      UnknownCheckpointError)
 
 _HASH_LOOKUP_CHUNK = 5000
+_PACK_Q = struct.Struct("<q").pack
 _VIEW_CACHE_SIZE = 2
 
 
@@ -148,14 +151,15 @@ class Store:
         path = os.fspath(path)
         sync = schema.check_synchronous(synchronous)
         schema.check_header(path)
-        rconn = schema.connect(path, readonly=readonly, synchronous=sync)
-        try:
-            meta = schema.read_meta(rconn, path)
-            wconn = None if readonly else schema.connect(path, readonly=False,
-                                                         synchronous=sync)
-        except BaseException:
-            rconn.close()
-            raise
+        with sqlite_errors(path):
+            rconn = schema.connect(path, readonly=readonly, synchronous=sync)
+            try:
+                meta = schema.read_meta(rconn, path)
+                wconn = None if readonly else schema.connect(path, readonly=False,
+                                                             synchronous=sync)
+            except BaseException:
+                rconn.close()
+                raise
         if wconn is not None:
             _chmod_sidecars(path)
         return cls(path, wconn, rconn, meta, sync)
@@ -191,7 +195,7 @@ class Store:
     def _read(self):
         """A read transaction on the read connection: one consistent snapshot
         for multi-statement reads even while another process prunes."""
-        with self._rlock:
+        with self._rlock, sqlite_errors(self.filename):
             self._check_open()
             conn = self._rconn
             conn.execute("BEGIN")
@@ -206,7 +210,7 @@ class Store:
         SQLite's write lock up front, so no upgrade deadlock later)."""
         if self._wconn is None:
             raise StoreError(f"{self.filename}: store is open read-only")
-        with self._wlock:
+        with self._wlock, sqlite_errors(self.filename):
             self._check_open()
             conn = self._wconn
             conn.execute("BEGIN IMMEDIATE")
@@ -403,13 +407,16 @@ class Store:
         mv = self._check_out(out)
         with self._read() as conn:
             path = self._path_in(conn, ckpt)
-            filled = self._decode_range(conn, path, mv, 0, self.page_count - 1)
+            digest = conn.execute("SELECT digest FROM checkpoints WHERE id = ?",
+                                  (path[-1],)).fetchone()[0]
+            filled = self._decode_range(conn, path, mv, 0, self.page_count - 1,
+                                        check_digest=digest)
         flat = out.reshape(self.page_count, PAGE_SIZE)
         if not filled.all():
             flat[~filled] = 0
 
     def _decode_range(self, conn, path: list[int], mv: memoryview,
-                      lo: int, hi: int) -> np.ndarray:
+                      lo: int, hi: int, *, check_digest: bytes | None = None) -> np.ndarray:
         """Decode the visible non-zero pages ``lo..hi`` of the image at
         ``path[-1]`` into ``mv`` (page ``lo`` at offset 0); return a bool mask
         of the pages written.
@@ -419,19 +426,27 @@ class Store:
         blob is read once, in id order (sequential in the file), decoded and
         checked; pages sharing a blob are copied with one numpy scatter.
         Deltas wait until their base is decoded (usually already in ``mv``).
-        Per page: one row, one decompression, two hashes -- nothing else."""
+        Per page: one row, one decompression, three hashes -- nothing else.
+
+        Every visible ``versions`` row is checked against its ``chk`` (so a
+        row damaged into naming another valid blob is caught), and with
+        ``check_digest`` the whole image against the checkpoint's digest (so
+        is a lost row)."""
         ckpt = path[-1]
         filled = np.zeros(hi - lo + 1, bool)
         rows = conn.execute(
-            "SELECT page, max(ckpt), coalesce(blob, 0) FROM versions "
+            "SELECT page, max(ckpt), coalesce(blob, 0), chk FROM versions "
             f"WHERE ckpt IN ({_ids_sql(path)}) AND page BETWEEN ? AND ? GROUP BY page",
             (lo, hi)).fetchall()
+        hash_of: dict[int, bytes] = {0: ZERO_HASH}
         if not rows:
+            self._check_rows(ckpt, rows, hash_of, check_digest)
             return filled
         arr = np.array(rows, np.int64)
         keep = arr[:, 2] > 0
         pages, blobs = arr[keep, 0] - lo, arr[keep, 2]       # pages relative to lo
         if not len(pages):
+            self._check_rows(ckpt, rows, hash_of, check_digest)
             return filled
         order = np.argsort(blobs, kind="stable")
         blobs_s, pages_s = blobs[order], pages[order]
@@ -450,6 +465,7 @@ class Store:
                 (json.dumps(ubl.tolist()),)):
             seen += 1
             page = page_of[bid]
+            hash_of[bid] = hsh
             if cdc == 1:
                 try:
                     out = decompress(data, uncompressed_size=PAGE_SIZE)
@@ -466,6 +482,7 @@ class Store:
             mv[off:off + PAGE_SIZE] = out
         if seen != len(ubl):
             self._raise_missing(conn, ckpt, ubl, page_of, lo)
+        self._check_rows(ckpt, rows, hash_of, check_digest)
         if deferred:
             self._decode_deltas(conn, ckpt, deferred, page_of, mv, lo)
         if len(ubl) != len(blobs_s):                          # pages sharing a blob
@@ -474,6 +491,34 @@ class Store:
             img[pages_s[~first]] = img[src[~first]]
         filled[pages] = True
         return filled
+
+    @staticmethod
+    def _check_rows(ckpt, rows, hash_of, check_digest) -> None:
+        """Raise unless the rows are intact.  For a whole image the digest
+        alone decides (one xxh3_128 per non-zero page): a row naming another
+        blob or page, or a lost row, changes the image and so the digest.
+        For a partial read each row's check value is verified instead.  On a
+        digest mismatch the row checks run too, to name the damaged row."""
+        if check_digest is not None:
+            x128, pk = xxhash.xxh3_128_digest, _PACK_Q
+            terms = [x128(pk(p) + hash_of[b]) for p, _, b, _ in rows if b]
+            got = codec.sum128(np.frombuffer(b"".join(terms), "<u8").reshape(-1, 2)
+                               .astype(np.uint64)) if terms else 0
+            if codec.digest_to_bytes(got) == check_digest:
+                return
+        rc = codec.row_check
+        for p, c, b, k in rows:
+            if rc(p, c, hash_of[b]) != k:
+                raise CorruptionError(
+                    f"checkpoint {ckpt}, page {p}: version row of checkpoint {c} naming blob "
+                    f"{b or None} fails its check value (damaged row)",
+                    checkpoint=ckpt, page=p, blob=b or None)
+        if check_digest is not None:
+            raise CorruptionError(
+                f"checkpoint {ckpt}: restored image does not match the checkpoint's digest "
+                f"({codec.digest_hex(got)} != "
+                f"{codec.digest_hex(codec.digest_from_bytes(check_digest))}); "
+                "a version row is missing or damaged", checkpoint=ckpt)
 
     def _decode_deltas(self, conn, ckpt, deferred, page_of, mv, lo) -> None:
         bases: dict[int, object] = {}
@@ -574,12 +619,17 @@ class Store:
         return int(page)
 
     def _blob_view(self, conn, path: list[int]) -> np.ndarray:
+        """Blob id per page (0 = zero) at ``path[-1]``, rows checked."""
         rows = conn.execute(
-            "SELECT page, max(ckpt), blob FROM versions "
-            f"WHERE ckpt IN ({_ids_sql(path)}) GROUP BY page").fetchall()
+            "SELECT v.page, v.ck, coalesce(v.blob, 0), v.chk, coalesce(b.hash, ?) FROM "
+            "(SELECT page, max(ckpt) AS ck, blob, chk FROM versions "
+            f" WHERE ckpt IN ({_ids_sql(path)}) GROUP BY page) AS v "
+            "LEFT JOIN blobs AS b ON b.id = v.blob", (ZERO_HASH,)).fetchall()
+        self._check_rows(path[-1], [(p, c, b, k) for p, c, b, k, _ in rows],
+                         {r[2]: r[4] for r in rows} | {0: ZERO_HASH}, None)
         view = np.zeros(self.page_count, np.int64)
         if rows:
-            arr = np.array([(r[0], r[2] or 0) for r in rows], np.int64)
+            arr = np.array([(r[0], r[2]) for r in rows], np.int64)
             view[arr[:, 0]] = arr[:, 1]
         return view
 
@@ -597,9 +647,15 @@ class Store:
         page = self._check_page(page)
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT v.ckpt, b.hash FROM versions AS v LEFT JOIN blobs AS b "
-                "ON b.id = v.blob WHERE v.page = ? ORDER BY v.ckpt", (page,)).fetchall()
-        return [(c, (h if h is not None else ZERO_HASH).hex()) for c, h in rows]
+                "SELECT v.ckpt, coalesce(v.blob, 0), v.chk, coalesce(b.hash, ?) "
+                "FROM versions AS v LEFT JOIN blobs AS b ON b.id = v.blob "
+                "WHERE v.page = ? ORDER BY v.ckpt", (ZERO_HASH, page)).fetchall()
+        for c, b, k, h in rows:
+            if codec.row_check(page, c, h) != k:
+                raise CorruptionError(
+                    f"checkpoint {c}, page {page}: version row naming blob {b or None} "
+                    "fails its check value (damaged row)", checkpoint=c, page=page, blob=b or None)
+        return [(c, h.hex()) for c, _, _, h in rows]
 
     # --- maintenance (storage/maintenance.py) ---------------------------------
 
@@ -617,7 +673,7 @@ class Store:
         """Give the space freed by ``prune`` back to the file system."""
         if self._wconn is None:
             raise StoreError(f"{self.filename}: store is open read-only")
-        with self._wlock:
+        with self._wlock, sqlite_errors(self.filename):
             self._wconn.execute("VACUUM")
 
 
@@ -656,6 +712,22 @@ class _WalCheckpointer(threading.Thread):
             self._conn.close()
 
 
+@contextmanager
+def sqlite_errors(filename: str):
+    """Turn SQLite's exceptions into the store's: damage inside SQLite's own
+    b-tree pages ("database disk image is malformed") is a CorruptionError,
+    anything else SQLite raises (locked, I/O error) a StoreError."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        msg = str(exc)
+        if isinstance(exc, sqlite3.DatabaseError) and (
+                "malformed" in msg or "not a database" in msg or "corrupt" in msg
+                or not isinstance(exc, sqlite3.OperationalError)):
+            raise CorruptionError(f"{filename}: database damaged ({msg})") from exc
+        raise StoreError(f"{filename}: {msg}") from exc
+
+
 def _chmod_sidecars(path: str) -> None:
     for suffix in ("-wal", "-shm"):
         try:
@@ -690,14 +762,15 @@ class CheckpointWriter:
         st = self._store
         st._wlock.acquire()
         try:
-            st._check_open()
-            conn = self._conn = st._wconn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._begin(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            with sqlite_errors(st.filename):
+                st._check_open()
+                conn = self._conn = st._wconn
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._begin(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
         except BaseException:
             st._wlock.release()
             raise
@@ -771,7 +844,8 @@ class CheckpointWriter:
             data = pages[rows]                       # gather copy
         pn = uniq
         n = len(pn)
-        self._write_batch(pn, data)
+        with sqlite_errors(st.filename):
+            self._write_batch(pn, data)
         self.stats["pages"] += n
         self.stats["raw_bytes"] += n * PAGE_SIZE
 
@@ -835,10 +909,15 @@ class CheckpointWriter:
         if refcount:
             conn.executemany("UPDATE refs SET n = n + ? WHERE blob = ?",
                              [(c, b) for b, c in refcount.items() if c])
+        row_hash = [ZERO_HASH] * n
+        for i, h_ in zip(nz.tolist(), hashes):
+            row_hash[i] = h_
+        cid = self.id
+        rc = codec.row_check
         conn.executemany(
-            "INSERT INTO versions(page, ckpt, blob) VALUES (?, ?, ?)",
-            zip(pn[ins].tolist(), [self.id] * len(ins),
-                [b if b else None for b in ins_ids.tolist()]))
+            "INSERT INTO versions(page, ckpt, blob, chk) VALUES (?, ?, ?, ?)",
+            [(p, cid, b if b else None, rc(p, cid, row_hash[i]))
+             for i, p, b in zip(ins.tolist(), pn[ins].tolist(), ins_ids.tolist())])
         # Changed non-zero pages whose content was already stored (or repeats
         # within this batch); unchanged pages are counted separately.
         stats["dedup_pages"] += int(len(ins_ids[ins_ids > 0])) - len(new_blob_rows)
@@ -932,14 +1011,15 @@ class CheckpointWriter:
         st = self._store
         conn = self._conn
         try:
-            if exc_type is not None:
-                conn.execute("ROLLBACK")
-                return
-            try:
-                self._commit(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            with sqlite_errors(st.filename):
+                if exc_type is not None:
+                    conn.execute("ROLLBACK")
+                    return
+                try:
+                    self._commit(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
         finally:
             self._active = False
             st._wlock.release()

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import PAGE, _ROOT, image_digest, random_pages
+from storage_helpers import PAGE, _ROOT, image_digest, random_pages
 from storage import (SCHEMA_VERSION, ZERO_HASH_HEX, CorruptionError, InvalidArgumentError,
                      NotAStoreError, SchemaVersionError, Store, StoreError,
                      UnknownCheckpointError)

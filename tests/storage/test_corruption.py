@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from conftest import PAGE, random_pages
+from storage_helpers import PAGE, random_pages
 from storage import CorruptionError, Store
 
 N = 16
@@ -118,7 +118,7 @@ def test_tampered_metadata_is_reported(damaged_store):
         c.execute("UPDATE refs SET n = n + 1 WHERE blob = 1")
         c.execute("UPDATE checkpoints SET digest = zeroblob(16) WHERE id = 1")
         c.execute("UPDATE states SET data = X'00' WHERE ckpt = 0")
-        c.execute("INSERT INTO versions(page, ckpt, blob) VALUES (3, 1, 999)")
+        c.execute("INSERT INTO versions(page, ckpt, blob, chk) VALUES (3, 1, 999, 0)")
     problems = "\n".join(st_.verify().problems)
     assert "blob 1: reference count" in problems
     assert "checkpoint 1: image digest" in problems
@@ -133,3 +133,66 @@ def test_broken_tree_link_is_reported(damaged_store):
     with sqlite3.connect(path) as c:
         c.execute("UPDATE checkpoints SET parent = 5 WHERE id = 1")
     assert any("checkpoint 1: parent 5 does not exist" in p for p in st_.verify().problems)
+
+
+def test_version_row_naming_another_valid_blob_is_caught(damaged_store):
+    """Blob hashes cannot see this; the row's check value and the image
+    digest do."""
+    st_, path, images = damaged_store
+    with sqlite3.connect(path) as c:
+        (other,) = c.execute("SELECT blob FROM versions WHERE page = 2 AND ckpt = 0").fetchone()
+        c.execute("UPDATE versions SET blob = ? WHERE page = 3 AND ckpt = 0", (other,))
+    for ckpt in (0, 1):
+        with pytest.raises(CorruptionError, match=f"checkpoint {ckpt}, page 3"):
+            st_.read_page(ckpt, 3)
+        with pytest.raises(CorruptionError):
+            st_.materialize(ckpt, np.zeros((N, PAGE), np.uint8))
+    assert st_.read_page(1, 2) == images[1][2].tobytes()        # undamaged rows still read
+    with pytest.raises(CorruptionError):
+        st_.diff(0, 1)
+    with pytest.raises(CorruptionError, match="page 3"):
+        st_.history(3)
+    assert any("checkpoint 0, page 3: version row" in p for p in st_.verify().problems)
+
+
+def test_lost_version_row_is_caught_by_the_digest(damaged_store):
+    st_, path, _ = damaged_store
+    with sqlite3.connect(path) as c:
+        c.execute("DELETE FROM versions WHERE page = 4 AND ckpt = 0")
+    with pytest.raises(CorruptionError, match="checkpoint 1: restored image does not match"):
+        st_.materialize(1, np.zeros((N, PAGE), np.uint8))
+    problems = st_.verify().problems
+    assert any("checkpoint 0: image digest" in p for p in problems), problems
+
+
+def test_damaged_sqlite_pages_are_store_errors_never_wrong_bytes(damaged_store, tmp_path):
+    """Garbage over whole SQLite pages (b-tree damage): every call either
+    returns the right bytes or raises a StoreError; never sqlite3.Error."""
+    from storage import StoreError
+    st_, path, images = damaged_store
+    st_.close()
+    pristine = open(path, "rb").read()
+    page_size = 16384
+    rng = np.random.default_rng(11)
+    for pg in range(1, len(pristine) // page_size):
+        bad = tmp_path / f"bad{pg}.snap"
+        data = bytearray(pristine)
+        data[pg * page_size:(pg + 1) * page_size] = rng.integers(0, 256, page_size, np.uint8).tobytes()
+        bad.write_bytes(bytes(data))
+        try:
+            s = Store.open(bad)
+        except StoreError:
+            continue
+        with s:
+            try:
+                rep = s.verify()
+            except StoreError:
+                rep = None
+            out = np.zeros((N, PAGE), np.uint8)
+            for ckpt, img in images.items():
+                try:
+                    s.materialize(ckpt, out)
+                except StoreError:
+                    continue
+                assert np.array_equal(out, img), f"db page {pg}: wrong bytes for checkpoint {ckpt}"
+            assert rep is None or all(isinstance(p, str) and p for p in rep.problems)

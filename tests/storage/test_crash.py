@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PAGE, _ROOT
+from storage_helpers import PAGE, _ROOT
 from storage import Store
 
 N = 64

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from conftest import PAGE, image_digest, random_pages
+from storage_helpers import PAGE, image_digest, random_pages
 from storage import ZERO_HASH_HEX, Store
 
 N_PAGES = 12
