@@ -22,7 +22,7 @@ from rel_helpers import (StampTimeline, data_area, image, open_ro, run_cli, scal
 MEM = 16 << 20
 SEED = 21
 EVERY = 2000
-SECONDS = 10 * scaled(1)  # CI 10 s of reading, full run (SNAPCTL_REL_SCALE=10) 100 s
+SECONDS = 6 * scaled(1)  # CI 6 s of reading, full run (SNAPCTL_REL_SCALE=10) 60 s
 
 
 @kvm
