@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -85,6 +87,13 @@ def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  #
         raise Failure(f"no store at {path} (run `snapctl run` first, or give --store / $SNAPCTL_STORE)")
     if os.path.isdir(path):
         raise Failure(f"{path} is a directory, not a store")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise Failure(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        # a FIFO would block the open forever; a device (/dev/zero) is never a store
+        raise Failure(f"{path} is not a regular file, not a store")
     st = Store.open(path, readonly=not write)
     try:
         yield st
@@ -168,8 +177,9 @@ def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[f
         raise typer.BadParameter("give either --every-steps or --interval, not both", param_hint="--every-steps")
     if checkpoints < 0:
         raise typer.BadParameter(f"must be >= 0, got {checkpoints}", param_hint="--checkpoints")
-    if interval is not None and not interval > 0:
-        raise typer.BadParameter(f"must be > 0 ms, got {interval}", param_hint="--interval")
+    if interval is not None and not (math.isfinite(interval) and 0 < interval <= 86_400_000):
+        raise typer.BadParameter(f"must be a number of ms from > 0 to 86400000 (one day), got {interval}",
+                                 param_hint="--interval")
     return Schedule(count=checkpoints,
                     every_steps=_number(every_steps, "--every-steps", allow_zero=False) if every_steps else None,
                     interval_ms=interval,
