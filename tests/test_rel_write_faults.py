@@ -82,10 +82,9 @@ def test_disk_full_stops_the_run_cleanly_and_keeps_committed_checkpoints(tmpfs, 
 
 
 @kvm
-@pytest.mark.xfail(strict=True, reason="BUG: on a full disk the error names the wrong cause: SQLite rolls the "
-                   "transaction back itself, CheckpointWriter.__exit__'s own ROLLBACK then fails, and "
-                   "'cannot rollback - no transaction is active' replaces 'database or disk is full'")
 def test_disk_full_error_names_the_full_disk(tmpfs):
+    """Regression guard: the error used to say 'cannot rollback - no transaction is active' (the
+    writer's own ROLLBACK after SQLite had rolled back) instead of the full disk."""
     _, r = _disk_full_run(tmpfs)
     line = one_line_error(r, 1)
     assert "full" in line.lower() or "no space" in line.lower(), line
