@@ -69,6 +69,11 @@ def encode(page, dict_page: bytes | None):
     return codec, data
 
 
+def delta(page, dict_page: bytes) -> bytes:
+    """LZ4 of ``page`` with the previous version of the page as dictionary."""
+    return _compress(page, store_size=False, dict=dict_page)
+
+
 def decode(codec: int, data: bytes, dict_page: bytes | None = None) -> bytes:
     """Decode one stored blob.  Raises ``ValueError`` (or lz4's error, a
     subclass of it) on undecodable input; callers check the content hash."""
