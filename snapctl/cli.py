@@ -80,7 +80,7 @@ def _params(items: list[str]) -> dict[str, int]:
 
 @contextmanager
 def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  # noqa: F821
-    from storage import Store
+    from storage import Store, StoreError
 
     path = _store_path(store)
     if not os.path.lexists(path):
@@ -94,7 +94,15 @@ def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  #
     if not stat.S_ISREG(mode):
         # a FIFO would block the open forever; a device (/dev/zero) is never a store
         raise Failure(f"{path} is not a regular file, not a store")
-    st = Store.open(path, readonly=not write)
+    # Read-write even for reading: a read-only SQLite connection cannot remove the
+    # -wal/-shm sidecars at close, so every `list` would leave two files behind.
+    # The main file is not changed by reading either way.
+    try:
+        st = Store.open(path, readonly=False)
+    except (PermissionError, StoreError) as e:
+        if write or not os.access(path, os.R_OK) or os.access(path, os.W_OK):
+            raise
+        st = Store.open(path, readonly=True)  # a store we may only read
     try:
         yield st
     finally:
@@ -214,8 +222,6 @@ def run(
                         seed=_number(seed, "--seed"), steps_per_yield=_number(steps_per_yield, "--steps-per-yield"),
                         tracking=tracking, ring_entries=_number(ring_entries, "--ring-entries"), params=_params(param))
     path = _store_path(store)
-    if os.path.lexists(path):
-        raise Failure(f"{path} already exists; use `snapctl restore ID` to continue it, or choose another --store")
     with _progress(sched.count + 1, "checkpoints", as_json) as cb:
         summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
     if as_json:
@@ -333,9 +339,10 @@ def replay(
         for k, (a_, b_) in list(res.differing_registers.items())[:8]:
             out.print(f"  {k}: replayed {a_:#x}, recorded {b_:#x}")
     if res.note:
-        err.print(f"note: {res.note}")
+        print(f"note: {res.note}", file=sys.stderr)
     if not res.match:
-        raise typer.Exit(1)
+        raise Failure(f"replay {res.source} -> {res.target} does not match: {len(res.differing_pages)} pages and "
+                      f"{len(res.differing_registers)} registers differ")
 
 
 @app.command()
@@ -446,7 +453,8 @@ def verify(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
         for p in rep.problems:
             print(f"damaged: {p}")
     if not rep.ok:
-        raise typer.Exit(1)
+        first = rep.problems[0] if rep.problems else "unknown damage"
+        raise Failure(f"store is damaged: {len(rep.problems)} problem(s); first: {first}")
 
 
 @app.command()

@@ -121,20 +121,44 @@ class Store:
             json.dumps(config)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
-        # Guest memory can hold secrets: create the file 0600 ourselves so
-        # SQLite never creates it under the caller's umask.  SQLite gives the
-        # -wal and -shm files the main file's mode.
+        # Crash-atomic: the schema is written into a temporary file beside the
+        # target and linked into place only when complete, so a process killed
+        # at any moment leaves either no store or a whole (empty) one at
+        # ``path`` -- never a half-made file indistinguishable from a foreign
+        # SQLite database. Guest memory can hold secrets: the file is created
+        # 0600 by us, so SQLite never creates it under the caller's umask;
+        # SQLite gives the -wal and -shm files the main file's mode.
+        if os.path.lexists(path):
+            raise StoreError(f"{path}: already exists; refusing to overwrite")
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.creating-{os.getpid()}")
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise StoreError(f"{path}: already exists; refusing to overwrite") from None
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: directory {directory} does not exist") from None
         try:
             os.fchmod(fd, 0o600)
         finally:
             os.close(fd)
         try:
+            conn = schema.connect(tmp, readonly=False, synchronous=sync)
+            try:
+                schema.initialise(conn, config)
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, path)  # atomic, and fails rather than overwrite
+            except FileExistsError:
+                raise StoreError(f"{path}: already exists; refusing to overwrite") from None
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(tmp + suffix)
+                except FileNotFoundError:
+                    pass
+        try:
             wconn = schema.connect(path, readonly=False, synchronous=sync)
-            schema.initialise(wconn, config)
             _chmod_sidecars(path)
             meta = schema.read_meta(wconn, path)
             rconn = schema.connect(path, readonly=False, synchronous=sync)
@@ -176,10 +200,14 @@ class Store:
             if self._wal is not None:
                 self._wal.stop()
             if self._wconn is not None:
-                try:   # leave a self-contained file when nobody else reads
-                    self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error:
-                    pass
+                # Leave a self-contained file after writing. Only then: TRUNCATE
+                # waits out an active writer, so a reader in another process
+                # (`snapctl list` during a run) would stall for seconds on close.
+                if self._wconn.total_changes:
+                    try:
+                        self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    except sqlite3.Error:
+                        pass
                 self._wconn.close()
 
     def __enter__(self) -> "Store":
@@ -339,7 +367,7 @@ class Store:
                                (ckpt, name)).fetchone()
         if row is None:
             raise StoreError(f"checkpoint {ckpt} has no state named {name!r}")
-        if content_hash(row[1]) != row[0]:
+        if not isinstance(row[1], bytes) or content_hash(row[1]) != row[0]:
             raise CorruptionError(f"checkpoint {ckpt}: state {name!r} does not match its hash",
                                   checkpoint=ckpt)
         return bytes(row[1])

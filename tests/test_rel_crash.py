@@ -103,9 +103,6 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
 
 
 @kvm
-@pytest.mark.xfail(strict=True, reason="BUG: a run killed before its base checkpoint commits leaves a file "
-                   "(empty, SQLite without the marker, or a store with 0 checkpoints) that `run` refuses "
-                   "(already exists) and `list`/`verify` reject as not a store")
 def test_kill_before_the_base_commits_then_a_fresh_run_works(tmp_path):
     for attempt in range(5):
         store = tmp_path / f"early{attempt}.db"

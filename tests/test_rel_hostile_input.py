@@ -64,7 +64,7 @@ def test_run_refuses_hostile_values_and_creates_nothing(tmp_path, args, code, ne
 
 @kvm
 def test_run_into_a_missing_directory_creates_nothing(tmp_path):
-    one_line_error(run_cli("run", "--mem", "8M", store=tmp_path / "no" / "such" / "x.db"), 1, "no such file")
+    one_line_error(run_cli("run", "--mem", "8M", store=tmp_path / "no" / "such" / "x.db"), 1, "does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -134,7 +134,7 @@ def _make(kind, path, good):
         path.write_bytes(os.urandom(40000))
 
 
-STORE_FILES = [("dev-zero", "not an sqlite database"), ("dev-null", "empty file"),
+STORE_FILES = [("dev-zero", "not a regular file"), ("dev-null", "not a regular file"),
                ("magic-only", "not an sqlite database"), ("wal-sqlite-of-another-program", "snapctl marker"),
                ("marker-without-version", "schema version"), ("marker-without-meta", "not a snapctl store"),
                ("newer-schema", "newer"), ("random-bytes", "not an sqlite database")]

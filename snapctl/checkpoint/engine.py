@@ -11,6 +11,7 @@ transaction (hash, dedup, compress) while the guest runs on.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import statistics
 import threading
@@ -400,11 +401,42 @@ class Checkpointer:
 
 # -- the three things a user does -------------------------------------------------------------
 
+class StoreExistsError(FileExistsError):
+    """`run` was given a path that already holds something worth keeping."""
+
+
+def prepare_new_store(store_path: str) -> None:
+    """Make ``store_path`` ready for a new run, or raise :class:`StoreExistsError`.
+
+    A snapctl store with no checkpoint at all is what a run killed before its
+    base checkpoint committed leaves behind (creation itself is atomic): it
+    holds no history, so it is replaced. Anything else (a store with
+    checkpoints, a foreign or damaged file, a directory) is never touched."""
+    if not os.path.lexists(store_path):
+        return
+    if os.path.isfile(store_path) and not os.path.islink(store_path):
+        try:
+            with Store.open(store_path, readonly=True) as st:
+                empty = not st.checkpoints()
+        except Exception:
+            empty = False
+        if empty:
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(store_path + suffix)
+                except FileNotFoundError:
+                    pass
+            return
+    raise StoreExistsError(f"{store_path} already exists; use `snapctl restore ID` to continue it, "
+                           "or choose another --store")
+
+
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
         kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
+        prepare_new_store(store_path)
         store = Store.create(store_path, config.to_dict())
         with store:
             cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy)
