@@ -17,13 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The in-repo `storage` package must win over the tests/storage test folder
-# (a namespace package when tests/ is on sys.path).
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if sys.path[:1] != [_ROOT]:
-    sys.path.insert(0, _ROOT)
-
-from guest_models import DATA_GPA, PAGE, Model, data_split, vcpu_seed, xorshift  # noqa: E402
+from guest_models import DATA_GPA, PAGE, Model, data_split, vcpu_seed, xorshift
 
 SCALE = float(os.environ.get("SNAPCTL_REL_SCALE", "1") or 1)
 
