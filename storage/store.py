@@ -152,24 +152,26 @@ class Store:
             except FileExistsError:
                 raise StoreError(f"{path}: already exists; refusing to overwrite") from None
         finally:
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(tmp + suffix)
-                except FileNotFoundError:
-                    pass
+            Store.remove(tmp)
         try:
             wconn = schema.connect(path, readonly=False, synchronous=sync)
             _chmod_sidecars(path)
             meta = schema.read_meta(wconn, path)
             rconn = schema.connect(path, readonly=False, synchronous=sync)
         except BaseException:
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(path + suffix)
-                except FileNotFoundError:
-                    pass
+            Store.remove(path)
             raise
         return cls(path, wconn, rconn, meta, sync)
+
+    @staticmethod
+    def remove(path) -> None:
+        """Delete a store file and its -wal/-shm sidecars (missing ones are fine)."""
+        path = os.fspath(path)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except FileNotFoundError:
+                pass
 
     @classmethod
     def open(cls, path, *, readonly: bool = False, synchronous: str = "FULL") -> "Store":

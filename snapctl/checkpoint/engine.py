@@ -421,11 +421,7 @@ def prepare_new_store(store_path: str) -> None:
         except Exception:
             empty = False
         if empty:
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(store_path + suffix)
-                except FileNotFoundError:
-                    pass
+            Store.remove(store_path)
             return
     raise StoreExistsError(f"{store_path} already exists; use `snapctl restore ID` to continue it, "
                            "or choose another --store")
