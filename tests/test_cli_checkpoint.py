@@ -46,16 +46,13 @@ def test_async_checkpoints_equal_the_model_at_step_or_step_plus_one(tmp_path):
        store=store)
     listing = ok("list", "--json", store=store).json()
     assert [c["trigger"] for c in listing[1:]] == ["async"] * 8
-    plus_one = 0
     for c in listing:
         step = c["step"]
         data = stamp_data(export_image(store, c["id"], tmp_path), MEM, 1, 0)
         if np.array_equal(data, stamp_model(MEM, 1, 0, SEED, step)):
             continue
         assert np.array_equal(data, stamp_model(MEM, 1, 0, SEED, step + 1)), f"checkpoint {c['id']} at step {step}"
-        plus_one += 1
     assert listing[-1]["step"] > listing[1]["step"] > 0
-    assert plus_one <= len(listing)
 
 
 @kvm
