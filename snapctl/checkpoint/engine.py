@@ -24,6 +24,7 @@ import numpy as np
 from storage import Store
 
 from ..machine import Machine, MachineConfig, VcpuState
+from ..machine.guests import MB_STOP_AT
 
 PAGE = 4096
 MACHINE_STATE = "machine"
@@ -64,7 +65,6 @@ class Schedule:
 @dataclass
 class RunSummary:
     store: str
-    first: int | None = None
     checkpoints: list[int] = field(default_factory=list)
     pages: int = 0
     raw_bytes: int = 0
@@ -342,8 +342,6 @@ class Checkpointer:
     def _account(self, ckpt: int, cap: Capture, stats: dict) -> None:
         self.parent = ckpt
         s = self.summary
-        if s.first is None:
-            s.first = ckpt
         s.checkpoints.append(ckpt)
         n = int(stats.get("dirty_pages", cap.pages.size))
         s.pages += n
@@ -535,7 +533,7 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
         cfg = m.config
         if not unreachable:
             sync = info_t.trigger in ("sync", "base")
-            saved_stop = [m.memory.read_u64(m.mailbox_gpa(i) + 48) for i in range(cfg.vcpus)]
+            saved_stop = [m.memory.read_u64(m.mailbox_gpa(i) + MB_STOP_AT) for i in range(cfg.vcpus)]
             if sync:
                 m.pause_at_step(t_steps)
             else:
@@ -544,7 +542,7 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
             m.wait_parked(timeout=timeout)
             if not sync:  # put back what the mailbox held, so memory compares fairly
                 for i, v in enumerate(saved_stop):
-                    m.memory.write_u64(m.mailbox_gpa(i) + 48, v)
+                    m.memory.write_u64(m.mailbox_gpa(i) + MB_STOP_AT, v)
         else:
             note = (note + "; " if note else "") + "target is behind the source in guest steps: not reachable"
         steps = m.steps()

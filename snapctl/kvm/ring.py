@@ -82,10 +82,3 @@ class DirtyRing:
         if self._on_harvest is not None:
             self._on_harvest(count)
         return slots, offsets
-
-    def peek_ready(self) -> int:
-        """How many entries are ready to harvest right now (does not harvest)."""
-        start = self.fetch_index & self._mask
-        flags = np.concatenate((self._flags[start:], self._flags[:start]))
-        nr = np.flatnonzero(flags != KVM_DIRTY_GFN_F_DIRTY)
-        return int(nr[0]) if nr.size else self.entries

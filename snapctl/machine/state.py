@@ -7,7 +7,6 @@ serialisation for the store.
 
 from __future__ import annotations
 
-import ctypes as C
 import struct
 from dataclasses import dataclass, field
 
@@ -99,11 +98,6 @@ def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
                      msrs=msrs, cpuid=bytes(cpuid))
 
 
-# MSRs KVM lets userspace read but not write back verbatim, or that describe the
-# host rather than the guest; restoring them is refused or meaningless.
-_SKIP_ON_RESTORE = frozenset()
-
-
 def restore_vcpu(vcpu: Vcpu, st: VcpuState) -> list[int]:
     """Write ``st`` into a fresh vCPU, in the order each rule below requires.
     Returns MSR indices the kernel refused (skipped, reported, never fatal)."""
@@ -116,15 +110,14 @@ def restore_vcpu(vcpu: Vcpu, st: VcpuState) -> list[int]:
     vcpu.set_regs(S.KvmRegs.from_buffer_copy(st.regs))
     # SREGS before anything that depends on CR0/CR4/EFER (XSAVE needs CR4.OSXSAVE state).
     vcpu.set_sregs(S.KvmSregs.from_buffer_copy(st.sregs))
-    xs = (C.c_uint8 * len(st.xsave)).from_buffer_copy(st.xsave)
-    vcpu.set_xsave(bytes(xs))
+    vcpu.set_xsave(st.xsave)
     if st.xcrs is not None:
         vcpu.set_xcrs(S.KvmXcrs.from_buffer_copy(st.xcrs))
     if st.debugregs is not None:
         vcpu.set_debugregs(S.KvmDebugregs.from_buffer_copy(st.debugregs))
     # MSRs after SREGS (EFER is in both; sregs wins otherwise) and before events.
     refused = []
-    items = [(k, v) for k, v in st.msrs.items() if k not in _SKIP_ON_RESTORE]
+    items = list(st.msrs.items())
     while items:
         n = vcpu.set_msrs(dict(items))
         if n < len(items):
