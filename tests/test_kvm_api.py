@@ -42,7 +42,9 @@ def test_system_queries():
         cpuid = s.supported_cpuid()
         assert cpuid.nent > 0 and any(cpuid.entries[i].function == 0 for i in range(cpuid.nent))
         msrs = s.msr_index_list()
-        assert 0xC0000080 in msrs or len(msrs) > 0  # EFER is in every x86 list we know
+        assert 0xC0000082 in msrs and 0x10 in msrs  # LSTAR and TSC: saved by every restore
+        with s.create_vm() as vm:
+            assert set(vm.create_vcpu(0).get_msrs(msrs)) == set(msrs)  # every listed MSR reads back
         fd = s.fd
         assert os.get_inheritable(fd) is False
     with pytest.raises(OSError):
