@@ -18,6 +18,19 @@ MB = 1 << 20
 GB = 1 << 30
 
 
+def _sweep_rounds(m: Machine, dirty: int, repeats: int):
+    """Hold the `sweep` guest after each further ``dirty`` steps (``dirty`` freshly
+    written pages each round); yields the round number, 1 .. repeats + 1. Round 1
+    also pays first-touch costs, so callers measure from round 2."""
+    m.collect_dirty()
+    m.start()
+    for k in range(1, repeats + 2):
+        m.set_stop_at(k * dirty)
+        m.resume()
+        m.wait_parked()
+        yield k
+
+
 def harvest_reset_cost(mem_size: int, dirty_pages: int, tracking: str, repeats: int = 5) -> dict:
     """Median harvest and reset time (ms) for ``dirty_pages`` dirty pages.
 
@@ -29,14 +42,9 @@ def harvest_reset_cost(mem_size: int, dirty_pages: int, tracking: str, repeats: 
                         ring_entries=min(ring, 65536))
     harvest, reset, pages = [], [], []
     with Machine(cfg) as m:
-        m.collect_dirty()
-        m.start()
-        for k in range(1, repeats + 2):
-            m.set_stop_at(k * dirty_pages)
-            m.resume()
-            m.wait_parked()
+        for k in _sweep_rounds(m, dirty_pages, repeats):
             got = m.collect_dirty()
-            if k > 1:  # the first round also pays first-touch costs
+            if k > 1:
                 harvest.append(m.tracker.stats.last_harvest_ms)
                 reset.append(m.tracker.stats.last_reset_ms)
                 pages.append(int(got.size))
@@ -116,12 +124,7 @@ def downtime(quick: bool, tracking: str = "ring", dirty: int = 16384, mem: int |
     pool = StagingPool(1)
     with Machine(cfg) as m:
         m.tracker.precopy = precopy
-        m.collect_dirty()
-        m.start()
-        for k in range(1, repeats + 2):
-            m.set_stop_at(k * dirty)
-            m.resume()
-            m.wait_parked()
+        for k in _sweep_rounds(m, dirty, repeats):
             buf = pool.acquire()
             cap = capture(m, "async", buffer=buf)  # pause() finds it parked; times the full pause
             m.pause()
