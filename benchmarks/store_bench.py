@@ -194,14 +194,17 @@ def bench_checkpoints(tmp: str, n_pages: int, n_ckpts: int, dirty: int, rng) -> 
     st.close()
 
     with sqlite3.connect(path) as c:
-        blob_bytes, n_blobs, n_delta = c.execute(
-            "SELECT sum(size), count(*), sum(codec = 2) FROM blobs").fetchone()
-        rows = c.execute("SELECT count(*) FROM versions").fetchone()[0]
+        blob_bytes, n_packs, n_blobs = c.execute(
+            "SELECT sum(size), count(*), sum(n) FROM packs").fetchone()
+        n_delta = sum(int((np.frombuffer(cd, np.uint8) == 2).sum())
+                      for (cd,) in c.execute("SELECT codecs FROM packs"))
+        rows = sum(c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                   for t in ("maps", "packs", "pack_data", "refs"))
     file_bytes = os.path.getsize(path) + sum(
         os.path.getsize(path + s) for s in ("-wal",) if os.path.exists(path + s))
     return dict(
         image_MiB=n_pages * PAGE // 2**20, checkpoints=n_ckpts, dirty_per_checkpoint=dirty,
-        version_rows=rows, blobs=n_blobs, delta_blobs=n_delta,
+        page_rows=rows, packs=n_packs, blobs=n_blobs, delta_blobs=n_delta,
         checkpoint_write_ms_median=round(1000 * float(np.median(write_s)), 1),
         materialize_after_1_s=round(after1, 3), materialize_after_n_s=round(after_n, 3),
         materialize_n_vs_1=round(after_n / after1, 3),

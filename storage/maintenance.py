@@ -1,9 +1,9 @@
 """verify() and prune(): the cold paths, written for clarity over speed.
 
-Both load the whole ``versions`` table into numpy once ((page, ckpt, blob)
-sorted by page then checkpoint) and compute each checkpoint's image as "the
-last row per page among the rows on its path", independently of the
-writer's cached views and incrementally maintained digests.
+Both work from the ``maps`` rows (one per checkpoint) and a freshly loaded
+blob catalogue, computing each checkpoint's image as its parent's image with
+its own map applied -- independently of the writer's cached views and of
+the digests it maintained incrementally.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Iterable
 import numpy as np
 
 from . import codec
-import json
-
-from .codec import CODEC_LZ4_DELTA, CODEC_NAMES, PAGE_SIZE
-from .errors import CorruptionError, InvalidArgumentError, StoreError
+from .codec import CODEC_LZ4_DELTA, PAGE_SIZE
+from .errors import CorruptionError, InvalidArgumentError
+from .store import generation
+from .packs import CODEC_FREED, Catalog, blob_crc, decode_into, pack_meta_check
 
 
 @dataclass
@@ -36,49 +36,53 @@ class PruneReport:
     kept: list[int]
     removed: list[int]
     reparented: dict[int, int]          # kept checkpoint -> its new parent
-    folded_versions: int                # rows copied into kept descendants
-    blobs_freed: int
-    bytes_freed: int                    # blob bytes; the file shrinks on vacuum()
+    folded_versions: int                # map entries copied into kept descendants
+    blobs_freed: int                    # blobs in the packs deleted
+    bytes_freed: int                    # pack bytes deleted; the file shrinks on vacuum()
     tags_removed: list[str]
     dry_run: bool = False
 
 
-class _Versions:
-    """All ``versions`` rows as sorted numpy columns."""
-
-    def __init__(self, conn) -> None:
-        rows = conn.execute("SELECT page, ckpt, coalesce(blob, 0), chk FROM versions "
-                            "ORDER BY page, ckpt").fetchall()
-        arr = np.array(rows, np.int64).reshape(-1, 4)
-        self.page, self.ckpt, self.blob, self.chk = arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3]
-
-    def visible_rows(self, path: list[int]) -> np.ndarray:
-        """Indices of the rows forming the image at ``path[-1]``: per page,
-        the row of the highest checkpoint id on the path."""
-        idx = np.flatnonzero(np.isin(self.ckpt, path))
-        p = self.page[idx]
-        last = np.ones(len(p), bool)
-        last[:-1] = p[1:] != p[:-1]
-        return idx[last]
-
-    def image(self, path: list[int], page_count: int) -> np.ndarray:
-        """Blob id per page (0 = zero page) at ``path[-1]``."""
-        rows = self.visible_rows(path)
-        view = np.zeros(page_count, np.int64)
-        view[self.page[rows]] = self.blob[rows]
-        return view
+_LIMIT = 20                             # problems listed per kind
 
 
-def _path(parents: dict, ckpt: int) -> list[int]:
-    out = []
-    node = ckpt
-    seen = set()
-    while node is not None and node in parents and node not in seen:
-        seen.add(node)
-        out.append(node)
-        node = parents[node]
-    out.reverse()
-    return out
+def _load_maps(conn, page_count: int, problems: list | None):
+    """ckpt -> (pages, blobs) for every intact map row."""
+    from .store import parse_map
+    maps = {}
+    for row in conn.execute("SELECT ckpt, n, pages, blobs, chk FROM maps ORDER BY ckpt"):
+        try:
+            maps[row[0]] = parse_map(row, page_count)
+        except CorruptionError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+    return maps
+
+
+def _images(parents: dict, maps: dict, page_count: int, wanted=None):
+    """Yield (ckpt, image, parent image) in id order, keeping an image only
+    until its last child is done (a chain holds two at a time)."""
+    children = collections.Counter(p for p in parents.values() if p is not None)
+    alive: dict[int, np.ndarray] = {}
+    zero = np.zeros(page_count, np.int64)
+    for c in sorted(parents):
+        p = parents[c]
+        base = zero if p is None else alive.get(p)
+        if base is None:                 # parent missing (reported elsewhere)
+            base = zero
+        img = base.copy()
+        if c in maps:
+            pages, blobs = maps[c]
+            img[pages] = blobs
+        if wanted is None or c in wanted:
+            yield c, img, base
+        if p is not None and p in alive:
+            children[p] -= 1
+            if children[p] <= 0:
+                del alive[p]
+        if children[c] > 0:
+            alive[c] = img
 
 
 def verify(store) -> VerifyReport:
@@ -103,6 +107,7 @@ def _verify(store, rep: VerifyReport) -> None:
                 P.append(f"database structure: {msg}")
         parents = dict(conn.execute("SELECT id, parent FROM checkpoints"))
         digests = dict(conn.execute("SELECT id, digest FROM checkpoints"))
+        gen = generation(conn, store.filename)
 
         # Tree links: one root, parents exist and are older.
         roots = sorted(c for c, p in parents.items() if p is None)
@@ -116,91 +121,107 @@ def _verify(store, rep: VerifyReport) -> None:
             elif p >= c:
                 P.append(f"checkpoint {c}: parent {p} is not older than it")
 
-        # References from versions rows.
-        v = _Versions(conn)
-        meta = {r[0]: r[1:] for r in conn.execute(
-            "SELECT b.id, b.hash, b.codec, b.base, r.n, b.size FROM blobs AS b "
-            "LEFT JOIN refs AS r ON r.blob = b.id")}
-        for (b,) in conn.execute("SELECT blob FROM refs WHERE blob NOT IN (SELECT id FROM blobs)"):
-            P.append(f"blob {b}: reference count of a missing blob")
-        known = np.array(sorted(parents), np.int64)
-        for i in np.flatnonzero(~np.isin(v.ckpt, known))[:20].tolist():
-            P.append(f"checkpoint {v.ckpt[i]}, page {v.page[i]}: version of an unknown checkpoint")
-        for i in np.flatnonzero((v.page < 0) | (v.page >= n_pages))[:20].tolist():
-            P.append(f"checkpoint {v.ckpt[i]}, page {v.page[i]}: page number out of range")
-        blob_ids = np.array(sorted(meta), np.int64)
-        dangling = np.flatnonzero((v.blob > 0) & ~np.isin(v.blob, blob_ids))
-        for i in dangling[:20].tolist():
-            P.append(f"checkpoint {v.ckpt[i]}, page {v.page[i]}: references missing blob {v.blob[i]}")
+        # Packs: metadata, then every blob decoded and checked.
+        cat = Catalog.load(conn, gen)
+        for pk in sorted(cat.packs.values(), key=lambda x: x.id):
+            if pk.damaged:
+                P.append(f"pack {pk.id} (checkpoint {pk.ckpt}): {pk.damaged}")
+        maps = _load_maps(conn, n_pages, P)
+        for c in sorted(set(parents) - set(maps)):
+            if not any(f"page map of checkpoint {c} " in p for p in P):
+                P.append(f"checkpoint {c}: page map is missing")
+        for c in sorted(set(maps) - set(parents)):
+            P.append(f"page map of unknown checkpoint {c}")
 
-        # Every row's check value binds (page, ckpt, content hash of its blob).
-        bad_rows = 0
-        for p, c, b, k in zip(v.page.tolist(), v.ckpt.tolist(), v.blob.tolist(), v.chk.tolist()):
-            h = codec.ZERO_HASH if b == 0 else (meta[b][0] if b in meta else None)
-            if h is not None and codec.row_check(p, c, h) != k:
-                bad_rows += 1
-                if bad_rows <= 20:
-                    P.append(f"checkpoint {c}, page {p}: version row naming blob {b or None} "
-                             "fails its check value")
-
-        # Every blob: checksum of the stored bytes, decode, content hash.
-        users = collections.defaultdict(list)      # blob -> [(ckpt, page)], for messages
-        for i in np.flatnonzero(v.blob > 0).tolist():
-            b = int(v.blob[i])
-            if len(users[b]) < 3:
-                users[b].append((int(v.ckpt[i]), int(v.page[i])))
-
-        def who(b: int) -> str:
-            u = users.get(b)
-            if not u:
-                return "unreferenced"
-            return "used by " + ", ".join(f"checkpoint {c} page {p}" for c, p in u)
+        users = {}                                  # blob -> "checkpoint c page p", for messages
+        missing = 0
+        for c, (pages, blobs) in sorted(maps.items()):
+            nz = blobs > 0
+            for p, b in zip(pages[nz].tolist(), blobs[nz].tolist()):
+                users.setdefault(b, f"checkpoint {c} page {p}")
+            bad = nz & ~cat.known(blobs)
+            for i in np.flatnonzero(bad).tolist():
+                missing += 1
+                if missing <= _LIMIT:
+                    P.append(f"checkpoint {c}, page {int(pages[i])}: references missing blob "
+                             f"{int(blobs[i])}")
 
         damaged = 0
-        for bid, cdc, hsh, crc, data, base, dcdc, dhsh, dcrc, ddata in conn.execute(
-                "SELECT b.id, b.codec, b.hash, b.crc, b.data, b.base, "
-                "d.codec, d.hash, d.crc, d.data FROM blobs AS b "
-                "LEFT JOIN blobs AS d ON d.id = b.base ORDER BY b.id"):
+        n_blobs = 0
+        data_ids = {r[0] for r in conn.execute("SELECT id FROM pack_data")}
+        for pid in sorted(data_ids - set(cat.packs)):
+            P.append(f"pack {pid}: data without a pack row")
+        for pk in sorted(cat.packs.values(), key=lambda x: x.id):
+            if pk.damaged:
+                continue
+            ids = np.arange(pk.first, pk.first + pk.n)
+            ids = ids[cat.pack[ids] == pk.id]          # freed slots hold no blob
+            n_blobs += len(ids)
+            if not len(ids):
+                P.append(f"pack {pk.id} (checkpoint {pk.ckpt}): holds no blob")
+                continue
+            buf = np.empty(len(ids) * PAGE_SIZE, np.uint8)
             try:
-                if cdc not in CODEC_NAMES:
-                    raise CorruptionError(f"blob {bid}: unknown codec {cdc}")
-                dpage = None
-                if cdc == CODEC_LZ4_DELTA:
-                    if base is None or ddata is None:
-                        raise CorruptionError(f"blob {bid}: delta base {base} is missing")
-                    if dcdc == CODEC_LZ4_DELTA:
-                        raise CorruptionError(f"blob {bid}: delta base {base} is itself a delta")
-                    dpage = codec.decode_checked(dcdc, ddata, dcrc, dhsh, blob=base)
-                elif base is not None:
-                    raise CorruptionError(f"blob {bid}: non-delta blob names a base {base}")
-                codec.decode_checked(cdc, data, crc, hsh, dpage, blob=bid)
-                if len(data) != meta[bid][4]:
-                    raise CorruptionError(f"blob {bid}: size column {meta[bid][4]} != {len(data)}")
+                decode_into(conn, cat, ids, np.arange(len(ids)) * PAGE_SIZE, buf)
+                continue
             except CorruptionError as exc:
+                first_problem = str(exc)
+            bad_here = []
+            one = np.empty(PAGE_SIZE, np.uint8)
+            data = conn.execute("SELECT data FROM pack_data WHERE id = ?", (pk.id,)).fetchone()
+            data = data[0] if data else None
+            if not isinstance(data, bytes):
+                bad_here = [(int(ids[0]), f"pack {pk.id}: has no data")]
+            else:
+                for b in ids.tolist():
+                    s, e = int(cat.start[b]), int(cat.end[b])
+                    if len(data) < e or blob_crc(data[s:e]) != int(cat.crc[b]):
+                        bad_here.append((b, f"blob {b}: stored bytes fail their checksum"))
+                        continue
+                    try:
+                        decode_into(conn, cat, np.array([b]), np.zeros(1, np.int64), one)
+                    except CorruptionError as exc:
+                        if f"blob {b}" in str(exc) or cat.codec[b] != CODEC_LZ4_DELTA:
+                            bad_here.append((b, f"blob {b}: {str(exc).split(': ', 1)[-1]}"))
+            if not bad_here:
+                bad_here = [(int(ids[0]), first_problem)]
+            for b, msg in bad_here:
                 damaged += 1
-                P.append(f"{exc} ({who(bid)})")
+                if damaged <= _LIMIT:
+                    P.append(f"{msg} (pack {pk.id} of checkpoint {pk.ckpt}, {_who(users, b)})")
 
-        # Reference counts: versions rows + delta blobs naming it as base.
-        expect = collections.Counter(v.blob[v.blob > 0].tolist())
-        expect.update(m[2] for m in meta.values() if m[2] is not None)
-        for bid, m in sorted(meta.items()):
-            if m[3] is None:
-                P.append(f"blob {bid}: no reference count")
-            elif m[3] != expect.get(bid, 0):
-                P.append(f"blob {bid}: reference count {m[3]} but {expect.get(bid, 0)} references")
+        # Reference counts: map entries + delta bases, per pack.
+        expect = _expected_refs(cat, maps)
+        got = dict(conn.execute("SELECT pack, n FROM refs"))
+        for pid in sorted(set(got) | set(cat.packs)):
+            if pid not in cat.packs:
+                P.append(f"pack {pid}: reference count of a missing pack")
+            elif pid not in got:
+                P.append(f"pack {pid}: no reference count")
+            elif got[pid] != expect.get(pid, 0):
+                P.append(f"pack {pid}: reference count {got[pid]} but "
+                         f"{expect.get(pid, 0)} references")
+            elif not got[pid]:
+                P.append(f"pack {pid}: referenced by nothing")
 
-        # Digests, recomputed from the rows and blob hashes.
-        row_terms = np.zeros((len(v.page), 2), np.uint64)
-        nzr = np.flatnonzero((v.blob > 0) & np.isin(v.blob, blob_ids))
-        if len(nzr):
-            row_terms[nzr] = codec.contributions(
-                v.page[nzr], [meta[b][0] for b in v.blob[nzr].tolist()])
-        for c in sorted(parents):
-            rows = v.visible_rows(_path(parents, c))
-            got = codec.sum128(row_terms[rows])
-            if codec.digest_to_bytes(got) != digests[c]:
-                P.append(f"checkpoint {c}: image digest {codec.digest_hex(got)} does not match "
-                         f"recorded {codec.digest_hex(codec.digest_from_bytes(digests[c]))}")
+        # Digests, recomputed from the maps and the blobs' content hashes.
+        terms_ok = {}
+        for c, img, base in _images(parents, maps, n_pages):
+            if parents[c] is None or parents[c] not in terms_ok:
+                nz = np.flatnonzero(img)
+                val = codec.sum128(codec.terms(nz, cat.hash[np.where(cat.known(img[nz]), img[nz], 0)]))
+            else:
+                pages = maps[c][0] if c in maps else np.zeros(0, np.int64)
+                oldb, newb = base[pages], img[pages]
+                val = (terms_ok[parents[c]]
+                       - codec.sum128(codec.terms(pages, cat.hash[np.where(cat.known(oldb) | (oldb == 0), oldb, 0)]))
+                       + codec.sum128(codec.terms(pages, cat.hash[np.where(cat.known(newb) | (newb == 0), newb, 0)])))
+            val &= (1 << 128) - 1
+            terms_ok[c] = val
+            rec = digests[c]
+            if not isinstance(rec, bytes) or codec.digest_to_bytes(val) != rec:
+                P.append(f"checkpoint {c}: image digest {codec.digest_hex(val)} does not match "
+                         f"recorded {codec.digest_hex(codec.digest_from_bytes(rec or bytes(16)))}")
 
         n_states = 0
         for c, name, hsh, data in conn.execute("SELECT ckpt, name, hash, data FROM states"):
@@ -213,8 +234,29 @@ def _verify(store, rep: VerifyReport) -> None:
             if c not in parents:
                 P.append(f"tag {name!r}: names unknown checkpoint {c}")
 
-    rep.checked = dict(checkpoints=len(parents), versions=len(v.page), blobs=len(meta),
-                       damaged_blobs=damaged, damaged_rows=bad_rows, states=n_states)
+    rep.checked = dict(checkpoints=len(parents), maps=len(maps),
+                       map_entries=int(sum(len(p) for p, _ in maps.values())),
+                       packs=len(cat.packs), blobs=n_blobs, damaged_blobs=damaged,
+                       states=n_states)
+
+
+def _who(users: dict, b: int) -> str:
+    u = users.get(b)
+    return f"used by {u}" if u else "unreferenced"
+
+
+def _expected_refs(cat: Catalog, maps: dict, live_packs=None) -> dict[int, int]:
+    """pack -> map entries naming its blobs + delta blobs (in ``live_packs``,
+    default all intact packs) based on them."""
+    parts = [cat.pack[b[(b > 0) & cat.known(b)]] for _, b in maps.values()]
+    ids = np.flatnonzero((cat.pack[:cat.n] >= 0) & (cat.codec[:cat.n] == CODEC_LZ4_DELTA))
+    if live_packs is not None:
+        ids = ids[np.isin(cat.pack[ids], list(live_packs))]
+    bases = cat.base[ids]
+    parts.append(cat.pack[bases[cat.known(bases)]])
+    allp = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    u, n = np.unique(allp, return_counts=True)
+    return dict(zip(u.tolist(), n.tolist()))
 
 
 def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
@@ -222,9 +264,9 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
     """Remove every checkpoint not kept.  Kept: the base (the tree root,
     always), the ``keep_last`` newest by id, ``keep_ids``, and tagged ones if
     ``keep_tagged``.  Every kept checkpoint materializes byte-for-byte as
-    before: its rows are recomputed against its new parent (its nearest kept
+    before: its map is recomputed against its new parent (its nearest kept
     ancestor), which folds in the versions of removed checkpoints that it
-    still sees.  Then unreferenced blobs are deleted."""
+    still sees.  Then packs nothing references any more are deleted."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
                                   or keep_last < 0):
         raise InvalidArgumentError(f"keep_last must be None or an int >= 0, not {keep_last!r}")
@@ -256,57 +298,109 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
         if dry_run or not removed:
             return report
 
-        v = _Versions(conn)
         n = store.page_count
-        dec, inc, new_rows = [], [], []
+        maps = _load_maps(conn, n, None)
+        wanted = set(new_parent) | set(new_parent.values())
+        images = {c: img for c, img, _ in _images(parents, maps, n, wanted)}
+        from .store import _PACK_Q
         for c, a in sorted(new_parent.items()):
-            vc = v.image(_path(parents, c), n)
-            va = v.image(_path(parents, a), n)
-            pages = np.flatnonzero(vc != va)
-            old = np.flatnonzero(v.ckpt == c)
-            dec.append(v.blob[old])
-            inc.append(vc[pages])
-            report.folded_versions += int(len(np.setdiff1d(pages, v.page[old])))
-            new_rows.extend(zip(pages.tolist(), [c] * len(pages), vc[pages].tolist()))
-        dec.append(v.blob[np.isin(v.ckpt, removed)])
-
-        touched = _ids(list(new_parent) + removed)
-        conn.execute(f"DELETE FROM versions WHERE ckpt IN ({touched})")
-        hashes = {0: codec.ZERO_HASH}
-        need = sorted({b for _, _, b in new_rows if b})
-        if need:
-            hashes.update(conn.execute("SELECT id, hash FROM blobs WHERE id IN "
-                                       "(SELECT value FROM json_each(?))", (json.dumps(need),)))
-        conn.executemany(
-            "INSERT INTO versions(page, ckpt, blob, chk) VALUES (?, ?, ?, ?)",
-            [(p, c, b or None, codec.row_check(p, c, hashes[b])) for p, c, b in new_rows])
-        delta = collections.Counter()
-        for arr in inc:
-            delta.update(arr[arr > 0].tolist())
-        for arr in dec:
-            delta.subtract(arr[arr > 0].tolist())
-        conn.executemany("UPDATE refs SET n = n + ? WHERE blob = ?",
-                         [(d, b) for b, d in delta.items() if d])
+            pages = np.flatnonzero(images[c] != images[a])
+            blobs = images[c][pages]
+            report.folded_versions += int(len(np.setdiff1d(pages, maps[c][0])))
+            maps[c] = (pages, blobs)
+            pb, bb = pages.astype("<i8").tobytes(), blobs.astype("<i8").tobytes()
+            conn.execute("UPDATE maps SET n = ?, pages = ?, blobs = ?, chk = ? WHERE ckpt = ?",
+                         (len(pages), pb, bb, codec.check63(_PACK_Q(c), pb, bb), c))
+        for c in removed:
+            maps.pop(c, None)
         conn.executemany("UPDATE checkpoints SET parent = ? WHERE id = ?",
                          [(a, c) for c, a in new_parent.items()])
         gone = _ids(removed)
-        for table, col in (("states", "ckpt"), ("tags", "ckpt"), ("checkpoints", "id")):
+        for table, col in (("maps", "ckpt"), ("states", "ckpt"), ("tags", "ckpt"),
+                           ("checkpoints", "id")):
             conn.execute(f"DELETE FROM {table} WHERE {col} IN ({gone})")
-        # Depth <= 1, so freeing deltas can orphan their bases at most once more.
-        while True:
-            dead = conn.execute(
-                "SELECT r.blob, b.base, b.size FROM refs AS r JOIN blobs AS b "
-                "ON b.id = r.blob WHERE r.n <= 0").fetchall()
-            if not dead:
-                break
-            conn.executemany("DELETE FROM blobs WHERE id = ?", [(d[0],) for d in dead])
-            conn.executemany("DELETE FROM refs WHERE blob = ?", [(d[0],) for d in dead])
-            conn.executemany("UPDATE refs SET n = n - 1 WHERE blob = ?",
-                             [(d[1],) for d in dead if d[1] is not None])
-            report.blobs_freed += len(dead)
-            report.bytes_freed += sum(d[2] for d in dead)
-        store._views.clear()
+
+        # Reference counts from scratch; packs at zero go, which can free
+        # their deltas' bases once more (depth <= 1), so iterate.
+        gen = generation(conn, store.filename)
+        cat = Catalog.load(conn, gen)
+        live = set(cat.packs)
+
+        def drop_unreferenced(cat):
+            nonlocal live
+            while True:
+                refs = _expected_refs(cat, maps, live)
+                dead = {p for p in live if not refs.get(p)}
+                if not dead:
+                    return refs
+                live -= dead
+                for p in dead:
+                    report.blobs_freed += cat.packs[p].n
+                    report.bytes_freed += cat.packs[p].size
+
+        refs = drop_unreferenced(cat)
+        freed, saved = _compact(conn, cat, maps, live)
+        report.blobs_freed += freed
+        report.bytes_freed += saved
+        if freed:                        # compacted deltas no longer hold their bases
+            refs = drop_unreferenced(Catalog.load(conn, gen))
+        dead_all = sorted(set(cat.packs) - live)
+        for table in ("packs", "pack_data", "refs"):
+            conn.execute(f"DELETE FROM {table} WHERE {'pack' if table == 'refs' else 'id'} "
+                         f"IN ({_ids(dead_all)})")
+        conn.executemany("UPDATE refs SET n = ? WHERE pack = ?",
+                         [(refs[p], p) for p in sorted(live) if p in refs])
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen + 1),))
+    store._forget()
     return report
+
+
+def _compact(conn, cat: Catalog, maps: dict, live: set) -> tuple[int, int]:
+    """Rewrite the live packs that lost at least a quarter of their bytes,
+    keeping only the blobs still named by a map or by a live delta.  Blob
+    ids stay (a freed slot keeps its id, with no bytes and CODEC_FREED), so
+    no map changes.  Returns (blobs freed, bytes freed)."""
+    named = np.unique(np.concatenate([b[b > 0] for _, b in maps.values()] or
+                                     [np.zeros(0, np.int64)]))
+    named = named[cat.known(named)]
+    deltas = named[cat.codec[named] == CODEC_LZ4_DELTA]
+    needed = np.zeros(cat.n, bool)
+    needed[named] = True
+    needed[cat.base[deltas]] = True
+    freed = saved = 0
+    for pid in sorted(live):
+        pk = cat.packs[pid]
+        if pk.damaged:
+            continue
+        ids = np.arange(pk.first, pk.first + pk.n)
+        dead = ~needed[ids] & (cat.pack[ids] >= 0)
+        dead_bytes = int((cat.end[ids[dead]] - cat.start[ids[dead]]).sum())
+        if not dead.any() or dead_bytes * 4 < pk.size:
+            continue
+        row = conn.execute("SELECT data FROM pack_data WHERE id = ?", (pid,)).fetchone()
+        if row is None or not isinstance(row[0], bytes) or codec.check63(row[0]) != pk.crc:
+            continue                     # damaged: leave it for verify to report
+        data = row[0]
+        keep = ~dead & (cat.pack[ids] >= 0)
+        parts = [data[s:e] if k else b"" for s, e, k in
+                 zip(cat.start[ids].tolist(), cat.end[ids].tolist(), keep.tolist())]
+        codecs = np.where(keep, cat.codec[ids], CODEC_FREED).astype(np.uint8)
+        bases = np.where(keep, cat.base[ids], 0).astype("<i8")
+        hashes = cat.hash[ids].copy()
+        hashes[~keep] = 0
+        crcs = np.where(keep, cat.crc[ids], 0).astype("<u8")
+        ends = np.cumsum([len(p) for p in parts]).astype("<u4")
+        blob = b"".join(parts)
+        cb, bb, hb, eb, rb = (codecs.tobytes(), bases.tobytes(), hashes.tobytes(), ends.tobytes(),
+                              crcs.tobytes())
+        conn.execute("UPDATE packs SET codecs = ?, bases = ?, hashes = ?, ends = ?, crcs = ?, "
+                     "mchk = ?, size = ?, crc = ? WHERE id = ?",
+                     (cb, bb, hb, eb, rb, pack_meta_check(pk.first, pk.n, cb, bb, hb, eb, rb),
+                      len(blob), codec.check63(blob), pid))
+        conn.execute("UPDATE pack_data SET data = ? WHERE id = ?", (blob, pid))
+        freed += int(dead.sum())
+        saved += pk.size - len(blob)
+    return freed, saved
 
 
 def _ids(ids) -> str:

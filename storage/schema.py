@@ -20,7 +20,7 @@ import sqlite_utils
 from .errors import NotAStoreError, SchemaVersionError, StoreError
 
 #: Bump on any incompatible change to the tables below.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``PRAGMA application_id``: ASCII "SNAP".
 APPLICATION_ID = 0x534E4150
 FORMAT_NAME = "snapctl-store"
@@ -32,37 +32,54 @@ BUSY_TIMEOUT_MS = 60_000
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 MMAP_SIZE = 2**31 - 2**16          # SQLite's default compile-time ceiling
 
-VERSIONS_DDL = """
-CREATE TABLE versions (
-    page INTEGER NOT NULL,  -- guest page number (gpa // 4096)
-    ckpt INTEGER NOT NULL,  -- checkpoint that stored this version
-    blob INTEGER,           -- blobs.id; NULL = the zero page
-    chk INTEGER NOT NULL,   -- row_check(page, ckpt, content hash of blob)
-    PRIMARY KEY (page, ckpt)
-) WITHOUT ROWID
+# Page contents live in packs: one row per add_pages() call (split above
+# PACK_MAX_BLOBS), holding many independently encoded pages ("blobs") back to
+# back, so a checkpoint costs a handful of rows instead of one per page.
+# Blob ids are global: slot i of a pack is blob ``first + i``.  The per-blob
+# metadata are little-endian numpy arrays; ``pack_data`` keeps the bytes
+# apart so loading the catalogue of every blob never reads page data.
+PACKS_DDL = """
+CREATE TABLE packs (
+    id INTEGER PRIMARY KEY,
+    ckpt INTEGER NOT NULL,   -- checkpoint that wrote it
+    first INTEGER NOT NULL,  -- blob id of slot 0
+    n INTEGER NOT NULL,      -- blobs in the pack
+    codecs BLOB NOT NULL,    -- n x uint8: 0 raw, 1 lz4, 2 lz4-delta
+    bases BLOB NOT NULL,     -- n x int64: delta dictionary blob id, 0 = none
+    hashes BLOB NOT NULL,    -- n x 16 bytes: xxh3_128 of each decoded page
+    ends BLOB NOT NULL,      -- n x uint32: end offset of each blob in data
+    crcs BLOB NOT NULL,      -- n x uint64: xxh3_64 of each blob's stored bytes
+    mchk INTEGER NOT NULL,   -- check63 of first, n and the five arrays
+    size INTEGER NOT NULL,   -- len(data)
+    crc INTEGER NOT NULL     -- check63 of data
+)
 """
 
-BLOBS_DDL = """
-CREATE TABLE blobs (
-    id INTEGER PRIMARY KEY,
-    hash BLOB NOT NULL UNIQUE,   -- xxh3_128 of the decoded 4096 bytes
-    codec INTEGER NOT NULL,      -- 0 raw, 1 lz4, 2 lz4-delta
-    base INTEGER,                -- delta dictionary blob (never itself a delta)
-    size INTEGER NOT NULL,       -- len(data)
-    crc BLOB NOT NULL,           -- xxh3_64 of data (the stored bytes)
+PACK_DATA_DDL = """
+CREATE TABLE pack_data (
+    id INTEGER PRIMARY KEY,  -- packs.id
     data BLOB NOT NULL
 )
 """
 
-
-# Reference counts live apart from the blobs: a checkpoint of small edits
-# bumps the count of thousands of scattered base blobs, and with the count in
-# the blob row each bump rewrote a whole 16 KiB page of blob data into the WAL
-# (~60 MB per 4096-page checkpoint of a 1 GiB guest).  ~1500 counts fit a page.
+# Reference counts per pack, in their own narrow table: a pack is deleted
+# when nothing names any of its blobs.
 REFS_DDL = """
 CREATE TABLE refs (
-    blob INTEGER PRIMARY KEY,    -- blobs.id
-    n INTEGER NOT NULL           -- versions rows + delta blobs naming it as base
+    pack INTEGER PRIMARY KEY,  -- packs.id
+    n INTEGER NOT NULL         -- map entries naming its blobs + deltas based on them
+)
+"""
+
+# One row per checkpoint: the pages whose content differs from the parent's
+# image, sorted, and the blob id each now holds (0 = the zero page).
+MAPS_DDL = """
+CREATE TABLE maps (
+    ckpt INTEGER PRIMARY KEY,
+    n INTEGER NOT NULL,
+    pages BLOB NOT NULL,     -- n x int64, strictly increasing
+    blobs BLOB NOT NULL,     -- n x int64
+    chk INTEGER NOT NULL     -- check63 of le64(ckpt), pages, blobs
 )
 """
 
@@ -93,6 +110,10 @@ def check_header(path: str) -> None:
             f"snapctl supports ({SCHEMA_VERSION}); upgrade snapctl")
     if user_version < 1:
         raise NotAStoreError(f"{path}: snapctl marker without a schema version")
+    if user_version < SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path}: store schema version {user_version} is older than this snapctl "
+            f"reads ({SCHEMA_VERSION}); it has no migration yet: re-create the store")
 
 
 def connect(path: str, *, readonly: bool, synchronous: str) -> sqlite3.Connection:
@@ -140,14 +161,14 @@ def initialise(conn: sqlite3.Connection, config: dict) -> None:
         db["tags"].create({"name": str, "ckpt": int}, pk="name", not_null={"ckpt"})
         db["states"].create({"ckpt": int, "name": str, "hash": bytes, "data": bytes},
                             pk=("ckpt", "name"), not_null={"hash", "data"})
-        conn.execute(BLOBS_DDL)
-        conn.execute(REFS_DDL)
-        conn.execute(VERSIONS_DDL)
+        for ddl in (PACKS_DDL, PACK_DATA_DDL, REFS_DDL, MAPS_DDL):
+            conn.execute(ddl)
         db["meta"].insert_all([
             {"key": "format", "value": FORMAT_NAME},
             {"key": "schema_version", "value": str(SCHEMA_VERSION)},
             {"key": "config", "value": json.dumps(config, sort_keys=True)},
             {"key": "next_checkpoint_id", "value": "0"},
+            {"key": "generation", "value": "0"},   # bumped by prune
         ])
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

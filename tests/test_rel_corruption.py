@@ -1,11 +1,11 @@
 """Fault 2: random byte flips and truncations of a real store file.
 
 Each trial damages a copy of a store written by `snapctl run` (the `random`
-guest: raw, lz4 and lz4-delta blobs), then checks: either verify reports the
+guest: raw, lz4 and lz4-delta blobs in packs), then checks: either verify reports the
 damage (or the store is refused with a clear error), or every checkpoint still
 reads back byte for byte; and no read ever returns wrong bytes silently.
-Flips are spread evenly over the SQLite b-trees (blobs, versions,
-checkpoints, states, meta, indexes, the header page), not only over blob data,
+Flips are spread evenly over the SQLite b-trees (pack data, pack metadata, page
+maps, refs, checkpoints, states, meta, indexes, the header page), not only over blob data,
 which is most of the file.
 """
 
@@ -50,7 +50,7 @@ def pristine(tmp_path_factory):
     for suffix in ("-wal", "-shm"):
         if os.path.exists(f"{single}{suffix}"):
             os.unlink(f"{single}{suffix}")
-    assert {"blobs", "versions", "checkpoints", "states", "meta"} <= set(owners.values())
+    assert {"packs", "pack_data", "maps", "checkpoints", "states", "meta"} <= set(owners.values())
     return single, images, owners
 
 
@@ -151,15 +151,26 @@ def test_random_flips_and_truncations_never_return_wrong_bytes(pristine, tmp_pat
 
 
 def _raw_blob_in_file(path, images):
-    """(blob id, page, ckpt, file offset) of a blob (any codec) stored by the last checkpoint and found
-    verbatim (and only once) in the file."""
+    """(blob id, page, ckpt, file offset) of a blob (any codec) that the last checkpoint's map names,
+    stored by that checkpoint and found verbatim (and only once) in the file. Read from the raw
+    columns (docs/store-format.md), not through the store's code."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     last = max(images)
-    rows = con.execute("SELECT v.page, v.ckpt, b.id, b.data FROM versions v JOIN blobs b ON b.id = v.blob "
-                       "WHERE v.ckpt = ? AND length(b.data) >= 40 ORDER BY v.page", (last,)).fetchall()
+    pages, blobs = (np.frombuffer(x, "<i8") for x in
+                    con.execute("SELECT pages, blobs FROM maps WHERE ckpt = ?", (last,)).fetchone())
+    page_of = dict(zip(blobs.tolist(), pages.tolist()))
+    found = []
+    for pid, first, ends, data in con.execute(
+            "SELECT p.id, p.first, p.ends, d.data FROM packs p JOIN pack_data d ON d.id = p.id "
+            "WHERE p.ckpt = ?", (last,)):
+        e = np.frombuffer(ends, "<u4").tolist()
+        for i, end in enumerate(e):
+            start = e[i - 1] if i else 0
+            if end - start >= 40 and first + i in page_of:
+                found.append((first + i, page_of[first + i], last, data[start:end]))
     con.close()
     blob = open(path, "rb").read()
-    for page, ck, bid, data in rows:
+    for bid, page, ck, data in sorted(found, key=lambda x: x[1]):
         off = blob.find(bytes(data))
         if off >= 0 and blob.find(bytes(data), off + 1) < 0:
             return bid, page, ck, off + len(data) // 2
@@ -212,7 +223,7 @@ def test_a_damaged_btree_page_is_a_one_line_error(pristine, tmp_path):
     src, images, owners = pristine
     path = tmp_path / "btree.db"
     shutil.copy(src, path)
-    page = _leaf_page_of(owners, "blobs")
+    page = _leaf_page_of(owners, "packs")
     with open(path, "r+b") as f:  # the b-tree page header: page type 0x0d -> 0xff
         f.seek((page - 1) * DB_PAGE)
         f.write(b"\xff")
@@ -223,20 +234,22 @@ def test_a_damaged_btree_page_is_a_one_line_error(pristine, tmp_path):
 
 
 def _swap_a_version(path, images):
-    """Point one data page of the last checkpoint at another page's (valid) blob,
-    as a flip in the versions b-tree does. Returns (ckpt, page)."""
+    """Point one data page of the last checkpoint's map at another page's (valid) blob and give the
+    map a matching check value -- what a bug, not random damage, would leave. Returns (ckpt, page)."""
+    import xxhash
     last = max(images)
     con = sqlite3.connect(path)
-    rows = con.execute("SELECT page, blob FROM versions WHERE ckpt = ? AND blob IS NOT NULL AND page >= 512 "
-                       "ORDER BY page LIMIT 2", (last,)).fetchall()
-    (p0, b0), (_, b1) = rows
-    con.execute("UPDATE versions SET blob = ? WHERE page = ? AND ckpt = ?", (b1, p0, last))
-    con.execute("UPDATE refs SET n = n + 1 WHERE blob = ?", (b1,))
-    con.execute("UPDATE refs SET n = n - 1 WHERE blob = ?", (b0,))
+    p, b = (np.frombuffer(x, "<i8").copy() for x in
+            con.execute("SELECT pages, blobs FROM maps WHERE ckpt = ?", (last,)).fetchone())
+    i0, i1 = [i for i in range(len(p)) if p[i] >= 512 and b[i] > 0][:2]
+    b[i0] = b[i1]
+    pb, bb = p.astype("<i8").tobytes(), b.astype("<i8").tobytes()
+    chk = xxhash.xxh3_64_intdigest(int(last).to_bytes(8, "little") + pb + bb) & (2**63 - 1)
+    con.execute("UPDATE maps SET blobs = ?, chk = ? WHERE ckpt = ?", (bb, chk, last))
     con.commit()
     con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     con.close()
-    return last, p0
+    return last, int(p[i0])
 
 
 @kvm

@@ -14,6 +14,7 @@ import pytest
 from cli_helpers import ok
 from kvm_helpers import kvm
 from rel_helpers import one_line_error, run_cli, tree_state
+from storage import SCHEMA_VERSION
 
 
 def _stable(state: dict) -> dict:
@@ -108,11 +109,11 @@ def _sqlite(path, *, app_id=None, user_version=None, wal=False, tables=("CREATE 
             os.unlink(f"{path}{suffix}")
 
 
-def _newer_schema(path, good):
+def _schema(path, good, version):
     shutil.copy(good, path)
-    with open(path, "r+b") as f:  # user_version (offset 60) = 2, as a newer snapctl would write
+    with open(path, "r+b") as f:  # user_version (offset 60), as another snapctl would write
         f.seek(60)
-        f.write(struct.pack(">I", 2))
+        f.write(struct.pack(">I", version))
 
 
 def _make(kind, path, good):
@@ -127,9 +128,11 @@ def _make(kind, path, good):
     elif kind == "marker-without-version":
         _sqlite(path, app_id=0x534E4150)
     elif kind == "marker-without-meta":
-        _sqlite(path, app_id=0x534E4150, user_version=1)
+        _sqlite(path, app_id=0x534E4150, user_version=SCHEMA_VERSION)
     elif kind == "newer-schema":
-        _newer_schema(path, good)
+        _schema(path, good, SCHEMA_VERSION + 1)
+    elif kind == "older-schema":
+        _schema(path, good, SCHEMA_VERSION - 1)
     elif kind == "random-bytes":
         path.write_bytes(os.urandom(40000))
 
@@ -137,7 +140,8 @@ def _make(kind, path, good):
 STORE_FILES = [("dev-zero", "not a regular file"), ("dev-null", "not a regular file"),
                ("magic-only", "not an sqlite database"), ("wal-sqlite-of-another-program", "snapctl marker"),
                ("marker-without-version", "schema version"), ("marker-without-meta", "not a snapctl store"),
-               ("newer-schema", "newer"), ("random-bytes", "not an sqlite database")]
+               ("newer-schema", "newer"), ("older-schema", "older"),
+               ("random-bytes", "not an sqlite database")]
 
 
 @kvm

@@ -31,9 +31,19 @@ def random_pages(rng: np.random.Generator, n: int, kind: str = "text") -> np.nda
 
 
 def image_digest(image: np.ndarray) -> str:
-    """The image digest exactly as docs/store-format.md defines it,
-    computed from scratch over a whole image (independent of the store)."""
+    """The image digest exactly as docs/store-format.md defines it, computed
+    from scratch over a whole image with Python integers (independent of the
+    store's numpy code)."""
     import xxhash
+    M = (1 << 64) - 1
+
+    def fmix(x):
+        x ^= x >> 33
+        x = (x * 0xFF51AFD7ED558CCD) & M
+        x ^= x >> 33
+        x = (x * 0xC4CEB9FE1A85EC53) & M
+        return x ^ (x >> 33)
+
     zero = bytes(PAGE)
     total = 0
     for p in range(image.shape[0]):
@@ -41,5 +51,28 @@ def image_digest(image: np.ndarray) -> str:
         if content == zero:
             continue
         h = xxhash.xxh3_128_digest(content)
-        total += int.from_bytes(xxhash.xxh3_128_digest(p.to_bytes(8, "little") + h), "little")
+        lo, hi = int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
+        k = (p * 0x9E3779B97F4A7C15) & M
+        total += fmix(lo ^ k) | fmix(hi ^ ((k + 0x632BE59BD9B4E019) & M)) << 64
     return format(total % (1 << 128), "032x")
+
+
+def blob_table(path: str) -> dict[int, tuple[int, int]]:
+    """blob id -> (codec, base) read straight from the ``packs`` rows (the
+    schema in docs/store-format.md), without the store's own code."""
+    import sqlite3
+    out = {}
+    with sqlite3.connect(path) as c:
+        for first, n, codecs, bases in c.execute("SELECT first, n, codecs, bases FROM packs"):
+            cs = np.frombuffer(codecs, np.uint8)
+            bs = np.frombuffer(bases, "<i8")
+            for i in range(n):
+                if cs[i] != 255:                      # CODEC_FREED: no blob
+                    out[first + i] = (int(cs[i]), int(bs[i]))
+    return out
+
+
+def delta_on_delta(path: str) -> int:
+    """Number of delta blobs whose base is itself a delta (must stay 0)."""
+    t = blob_table(path)
+    return sum(1 for c, b in t.values() if c == 2 and t.get(b, (None,))[0] == 2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from storage_helpers import PAGE, random_pages
+from storage_helpers import PAGE, blob_table, random_pages
 from storage import CorruptionError, Store
 
 N = 16
@@ -36,29 +36,62 @@ def damaged_store(tmp_path):
     st_.close()
 
 
-def blobs(path):
+def packs(path):
+    """[(pack id, size)] straight from the table."""
     with sqlite3.connect(path) as c:
-        return c.execute("SELECT id, codec, length(data) FROM blobs ORDER BY id").fetchall()
+        return c.execute("SELECT id, size FROM packs ORDER BY id").fetchall()
 
 
-def flip(path, blob, offset):
+def blob_span(path, blob):
+    """(pack, start, end) of a blob in its pack's data, from the raw columns."""
     with sqlite3.connect(path) as c:
-        data = bytearray(c.execute("SELECT data FROM blobs WHERE id = ?", (blob,)).fetchone()[0])
+        for pid, first, n, ends in c.execute("SELECT id, first, n, ends FROM packs"):
+            if first <= blob < first + n:
+                e = np.frombuffer(ends, "<u4")
+                i = blob - first
+                return pid, int(e[i - 1]) if i else 0, int(e[i])
+    raise KeyError(blob)
+
+
+def flip(path, pack, offset):
+    with sqlite3.connect(path) as c:
+        data = bytearray(c.execute("SELECT data FROM pack_data WHERE id = ?", (pack,)).fetchone()[0])
         data[offset] ^= 0xFF
-        c.execute("UPDATE blobs SET data = ? WHERE id = ?", (bytes(data), blob))
+        c.execute("UPDATE pack_data SET data = ? WHERE id = ?", (bytes(data), pack))
+
+
+def images_as_blobs(path):
+    """ckpt -> blob id per page, from the maps (checkpoint 1's parent is 0)."""
+    with sqlite3.connect(path) as c:
+        maps = {k: (np.frombuffer(p, "<i8"), np.frombuffer(b, "<i8"))
+                for k, p, b in c.execute("SELECT ckpt, pages, blobs FROM maps")}
+    img = np.zeros(N, np.int64)
+    out = {}
+    for k in sorted(maps):
+        img = img.copy()
+        img[maps[k][0]] = maps[k][1]
+        out[k] = img
+    return out
+
+
+def blob_at(path, pack, offset):
+    """The blob whose stored bytes hold byte ``offset`` of the pack's data."""
+    with sqlite3.connect(path) as c:
+        first, ends = c.execute("SELECT first, ends FROM packs WHERE id = ?", (pack,)).fetchone()
+    return first + int(np.searchsorted(np.frombuffer(ends, "<u4"), offset, side="right"))
 
 
 def users(path, blob):
-    """(ckpt, page) whose image depends on this blob (directly or as delta base)."""
-    with sqlite3.connect(path) as c:
-        return c.execute(
-            "SELECT v.ckpt, v.page FROM versions v JOIN blobs b ON b.id = v.blob "
-            "WHERE b.id = ? OR b.base = ?", (blob, blob)).fetchall()
+    """(ckpt, page) whose content depends on the blob (directly or as base)."""
+    t = blob_table(path)
+    return [(k, page) for k, img in images_as_blobs(path).items()
+            for page, b in enumerate(img.tolist())
+            if b and (b == blob or (t[b][0] == 2 and t[b][1] == blob))]
 
 
 def test_fixture_has_every_codec(damaged_store):
     _, path, _ = damaged_store
-    assert {c for _, c, _ in blobs(path)} == {0, 1, 2}
+    assert {c for c, _ in blob_table(path).values()} == {0, 1, 2}
 
 
 @settings(max_examples=40, deadline=None,
@@ -66,16 +99,19 @@ def test_fixture_has_every_codec(damaged_store):
 @given(pick=st.integers(0, 10**6), where=st.floats(0, 1, exclude_max=True))
 def test_any_flipped_byte_is_caught(damaged_store, pick, where):
     st_, path, images = damaged_store
-    rows = blobs(path)
-    blob, codec, size = rows[pick % len(rows)]
+    rows = packs(path)
+    pack, size = rows[pick % len(rows)]
     offset = int(where * size)
-    flip(path, blob, offset)
+    blob = blob_at(path, pack, offset)
+    bad = set(users(path, blob))
+    assert bad
+    flip(path, pack, offset)
     try:
         rep = st_.verify()
         assert not rep.ok
-        assert any(f"blob {blob}" in p for p in rep.problems), rep.problems
+        assert any(f"blob {blob}" in p and f"pack {pack}" in p for p in rep.problems), rep.problems
         # Every read that depends on the blob raises, naming checkpoint and page.
-        for ckpt, page in users(path, blob):
+        for ckpt, page in bad:
             with pytest.raises(CorruptionError) as ei:
                 st_.read_page(ckpt, page)
             assert f"checkpoint {ckpt}" in str(ei.value) and f"page {page}" in str(ei.value)
@@ -83,49 +119,125 @@ def test_any_flipped_byte_is_caught(damaged_store, pick, where):
             out = np.zeros((N, PAGE), np.uint8)
             with pytest.raises(CorruptionError):
                 st_.materialize(ckpt, out)
-        # Reads that do not depend on it still work and are right.
-        bad = set(users(path, blob))
+        # Reads that do not depend on it -- other blobs of the same pack
+        # included -- still work and are right.
         for ckpt, img in images.items():
             for page in range(N):
-                if (ckpt, page) not in bad and not any(c <= ckpt and p == page for c, p in bad):
+                if (ckpt, page) not in bad:
                     assert st_.read_page(ckpt, page) == img[page].tobytes()
     finally:
-        flip(path, blob, offset)           # undo: the store verifies again
+        flip(path, pack, offset)           # undo: the store verifies again
     assert st_.verify().ok
 
 
 def test_every_byte_of_a_delta_and_its_base(damaged_store):
     """Exhaustive over two small blobs: a delta and (a prefix of) its base."""
     st_, path, _ = damaged_store
-    with sqlite3.connect(path) as c:
-        delta, base, size = c.execute(
-            "SELECT id, base, length(data) FROM blobs WHERE codec = 2 ORDER BY length(data)").fetchone()
-    for blob, n in ((delta, size), (base, 64)):
-        for off in range(n):
-            flip(path, blob, off)
+    t = blob_table(path)
+    delta = min(b for b, (c, _) in t.items() if c == 2)
+    base = t[delta][1]
+    dpack, ds, de = blob_span(path, delta)
+    bpack, bs, _ = blob_span(path, base)
+    (ckpt, page), = [(k, p) for k, img in images_as_blobs(path).items()
+                     for p, b in enumerate(img.tolist()) if b == delta]
+    for pack, blob, lo, hi in ((dpack, delta, ds, de), (bpack, base, bs, bs + 64)):
+        for off in range(lo, hi):
+            flip(path, pack, off)
             try:
-                assert any(f"blob {blob}" in p for p in st_.verify().problems), (blob, off)
-                ckpt, page = users(path, delta)[0]
+                assert any(f"blob {blob}" in p for p in st_.verify().problems), (pack, off)
                 with pytest.raises(CorruptionError):
                     st_.read_page(ckpt, page)
             finally:
-                flip(path, blob, off)
+                flip(path, pack, off)
+
+
+def _rewrite_map(path, ckpt, pages, blobs):
+    """Replace a map with a *consistent* one (valid check value): what a bug,
+    not random damage, would leave."""
+    import xxhash
+    pb, bb = np.asarray(pages, "<i8").tobytes(), np.asarray(blobs, "<i8").tobytes()
+    chk = xxhash.xxh3_64_intdigest(int(ckpt).to_bytes(8, "little") + pb + bb) & (2**63 - 1)
+    with sqlite3.connect(path) as c:
+        c.execute("UPDATE maps SET n = ?, pages = ?, blobs = ?, chk = ? WHERE ckpt = ?",
+                  (len(pages), pb, bb, chk, ckpt))
+
+
+def _map(path, ckpt):
+    with sqlite3.connect(path) as c:
+        p, b = c.execute("SELECT pages, blobs FROM maps WHERE ckpt = ?", (ckpt,)).fetchone()
+    return np.frombuffer(p, "<i8").copy(), np.frombuffer(b, "<i8").copy()
 
 
 def test_tampered_metadata_is_reported(damaged_store):
     st_, path, _ = damaged_store
+    pages, blobs = _map(path, 1)
+    at = np.searchsorted(pages, 3)
+    _rewrite_map(path, 1, np.insert(pages, at, 3), np.insert(blobs, at, 999))
     with sqlite3.connect(path) as c:
-        c.execute("UPDATE refs SET n = n + 1 WHERE blob = 1")
+        c.execute("UPDATE refs SET n = n + 1 WHERE pack = 1")
         c.execute("UPDATE checkpoints SET digest = zeroblob(16) WHERE id = 1")
         c.execute("UPDATE states SET data = X'00' WHERE ckpt = 0")
-        c.execute("INSERT INTO versions(page, ckpt, blob, chk) VALUES (3, 1, 999, 0)")
     problems = "\n".join(st_.verify().problems)
-    assert "blob 1: reference count" in problems
+    assert "pack 1: reference count" in problems
     assert "checkpoint 1: image digest" in problems
     assert "checkpoint 0: state 'vcpu0'" in problems
     assert "checkpoint 1, page 3: references missing blob 999" in problems
     with pytest.raises(CorruptionError):
         st_.state(0, "vcpu0")
+    with pytest.raises(CorruptionError, match="checkpoint 1, page 3: references missing blob 999"):
+        st_.read_page(1, 3)
+
+
+@pytest.mark.parametrize("column", ["pages", "blobs"])
+def test_damaged_page_map_is_caught(damaged_store, column):
+    """Any flipped byte in a map fails its check value: every read of a
+    checkpoint whose path uses the map raises; verify names the map."""
+    st_, path, _ = damaged_store
+    with sqlite3.connect(path) as c:
+        data = bytearray(c.execute(f"SELECT {column} FROM maps WHERE ckpt = 0").fetchone()[0])
+        data[len(data) // 2] ^= 0x10
+        c.execute(f"UPDATE maps SET {column} = ? WHERE ckpt = 0", (bytes(data),))
+    for ckpt in (0, 1):
+        with pytest.raises(CorruptionError, match=f"checkpoint {ckpt}: the page map of checkpoint 0"):
+            st_.read_page(ckpt, 2)
+        with pytest.raises(CorruptionError):
+            st_.materialize(ckpt, np.zeros((N, PAGE), np.uint8))
+    with pytest.raises(CorruptionError):
+        st_.diff(0, 1)
+    with pytest.raises(CorruptionError, match="page map of checkpoint 0"):
+        st_.history(3)
+    assert any("page map of checkpoint 0 is damaged" in p for p in st_.verify().problems)
+
+
+def test_map_naming_another_valid_blob_is_caught_by_the_digest(damaged_store):
+    """A consistent map that names the wrong (valid) blob: the image digest
+    catches it on every read and in verify."""
+    st_, path, _ = damaged_store
+    pages, blobs = _map(path, 0)
+    blobs[list(pages).index(3)] = blobs[list(pages).index(2)]
+    _rewrite_map(path, 0, pages, blobs)
+    for ckpt in (0, 1):
+        with pytest.raises(CorruptionError, match=f"checkpoint {ckpt}: its page maps do not match"):
+            st_.materialize(ckpt, np.zeros((N, PAGE), np.uint8))
+        with pytest.raises(CorruptionError, match=f"checkpoint {ckpt}: its page maps do not match"):
+            st_.read_page(ckpt, 3)
+    problems = st_.verify().problems
+    assert any("checkpoint 0: image digest" in p for p in problems), problems
+
+
+def test_lost_map_entry_and_lost_map_are_caught(damaged_store):
+    st_, path, _ = damaged_store
+    pages, blobs = _map(path, 0)
+    keep = pages != 4
+    _rewrite_map(path, 0, pages[keep], blobs[keep])
+    with pytest.raises(CorruptionError, match="checkpoint 1: its page maps do not match"):
+        st_.materialize(1, np.zeros((N, PAGE), np.uint8))
+    assert any("checkpoint 0: image digest" in p for p in st_.verify().problems)
+    with sqlite3.connect(path) as c:
+        c.execute("DELETE FROM maps WHERE ckpt = 0")
+    with pytest.raises(CorruptionError, match="page map of checkpoint 0 is missing"):
+        st_.read_page(1, 0)
+    assert any("checkpoint 0: page map is missing" in p for p in st_.verify().problems)
 
 
 def test_broken_tree_link_is_reported(damaged_store):
@@ -133,36 +245,6 @@ def test_broken_tree_link_is_reported(damaged_store):
     with sqlite3.connect(path) as c:
         c.execute("UPDATE checkpoints SET parent = 5 WHERE id = 1")
     assert any("checkpoint 1: parent 5 does not exist" in p for p in st_.verify().problems)
-
-
-def test_version_row_naming_another_valid_blob_is_caught(damaged_store):
-    """Blob hashes cannot see this; the row's check value and the image
-    digest do."""
-    st_, path, images = damaged_store
-    with sqlite3.connect(path) as c:
-        (other,) = c.execute("SELECT blob FROM versions WHERE page = 2 AND ckpt = 0").fetchone()
-        c.execute("UPDATE versions SET blob = ? WHERE page = 3 AND ckpt = 0", (other,))
-    for ckpt in (0, 1):
-        with pytest.raises(CorruptionError, match=f"checkpoint {ckpt}, page 3"):
-            st_.read_page(ckpt, 3)
-        with pytest.raises(CorruptionError):
-            st_.materialize(ckpt, np.zeros((N, PAGE), np.uint8))
-    assert st_.read_page(1, 2) == images[1][2].tobytes()        # undamaged rows still read
-    with pytest.raises(CorruptionError):
-        st_.diff(0, 1)
-    with pytest.raises(CorruptionError, match="page 3"):
-        st_.history(3)
-    assert any("checkpoint 0, page 3: version row" in p for p in st_.verify().problems)
-
-
-def test_lost_version_row_is_caught_by_the_digest(damaged_store):
-    st_, path, _ = damaged_store
-    with sqlite3.connect(path) as c:
-        c.execute("DELETE FROM versions WHERE page = 4 AND ckpt = 0")
-    with pytest.raises(CorruptionError, match="checkpoint 1: restored image does not match"):
-        st_.materialize(1, np.zeros((N, PAGE), np.uint8))
-    problems = st_.verify().problems
-    assert any("checkpoint 0: image digest" in p for p in problems), problems
 
 
 def test_damaged_sqlite_pages_are_store_errors_never_wrong_bytes(damaged_store, tmp_path):
