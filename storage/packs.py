@@ -193,50 +193,54 @@ def _address(data: bytes) -> int:
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
 
 
-def _decode_plain(data: bytes, st, en, cd, of, out: np.ndarray) -> bool:
-    """Decode raw/LZ4 blobs ``data[st:en]`` to ``out`` at byte offsets ``of``;
-    False if any does not decode to exactly one page."""
-    P = PAGE_SIZE
+def _decode_plain(data: bytes, st, en, cd, dst) -> bool:
+    """Decode raw/LZ4 blobs ``data[st:en]`` to the addresses ``dst``; False
+    if any does not decode to exactly one page."""
+    import ctypes
+    P, move = PAGE_SIZE, ctypes.memmove
     if _DEC is None:
-        mv, mo = memoryview(data), memoryview(out)
+        mv = memoryview(data)
         try:
-            for s, e, c, o in zip(st, en, cd, of):
-                mo[o:o + P] = _decompress(mv[s:e], uncompressed_size=P) if c == CODEC_LZ4 \
-                    else mv[s:e]
+            for s, e, c, d in zip(st, en, cd, dst):
+                page = _decompress(mv[s:e], uncompressed_size=P) if c == CODEC_LZ4 \
+                    else bytes(mv[s:e])
+                if len(page) != P:
+                    return False
+                move(d, page, P)
         except Exception:
             return False
         return True
-    import ctypes
-    dec, move = _DEC, ctypes.memmove
-    src, dst = _address(data), out.ctypes.data
-    got = [dec(src + s, dst + o, e - s, P) if c == CODEC_LZ4
-           else (P if e - s == P and move(dst + o, src + s, P) else -1)
-           for s, e, c, o in zip(st, en, cd, of)]
+    dec, src = _DEC, _address(data)
+    got = [dec(src + s, d, e - s, P) if c == CODEC_LZ4
+           else (P if e - s == P and move(d, src + s, P) else -1)
+           for s, e, c, d in zip(st, en, cd, dst)]
     return got.count(P) == len(got)
 
 
-def _decode_deltas(data: bytes, st, en, of, dict_at, out: np.ndarray) -> bool:
-    """Decode LZ4-delta blobs; ``dict_at[i]`` is the address of blob i's
-    4096-byte dictionary (its base's content, already decoded)."""
+def _decode_deltas(data: bytes, st, en, dst, dict_at) -> bool:
+    """Decode LZ4-delta blobs to the addresses ``dst``; ``dict_at[i]`` is the
+    address of blob i's 4096-byte dictionary (its base, already decoded)."""
+    import ctypes
     P = PAGE_SIZE
     if _DEC_DICT is None:
-        import ctypes
-        mv, mo = memoryview(data), memoryview(out)
+        mv = memoryview(data)
         try:
-            for s, e, o, d in zip(st, en, of, dict_at):
-                mo[o:o + P] = _decompress(mv[s:e], uncompressed_size=P,
-                                          dict=ctypes.string_at(d, P))
+            for s, e, d, a in zip(st, en, dst, dict_at):
+                page = _decompress(mv[s:e], uncompressed_size=P, dict=ctypes.string_at(a, P))
+                if len(page) != P:
+                    return False
+                ctypes.memmove(d, page, P)
         except Exception:
             return False
         return True
-    dec, src, dst = _DEC_DICT, _address(data), out.ctypes.data
-    got = [dec(src + s, dst + o, e - s, P, d, P) for s, e, o, d in zip(st, en, of, dict_at)]
+    dec, src = _DEC_DICT, _address(data)
+    got = [dec(src + s, d, e - s, P, a, P) for s, e, d, a in zip(st, en, dst, dict_at)]
     return got.count(P) == len(got)
 
 
-def _hashes(out: np.ndarray, of) -> bytes:
-    mv, h, P = memoryview(out), content_hash, PAGE_SIZE
-    return b"".join([h(mv[o:o + P]) for o in of])
+def _hashes(views, which, offs) -> bytes:
+    h, P = content_hash, PAGE_SIZE
+    return b"".join([h(views[w][o:o + P]) for w, o in zip(which, offs)])
 
 
 def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np.ndarray,
@@ -285,6 +289,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
 
     # Delta dictionaries: the address of each delta's base content -- in
     # ``out`` if the base is among ``blobs``, else in a side buffer.
+    n_req = len(blobs)
     dict_addr = np.zeros(len(blobs), np.int64)
     side = None
     if is_delta.any():
@@ -306,58 +311,71 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
             k = order_p[np.searchsorted(plain_ids, bases[inside], sorter=order_p)]
             dict_addr[dj[inside]] = out.ctypes.data + offs[~is_delta][k]
         if (~inside).any():
+            # Bases no page of this read shows: decoded into a side buffer in
+            # the same pass over the packs (as extra plain blobs).
             outside, first = np.unique(bases[~inside], return_index=True)
             side = np.empty(len(outside) * PAGE_SIZE, np.uint8)
-            decode_into(conn, cat, outside, np.arange(len(outside)) * PAGE_SIZE, side,
-                        ckpt=ckpt, pages=pages[dj[~inside]][first])
             dict_addr[dj[~inside]] = side.ctypes.data + \
                 np.searchsorted(outside, bases[~inside]) * PAGE_SIZE
+            k = len(outside)
+            blobs = np.concatenate((blobs, outside))
+            pages = np.concatenate((pages, pages[dj[~inside]][first]))
+            offs = np.concatenate((offs, np.arange(k) * PAGE_SIZE))
+            is_delta = np.concatenate((is_delta, np.zeros(k, bool)))
+            dict_addr = np.concatenate((dict_addr, np.zeros(k, np.int64)))
+    which = np.zeros(len(blobs), np.int64)                 # 0: out, 1: side
+    which[n_req:] = 1
+    views = [memoryview(out), memoryview(side) if side is not None else None]
+    dst = np.where(which == 0, out.ctypes.data,
+                   side.ctypes.data if side is not None else 0) + offs
 
-    order = np.lexsort((cat.start[blobs], cat.pack[blobs]))
-    pk_o = cat.pack[blobs[order]]
+    # One pass of numpy for every blob, in (pack, plain-before-delta, offset)
+    # order; the per-pack loop below only slices Python lists.
+    bpack = cat.pack[blobs]
+    order = np.lexsort((cat.start[blobs], is_delta, bpack))
+    bo = blobs[order]
+    pk_o = bpack[order]
     cut = np.flatnonzero(np.diff(pk_o)) + 1
     starts, stops = np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(pk_o)])).tolist()
+    n_plain = np.cumsum(~is_delta[order])
+    mids = [lo + int(n_plain[hi - 1] - (n_plain[lo - 1] if lo else 0)) for lo, hi in zip(starts, stops)]
     pids = pk_o[starts].tolist()
-    bound_of = dict(zip(pids, zip(starts, stops)))
+    bound_of = dict(zip(pids, zip(starts, mids, stops)))
+    st_l, en_l = cat.start[bo].tolist(), cat.end[bo].tolist()
+    cd_l, of_l = cat.codec[bo].tolist(), offs[order].tolist()
+    da_l, dst_l, wh_l = dict_addr[order].tolist(), dst[order].tolist(), which[order].tolist()
+    hb = cat.hash[bo].tobytes()
     held: dict[int, bytes] = {}          # data of packs holding deltas, until decoded
     deferred = []
     seen = set()
     for pid, data in conn.execute("SELECT id, data FROM pack_data WHERE id IN "
                                   "(SELECT value FROM json_each(?)) ORDER BY id",
                                   (json.dumps(pids),)):
-        lo, hi = bound_of[pid]
+        lo, mid, hi = bound_of[pid]
         seen.add(pid)
         info = cat.packs[pid]
-        sel = order[lo:hi]
         if not isinstance(data, bytes) or len(data) != info.size or check63(data) != info.crc:
-            _check_blob_crcs(cat, sel, blobs, data, info, ckpt, page_of)
-        plain = sel[~is_delta[sel]]
-        if len(plain):
-            b = blobs[plain]
-            of = offs[plain].tolist()
-            if not _decode_plain(data, cat.start[b].tolist(), cat.end[b].tolist(),
-                                 cat.codec[b].tolist(), of, out) \
-                    or _hashes(out, of) != cat.hash[b].tobytes():
-                _raise_first_bad(cat, plain, blobs, data, None, ckpt, page_of)
-        if len(plain) != len(sel):
+            _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
+        if mid > lo:
+            if not _decode_plain(data, st_l[lo:mid], en_l[lo:mid], cd_l[lo:mid], dst_l[lo:mid]) \
+                    or _hashes(views, wh_l[lo:mid], of_l[lo:mid]) != hb[lo * 16:mid * 16]:
+                _raise_first_bad(cat, order[lo:mid], blobs, data, None, ckpt, page_of)
+        if hi > mid:
             held[pid] = data
-            deferred.append(sel[is_delta[sel]])
+            deferred.append((pid, mid, hi))
     if len(seen) != len(pids):
         pid = min(set(pids) - seen)
         i = int(order[bound_of[pid][0]])
         raise CorruptionError(f"{_where(ckpt, page_of(i), int(blobs[i]))}: pack {pid} "
                               "has no data", checkpoint=ckpt, page=page_of(i),
                               blob=int(blobs[i]))
-    for sel in deferred:
-        b = blobs[sel]
-        data = held.pop(int(cat.pack[b[0]]))
-        of = offs[sel].tolist()
-        if not _decode_deltas(data, cat.start[b].tolist(), cat.end[b].tolist(), of,
-                              dict_addr[sel].tolist(), out) \
-                or _hashes(out, of) != cat.hash[b].tobytes():
+    for pid, lo, hi in deferred:
+        data = held.pop(pid)
+        if not _decode_deltas(data, st_l[lo:hi], en_l[lo:hi], dst_l[lo:hi], da_l[lo:hi]) \
+                or _hashes(views, wh_l[lo:hi], of_l[lo:hi]) != hb[lo * 16:hi * 16]:
             import ctypes
-            dicts = [ctypes.string_at(a, PAGE_SIZE) for a in dict_addr[sel].tolist()]
-            _raise_first_bad(cat, sel, blobs, data, dicts, ckpt, page_of)
+            dicts = [ctypes.string_at(a, PAGE_SIZE) for a in da_l[lo:hi]]
+            _raise_first_bad(cat, order[lo:hi], blobs, data, dicts, ckpt, page_of)
 
 
 def decode_one(cat: Catalog, blob: int, data: bytes, dict_page: bytes | None) -> bytes:
