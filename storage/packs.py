@@ -240,6 +240,9 @@ def _decode_deltas(data: bytes, st, en, dst, dict_at) -> bool:
 
 def _hashes(views, which, offs) -> bytes:
     h, P = content_hash, PAGE_SIZE
+    if not any(which):                      # all in ``out``: the common case
+        mv = views[0]
+        return b"".join([h(mv[o:o + P]) for o in offs])
     return b"".join([h(views[w][o:o + P]) for w, o in zip(which, offs)])
 
 

@@ -53,6 +53,9 @@ PACK_PAGES = 256
 #: A page is stored as an LZ4-dictionary delta against its previous version
 #: when at most this many of its 512 8-byte words changed.
 DELTA_MAX_CHANGED_WORDS = 256
+#: ... and when it has at least this many non-zero words (plain LZ4 of a
+#: sparser page is already ~100 bytes).
+DELTA_MIN_WORDS = 16
 #: Decoded pages the writer keeps from one checkpoint as delta dictionaries
 #: for the next (hot pages are rewritten checkpoint after checkpoint).
 DICT_CACHE_PAGES = 32768
@@ -556,11 +559,13 @@ class Store:
             raise InvalidArgumentError("out must be C-contiguous and writable")
         return memoryview(out.reshape(-1)).cast("B")
 
-    def materialize(self, ckpt: int, out) -> None:
+    def materialize(self, ckpt: int, out, *, out_is_zero: bool = False) -> None:
         """Fill ``out`` with guest memory as it was at ``ckpt``: the page maps
         of the path merged in numpy and checked against the checkpoint's
         digest, every needed blob decoded once (and checked against its
-        hash), pages sharing a content copied, the rest zeroed."""
+        hash), pages sharing a content copied, the rest zeroed -- unless
+        ``out_is_zero`` says ``out`` is known to be all zeros (fresh anonymous
+        memory), where writing zeros would only fault in every page."""
         mv = self._check_out(out)
         flat = out.reshape(self.page_count, PAGE_SIZE)
         with self._read() as conn:
@@ -568,10 +573,11 @@ class Store:
             ckpt = path[-1]
             cat = self._catalog(conn)
             view = self._view(conn, path)
-            self._fill(conn, cat, view.blob, flat, ckpt, 0)
+            self._fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero)
 
     @staticmethod
-    def _fill(conn, cat: Catalog, img: np.ndarray, flat: np.ndarray, ckpt: int, lo: int) -> None:
+    def _fill(conn, cat: Catalog, img: np.ndarray, flat: np.ndarray, ckpt: int, lo: int,
+              zero_rest: bool = True) -> None:
         """Decode the image ``img`` (blob id per page, pages ``lo``..) into
         ``flat`` (pages x 4096), zero pages included."""
         nz = np.flatnonzero(img)
@@ -583,7 +589,7 @@ class Store:
             src = fpages[np.searchsorted(ub, blobs)]
             dup = src != nz
             flat[nz[dup]] = flat[src[dup]]
-        if len(nz) != len(img):
+        if zero_rest and len(nz) != len(img):
             flat[img == 0] = 0
 
     def read(self, ckpt: int, gpa: int, length: int) -> bytes:
@@ -908,12 +914,15 @@ class CheckpointWriter:
         """Encode the new contents at batch ``rows`` (blob ``ids``, increasing
         and contiguous) into one or more packs.
 
-        A page with a non-zero version in the parent image whose content
-        differs from that version (or from its base, if that version is a
-        delta: depth <= 1) in at most half its 8-byte words is LZ4-compressed
-        with that content as dictionary; every other page plainly.  One
-        compression per page: the word count (numpy, whole batch) predicts
-        which of the two wins, without trying both."""
+        A page with a non-zero version in the parent image is LZ4-compressed
+        with that version (or that version's base, if it is itself a delta:
+        depth <= 1) as dictionary when it has at least DELTA_MIN_WORDS
+        non-zero 8-byte words and at most half of them (and at most
+        DELTA_MAX_CHANGED_WORDS) differ from the dictionary; every other page
+        plainly.  One compression per page: the word counts (numpy, whole
+        batch) predict which of the two wins without trying both.  A sparse
+        page compresses to a few dozen bytes plainly, so a delta would only
+        add a decompression to every restore."""
         cat = self._cat
         stats = self.stats
         m = len(rows)
@@ -921,7 +930,9 @@ class CheckpointWriter:
         prev = np.where(cat.known(prev), prev, 0)
         base = np.where(cat.codec[prev] == CODEC_LZ4_DELTA, cat.base[prev], prev)
         base = np.where(cat.known(base), base, 0)
-        cand = np.flatnonzero(base > 0)
+        words = data[rows].view(np.uint64)
+        nonzero = (words != 0).sum(axis=1)
+        cand = np.flatnonzero((base > 0) & (nonzero >= DELTA_MIN_WORDS))
         use = np.zeros(m, bool)
         dict_of: dict[int, bytes] = {}
         if len(cand):
@@ -931,8 +942,8 @@ class CheckpointWriter:
         if len(cand):
             dicts = np.frombuffer(b"".join(dict_of[b] for b in base[cand].tolist()),
                                   np.uint8).reshape(-1, PAGE_SIZE)
-            words = (data[rows[cand]].view(np.uint64) != dicts.view(np.uint64)).sum(axis=1)
-            use[cand[words <= DELTA_MAX_CHANGED_WORDS]] = True
+            changed = (words[cand] != dicts.view(np.uint64)).sum(axis=1)
+            use[cand[changed <= np.minimum(DELTA_MAX_CHANGED_WORDS, nonzero[cand] // 2)]] = True
         # Pack by pack: while SQLite inserts one (in the writer's insert
         # thread, GIL released), this thread compresses the next.
         c = codec._compress

@@ -468,7 +468,8 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm") -> Mach
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
     m = Machine(config, kvm_path=kvm_path, boot=False)
     try:
-        store.materialize(ckpt, m.memory.pages)  # straight into guest RAM: no extra copy
+        # straight into guest RAM (fresh, all zero: zero pages are not touched)
+        store.materialize(ckpt, m.memory.pages, out_is_zero=True)
         m.restore_state(None, states)
     except BaseException:
         m.close()
