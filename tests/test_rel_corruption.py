@@ -25,7 +25,7 @@ from rel_helpers import image, one_line_error, open_ro, run_cli, scaled, tree_st
 
 MEM = 8 << 20
 TRIALS = scaled(200)  # CI 200, full run (SNAPCTL_REL_SCALE=10) 2000
-DB_PAGE = 16384
+from storage.schema import DB_PAGE_SIZE as DB_PAGE  # the stores' SQLite page size
 
 
 @pytest.fixture(scope="module")

@@ -254,7 +254,8 @@ def test_damaged_sqlite_pages_are_store_errors_never_wrong_bytes(damaged_store, 
     st_, path, images = damaged_store
     st_.close()
     pristine = open(path, "rb").read()
-    page_size = 16384
+    page_size = int.from_bytes(pristine[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size    # SQLite's header writes 65536 as 1
     rng = np.random.default_rng(11)
     for pg in range(1, len(pristine) // page_size):
         bad = tmp_path / f"bad{pg}.snap"
