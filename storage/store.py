@@ -47,9 +47,12 @@ from .packs import Catalog, PackInfo, blob_crc, decode_into, pack_meta_check
 _PACK_Q = struct.Struct("<q").pack
 _VIEW_CACHE_SIZE = 4
 
-#: New contents per pack (<= 1 MiB of data): SQLite reads a pack row
-#: several times faster than a 20 MiB one, and prune frees space per pack.
+#: New contents compressed at a time (<= 1 MiB of data): SQLite reads a
+#: ~1 MiB row several times faster than a 20 MiB one, and prune frees space
+#: per pack ...
 PACK_PAGES = 256
+#: ... joined into one pack row until it holds this many bytes.
+PACK_BYTES = 1 << 20
 #: A page is stored as an LZ4-dictionary delta against its previous version
 #: when at most this many of its 512 8-byte words changed.
 DELTA_MAX_CHANGED_WORDS = 256
@@ -952,11 +955,24 @@ class CheckpointWriter:
             changed = (words != dicts.view(np.uint64)).sum(axis=1)
             use[cand[changed <= np.minimum(DELTA_MAX_CHANGED_WORDS, nonzero // 2)]] = True
         # Pack by pack: while SQLite inserts one (in the writer's insert
-        # thread, GIL released), this thread compresses the next.
+        # thread, GIL released), this thread compresses the next.  Chunks
+        # of PACK_PAGES are compressed at a time and joined into one pack
+        # until it holds PACK_BYTES (deltas are small: 256 of them are a
+        # ~25 KiB row, and every row a restore touches costs a lookup).
         c = codec._compress
         P = PAGE_SIZE
         rl = rows.tolist()
         ul, bl = use.tolist(), base.tolist()
+        pending: list = []
+
+        def flush():
+            if pending:
+                parts = list(zip(*pending))
+                self._insert_pack(pending[0][0], np.concatenate(parts[1]), np.concatenate(parts[2]),
+                                  [h for x in parts[3] for h in x], np.concatenate(parts[4]),
+                                  [e for x in parts[5] for e in x])
+                pending.clear()
+
         for lo in range(0, m, PACK_PAGES):
             hi = min(m, lo + PACK_PAGES)
             enc = [c(flat[i * P:(i + 1) * P], store_size=False, dict=dict_of[b]) if u
@@ -974,7 +990,10 @@ class CheckpointWriter:
             stats["delta_blobs"] += int(cu.sum())
             stats["raw_blobs"] += int((codecs == CODEC_RAW).sum())
             stats["stored_bytes"] += int(lens.sum())
-            self._insert_pack(ids[lo], codecs, bases, hashes[lo:hi], lens, enc)
+            pending.append((ids[lo], codecs, bases, hashes[lo:hi], lens, enc))
+            if sum(int(x[4].sum()) for x in pending) >= PACK_BYTES:
+                flush()
+        flush()
         # Dictionaries for the next checkpoint: those this one used and the
         # plain contents it stored -- not for a base checkpoint (all of
         # memory) and at most DICT_CACHE_PAGES.
