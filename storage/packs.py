@@ -118,7 +118,10 @@ class Catalog:
     def with_packs(self, parsed) -> "Catalog":
         new = Catalog.__new__(Catalog)
         new.generation = self.generation
-        new.packs = dict(self.packs)
+        # Shared and only ever added to (like the arrays): an older catalogue
+        # seeing newer packs is harmless, and copying it per commit would
+        # make a long run's commits O(packs).  Only lookups read it.
+        new.packs = self.packs
         new.max_pack = max([self.max_pack] + [info.id for info, _ in parsed])
         top = max([self.n] + [info.first + info.n for info, a in parsed if a is not None])
         cap = len(self.pack)

@@ -86,6 +86,29 @@ class _View:
     digest: int
 
 
+class _DictCache:
+    """Decoded pages by blob id, kept from one checkpoint as delta
+    dictionaries for the next: a few (sorted ids, rows) arrays, looked up
+    with searchsorted -- no per-page Python when filling it."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.size = 0
+
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.chunks.append((ids[order], rows[order]))
+        self.size += len(ids)
+
+    def lookup(self, wanted: np.ndarray) -> dict:
+        out = {}
+        for ids, rows in self.chunks:
+            pos = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+            hit = np.flatnonzero(ids[pos] == wanted)
+            out.update(zip(wanted[hit].tolist(), rows[pos[hit]]))
+        return out
+
+
 def generation(conn, filename: str) -> int:
     """The store's prune generation (meta), or CorruptionError if damaged."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
@@ -137,7 +160,7 @@ class Store:
         self._cat_lock = threading.RLock()
         self._cat: Catalog | None = None
         self._hidx: tuple = (None, {})       # ((generation, max_pack), hash -> blob id)
-        self._dicts: tuple = (None, {})      # (generation, blob id -> decoded page)
+        self._dicts: tuple = (None, None)    # (generation, _DictCache)
         self._closed = False
         self._wal = None
         if wconn is not None:
@@ -512,8 +535,9 @@ class Store:
             key, idx = self._hidx
             if key != (cat.generation, cat.max_pack):
                 if key is not None and key[0] == cat.generation and key[1] < cat.max_pack:
-                    ids = np.concatenate([np.arange(p.first, p.first + p.n) for p in
-                                          cat.packs.values() if p.id > key[1] and not p.damaged]
+                    newer = [cat.packs.get(i) for i in range(key[1] + 1, cat.max_pack + 1)]
+                    ids = np.concatenate([np.arange(p.first, p.first + p.n) for p in newer
+                                          if p is not None and not p.damaged]
                                          or [np.zeros(0, np.int64)])
                 else:
                     idx = {}
@@ -524,11 +548,11 @@ class Store:
                 self._hidx = ((cat.generation, cat.max_pack), idx)
             return idx
 
-    def _dict_cache(self, cat: Catalog) -> dict[int, bytes]:
+    def _dict_cache(self, cat: Catalog) -> "_DictCache":
         gen, d = self._dicts
-        return d if gen == cat.generation else {}
+        return d if gen == cat.generation and d is not None else _DictCache()
 
-    def _after_commit(self, cat: Catalog, kept, new_index: dict, next_dicts: dict) -> None:
+    def _after_commit(self, cat: Catalog, kept, new_index: dict, next_dicts: "_DictCache") -> None:
         """Fold a committed checkpoint's packs into the catalogue and the
         dedup index, so the next checkpoint needs no reload."""
         with self._cat_lock:
@@ -548,7 +572,7 @@ class Store:
             self._views.clear()
             self._cat = None
             self._hidx = (None, {})
-            self._dicts = (None, {})
+            self._dicts = (None, None)
 
     # --- reading -------------------------------------------------------------
 
@@ -834,7 +858,7 @@ class CheckpointWriter:
         self._unsynced = 0
         self._wal_fd: int | None = None
         self._dicts = st._dict_cache(cat)         # blob id -> decoded page, from recent writes
-        self._next_dicts: dict[int, bytes] = {}
+        self._next_dicts = _DictCache()
         self._states: dict[str, bytes] = {}
         self.stats = dict(pages=0, zero_pages=0, unchanged_pages=0, dedup_pages=0,
                           new_blobs=0, delta_blobs=0, raw_blobs=0,
@@ -964,6 +988,7 @@ class CheckpointWriter:
         rl = rows.tolist()
         ul, bl = use.tolist(), base.tolist()
         pending: list = []
+        pending_bytes = 0
 
         def flush():
             if pending:
@@ -991,20 +1016,22 @@ class CheckpointWriter:
             stats["raw_blobs"] += int((codecs == CODEC_RAW).sum())
             stats["stored_bytes"] += int(lens.sum())
             pending.append((ids[lo], codecs, bases, hashes[lo:hi], lens, enc))
-            if sum(int(x[4].sum()) for x in pending) >= PACK_BYTES:
+            pending_bytes += int(lens.sum())
+            if pending_bytes >= PACK_BYTES:
                 flush()
+                pending_bytes = 0
         flush()
         # Dictionaries for the next checkpoint: those this one used and the
         # plain contents it stored -- not for a base checkpoint (all of
         # memory) and at most DICT_CACHE_PAGES.
-        if self._parent is not None and len(self._next_dicts) + m <= DICT_CACHE_PAGES:
-            for b in np.unique(base[use]).tolist():
-                self._next_dicts[b] = dict_of[b]
+        if self._parent is not None and self._next_dicts.size + m <= DICT_CACHE_PAGES:
+            used = np.unique(base[use])
+            if len(used):
+                self._next_dicts.add(used, np.stack([np.frombuffer(dict_of[b], np.uint8)
+                                                     for b in used.tolist()]))
             plain = np.flatnonzero(~use)
             if len(plain):
-                copy = data[rows[plain]]                      # one gather, not m copies
-                for k, row in zip(plain.tolist(), copy):
-                    self._next_dicts[ids[k]] = row
+                self._next_dicts.add(np.asarray(ids, np.int64)[plain], data[rows[plain]])
 
     def _insert_pack(self, first, codecs, bases, hashes, lens, enc) -> None:
         n = len(enc)
@@ -1065,8 +1092,7 @@ class CheckpointWriter:
         """Decoded content of the (non-delta) blobs ``bases``: from the
         writer's cache of recent pages, else decoded from the store.  A
         damaged base is skipped (the page is stored whole; verify reports it)."""
-        have = self._dicts
-        out = {b: have[b] for b in bases.tolist() if b in have}
+        out = self._dicts.lookup(bases)
         missing = np.array([b for b in bases.tolist() if b not in out], np.int64)
         if len(missing):
             self._drain()                          # one thread on the connection at a time
