@@ -382,9 +382,22 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     cd_l, of_l = cat.codec[bo].tolist(), offs[order].tolist()
     da_l, dst_l, wh_l = dict_addr[order].tolist(), dst[order].tolist(), which[order].tolist()
     hb = cat.hash[bo].tobytes()
-    held: dict[int, bytes] = {}          # data of packs holding deltas, until decoded
-    deferred = []
+    # A delta's base is a blob of the parent image, so it lives in an older
+    # pack, which this pass (in pack id order) has decoded already: deltas
+    # are decoded with their own pack.  (Keeping packs with deltas for a
+    # second pass held their data alive, made every later row a fresh
+    # allocation, and those first-touch faults cost ~0.08 s per GiB.)
+    base_pack = np.where(is_delta[order], cat.pack[np.where(is_delta[order], cat.base[bo], 0)], -1)
+    bp_l = base_pack.tolist()
     seen = set()
+
+    def deltas(data, lo, hi):
+        if not _decode_deltas(data, st_a[lo:hi], ln_l[lo:hi], dst_l[lo:hi], da_l[lo:hi]) \
+                or _hashes(views, wh_l[lo:hi], of_l[lo:hi]) != hb[lo * 16:hi * 16]:
+            import ctypes
+            dicts = [ctypes.string_at(a, PAGE_SIZE) for a in da_l[lo:hi]]
+            _raise_first_bad(cat, order[lo:hi], blobs, data, dicts, ckpt, page_of)
+
     for pid, data in conn.execute("SELECT id, data FROM pack_data WHERE id IN "
                                   "(SELECT value FROM json_each(?)) ORDER BY id",
                                   (json.dumps(pids),)):
@@ -398,21 +411,19 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                     or _hashes(views, wh_l[lo:mid], of_l[lo:mid]) != hb[lo * 16:mid * 16]:
                 _raise_first_bad(cat, order[lo:mid], blobs, data, None, ckpt, page_of)
         if hi > mid:
-            held[pid] = data
-            deferred.append((pid, mid, hi))
+            if max(bp_l[mid:hi]) >= pid:                 # only metadata damage can do this
+                i = int(order[mid + int(np.argmax(bp_l[mid:hi]))])
+                raise CorruptionError(
+                    f"{_where(ckpt, page_of(i), int(blobs[i]))}: delta base blob "
+                    f"{int(cat.base[blobs[i]])} is not older than the delta",
+                    checkpoint=ckpt, page=page_of(i), blob=int(blobs[i]))
+            deltas(data, mid, hi)
     if len(seen) != len(pids):
         pid = min(set(pids) - seen)
         i = int(order[bound_of[pid][0]])
         raise CorruptionError(f"{_where(ckpt, page_of(i), int(blobs[i]))}: pack {pid} "
                               "has no data", checkpoint=ckpt, page=page_of(i),
                               blob=int(blobs[i]))
-    for pid, lo, hi in deferred:
-        data = held.pop(pid)
-        if not _decode_deltas(data, st_a[lo:hi], ln_l[lo:hi], dst_l[lo:hi], da_l[lo:hi]) \
-                or _hashes(views, wh_l[lo:hi], of_l[lo:hi]) != hb[lo * 16:hi * 16]:
-            import ctypes
-            dicts = [ctypes.string_at(a, PAGE_SIZE) for a in da_l[lo:hi]]
-            _raise_first_bad(cat, order[lo:hi], blobs, data, dicts, ckpt, page_of)
 
 
 def decode_one(cat: Catalog, blob: int, data: bytes, dict_page: bytes | None) -> bytes:
