@@ -59,6 +59,10 @@ DELTA_MAX_CHANGED_WORDS = 256
 #: ... and when it has at least this many non-zero words (plain LZ4 of a
 #: sparser page is already ~100 bytes).
 DELTA_MIN_WORDS = 16
+#: Plain pages that compress to at most this many bytes are not kept as
+#: dictionaries: they are sparse, and a sparse page's successor is stored
+#: plainly anyway (DELTA_MIN_WORDS).
+DICT_MIN_BYTES = 128
 #: Pack bytes inserted between early flushes of the WAL (durable stores).
 EARLY_SYNC_BYTES = 32 << 20
 #: Decoded pages the writer keeps from one checkpoint as delta dictionaries
@@ -96,8 +100,10 @@ class _DictCache:
         self.size = 0
 
     def add(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        order = np.argsort(ids, kind="stable")
-        self.chunks.append((ids[order], rows[order]))
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():      # callers pass sorted ids
+            order = np.argsort(ids, kind="stable")
+            ids, rows = ids[order], rows[order]
+        self.chunks.append((ids, rows))
         self.size += len(ids)
 
     def lookup(self, wanted: np.ndarray) -> dict:
@@ -989,6 +995,7 @@ class CheckpointWriter:
         ul, bl = use.tolist(), base.tolist()
         pending: list = []
         pending_bytes = 0
+        dense: list = []                 # plain pages worth keeping as dictionaries
 
         def flush():
             if pending:
@@ -1011,6 +1018,7 @@ class CheckpointWriter:
                 enc[k] = flat[i * P:(i + 1) * P]
                 codecs[k], lens[k], cu[k] = CODEC_RAW, P, False
             bases = np.where(cu, base[lo:hi], 0).astype("<i8")
+            dense.append(lo + np.flatnonzero(~cu & (lens > DICT_MIN_BYTES)))
             stats["new_blobs"] += hi - lo
             stats["delta_blobs"] += int(cu.sum())
             stats["raw_blobs"] += int((codecs == CODEC_RAW).sum())
@@ -1029,7 +1037,7 @@ class CheckpointWriter:
             if len(used):
                 self._next_dicts.add(used, np.stack([np.frombuffer(dict_of[b], np.uint8)
                                                      for b in used.tolist()]))
-            plain = np.flatnonzero(~use)
+            plain = np.concatenate(dense)
             if len(plain):
                 self._next_dicts.add(np.asarray(ids, np.int64)[plain], data[rows[plain]])
 
