@@ -24,6 +24,7 @@ read committed checkpoints while a worker thread writes the next one.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import sqlite3
@@ -567,8 +568,12 @@ class Store:
                 self._cat = new_cat
             key, idx = self._hidx
             if key == (cat.generation, cat.max_pack):
-                live = new_cat.pack
-                idx.update((h, b) for h, b in new_index.items() if b < new_cat.n and live[b] >= 0)
+                ids = np.fromiter(new_index.values(), np.int64, len(new_index))
+                ok = (ids < new_cat.n) & (new_cat.pack[np.minimum(ids, new_cat.n - 1)] >= 0)
+                if ok.all():
+                    idx.update(new_index)
+                else:                                # blobs of packs dropped at commit
+                    idx.update(itertools.compress(new_index.items(), ok.tolist()))
                 self._hidx = ((cat.generation, new_cat.max_pack), idx)
             self._dicts = (cat.generation, next_dicts)
 
