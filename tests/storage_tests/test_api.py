@@ -264,6 +264,17 @@ def test_later_write_wins_and_digest_matches_definition(make_store):
     assert st_.read_page(0, 2) == b.tobytes() and st_.read_page(0, 3) == bytes(PAGE)
     assert st_.digest(0) == image_digest(img) == w.digest
     assert st_.verify().ok        # the overwritten blob for page 3 was not leaked
+    # ... and its content is not "already stored" for the dedup index either:
+    # written again, it is stored again and reads back.
+    c = random_pages(np.random.default_rng(4), 1)[0]
+    with st_.checkpoint(0, {"step": 1}) as w:
+        w.add_pages([5], c[None])
+        w.add_pages([5], b[None])                 # c's pack is dropped at commit
+    with st_.checkpoint(1, {"step": 2}) as w:
+        w.add_pages([3, 6], np.stack([a, c]))
+    assert w.stats["new_blobs"] == 2 and w.stats["dedup_pages"] == 0
+    assert st_.read_page(2, 3) == a.tobytes() and st_.read_page(2, 6) == c.tobytes()
+    assert st_.verify().ok
 
 
 def test_equal_images_on_branches_have_equal_digests(small):
