@@ -158,7 +158,6 @@ def bench_checkpoints(tmp: str, n_pages: int, n_ckpts: int, dirty: int, rng) -> 
 
     hot = rng.choice(n_pages, max(1, n_pages * 6 // 100), replace=False)
     write_s = []
-    edit_plain = edit_delta = 0
     after1 = None
     for k in range(1, n_ckpts + 1):
         m_hot = int(dirty * 0.75)

@@ -587,7 +587,7 @@ class Store:
 
     # --- reading -------------------------------------------------------------
 
-    def _check_out(self, out) -> memoryview:
+    def _check_out(self, out) -> np.ndarray:
         n = self.page_count
         if not isinstance(out, np.ndarray):
             raise InvalidArgumentError("out must be a numpy array (or np.memmap)")
@@ -598,7 +598,7 @@ class Store:
                 f"out must have shape ({n}, {PAGE_SIZE}) or ({n * PAGE_SIZE},), not {out.shape}")
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidArgumentError("out must be C-contiguous and writable")
-        return memoryview(out.reshape(-1)).cast("B")
+        return out.reshape(self.page_count, PAGE_SIZE)
 
     def materialize(self, ckpt: int, out, *, out_is_zero: bool = False) -> None:
         """Fill ``out`` with guest memory as it was at ``ckpt``: the page maps
@@ -607,8 +607,7 @@ class Store:
         hash), pages sharing a content copied, the rest zeroed -- unless
         ``out_is_zero`` says ``out`` is known to be all zeros (fresh anonymous
         memory), where writing zeros would only fault in every page."""
-        mv = self._check_out(out)
-        flat = out.reshape(self.page_count, PAGE_SIZE)
+        flat = self._check_out(out)
         with self._read() as conn:
             path = self._path_in(conn, ckpt)
             ckpt = path[-1]
