@@ -929,22 +929,27 @@ class CheckpointWriter:
         nzl = nz.tolist()
         hashes = [h(flat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in nzl]
         old, new = self._index.get, self._new_index
-        ids = [old(x) or new.get(x) or 0 for x in hashes]
-        new_k = []                                   # first row of each new content
-        for k in [k for k, b in enumerate(ids) if not b]:
-            x = hashes[k]
-            b = new.get(x)                           # repeats within the batch
-            if b is None:
-                b = new[x] = self._next_blob
-                self._next_blob += 1
-                self._new_hashes.append(x)
-                new_k.append(k)
-            ids[k] = b
+        ids = np.fromiter([old(x) or new.get(x) or 0 for x in hashes], np.int64, len(hashes))
+        fresh = np.flatnonzero(ids == 0).tolist()
+        new_k: list = []                             # first row of each new content
+        if fresh:
+            # Distinct new contents in first-seen order, their ids and first
+            # rows -- dict operations in C, no per-page Python statements.
+            fh = [hashes[k] for k in fresh]
+            uniq = list(dict.fromkeys(fh))
+            first = self._next_blob
+            got = dict(zip(uniq, range(first, first + len(uniq))))
+            first_row = dict(zip(reversed(fh), reversed(fresh)))
+            new_k = list(map(first_row.__getitem__, uniq))
+            ids[fresh] = list(map(got.__getitem__, fh))
+            new.update(got)
+            self._new_hashes.extend(uniq)
+            self._next_blob += len(uniq)
         new_ids = np.zeros(n, np.int64)
         new_ids[nz] = ids
         if new_k:
             self._encode_pack(pn, data, flat, nz[new_k], [hashes[k] for k in new_k],
-                              [ids[k] for k in new_k])
+                              ids[new_k].tolist())
 
         changed = new_ids != self._pblob[pn]
         stats["unchanged_pages"] += int(n - changed.sum())
@@ -997,23 +1002,25 @@ class CheckpointWriter:
         P = PAGE_SIZE
         rl = rows.tolist()
         ul, bl = use.tolist(), base.tolist()
-        pending: list = []
-        pending_bytes = 0
         dense: list = []                 # plain pages worth keeping as dictionaries
+        # The pack being filled: its first blob id, per-chunk arrays, and
+        # per-blob lists extended in place (no flattening at the end).
+        pend = {"first": None, "arrays": [], "hashes": [], "enc": [], "bytes": 0}
 
         def flush():
-            if pending:
-                parts = list(zip(*pending))
-                self._insert_pack(pending[0][0], np.concatenate(parts[1]), np.concatenate(parts[2]),
-                                  [h for x in parts[3] for h in x], np.concatenate(parts[4]),
-                                  [e for x in parts[5] for e in x])
-                pending.clear()
+            if pend["enc"]:
+                codecs, bases, lens = (np.concatenate(x) for x in zip(*pend["arrays"]))
+                self._insert_pack(pend["first"], codecs, bases, pend["hashes"], lens, pend["enc"])
+                pend.update(first=None, arrays=[], hashes=[], enc=[], bytes=0)
 
         for lo in range(0, m, PACK_PAGES):
             hi = min(m, lo + PACK_PAGES)
-            enc = [c(flat[i * P:(i + 1) * P], store_size=False, dict=dict_of[b]) if u
-                   else c(flat[i * P:(i + 1) * P], store_size=False)
-                   for i, u, b in zip(rl[lo:hi], ul[lo:hi], bl[lo:hi])]
+            if use[lo:hi].any():
+                enc = [c(flat[i * P:(i + 1) * P], store_size=False, dict=dict_of[b]) if u
+                       else c(flat[i * P:(i + 1) * P], store_size=False)
+                       for i, u, b in zip(rl[lo:hi], ul[lo:hi], bl[lo:hi])]
+            else:
+                enc = [c(flat[i * P:(i + 1) * P], store_size=False) for i in rl[lo:hi]]
             cu = use[lo:hi].copy()
             codecs = np.where(cu, CODEC_LZ4_DELTA, CODEC_LZ4).astype(np.uint8)
             lens = np.fromiter(map(len, enc), np.int64, hi - lo)
@@ -1023,15 +1030,19 @@ class CheckpointWriter:
                 codecs[k], lens[k], cu[k] = CODEC_RAW, P, False
             bases = np.where(cu, base[lo:hi], 0).astype("<i8")
             dense.append(lo + np.flatnonzero(~cu & (lens > DICT_MIN_BYTES)))
+            nbytes = int(lens.sum())
             stats["new_blobs"] += hi - lo
             stats["delta_blobs"] += int(cu.sum())
             stats["raw_blobs"] += int((codecs == CODEC_RAW).sum())
-            stats["stored_bytes"] += int(lens.sum())
-            pending.append((ids[lo], codecs, bases, hashes[lo:hi], lens, enc))
-            pending_bytes += int(lens.sum())
-            if pending_bytes >= PACK_BYTES:
+            stats["stored_bytes"] += nbytes
+            if pend["first"] is None:
+                pend["first"] = ids[lo]
+            pend["arrays"].append((codecs, bases, lens))
+            pend["hashes"].extend(hashes[lo:hi])
+            pend["enc"].extend(enc)
+            pend["bytes"] += nbytes
+            if pend["bytes"] >= PACK_BYTES:
                 flush()
-                pending_bytes = 0
         flush()
         # Dictionaries for the next checkpoint: those this one used and the
         # plain contents it stored -- not for a base checkpoint (all of
