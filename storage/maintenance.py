@@ -9,6 +9,7 @@ the digests it maintained incrementally.
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -107,6 +108,11 @@ def _verify(store, rep: VerifyReport) -> None:
                 P.append(f"database structure: {msg}")
         parents = dict(conn.execute("SELECT id, parent FROM checkpoints"))
         digests = dict(conn.execute("SELECT id, digest FROM checkpoints"))
+        for c, meta, stats in conn.execute("SELECT id, meta, stats FROM checkpoints"):
+            try:
+                json.loads(meta), json.loads(stats)
+            except (TypeError, ValueError) as exc:
+                P.append(f"checkpoint {c}: its row is damaged ({exc})")
         gen = generation(conn, store.filename)
 
         # Tree links: one root, parents exist and are older.
@@ -219,9 +225,11 @@ def _verify(store, rep: VerifyReport) -> None:
             val &= (1 << 128) - 1
             terms_ok[c] = val
             rec = digests[c]
-            if not isinstance(rec, bytes) or codec.digest_to_bytes(val) != rec:
+            if not isinstance(rec, bytes) or len(rec) != 16:
+                P.append(f"checkpoint {c}: recorded image digest is damaged ({rec!r:.40})")
+            elif codec.digest_to_bytes(val) != rec:
                 P.append(f"checkpoint {c}: image digest {codec.digest_hex(val)} does not match "
-                         f"recorded {codec.digest_hex(codec.digest_from_bytes(rec or bytes(16)))}")
+                         f"recorded {codec.digest_hex(codec.digest_from_bytes(rec))}")
 
         n_states = 0
         for c, name, hsh, data in conn.execute("SELECT ckpt, name, hash, data FROM states"):
@@ -303,6 +311,9 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
         wanted = set(new_parent) | set(new_parent.values())
         images = {c: img for c, img, _ in _images(parents, maps, n, wanted)}
         from .store import _PACK_Q
+        for c in sorted(set(parents) - set(maps)):
+            raise CorruptionError(f"checkpoint {c}: page map missing or damaged; prune refuses "
+                                  "to rewrite around it (run verify)", checkpoint=c)
         for c, a in sorted(new_parent.items()):
             pages = np.flatnonzero(images[c] != images[a])
             blobs = images[c][pages]
@@ -363,10 +374,14 @@ def _compact(conn, cat: Catalog, maps: dict, live: set) -> tuple[int, int]:
     named = np.unique(np.concatenate([b[b > 0] for _, b in maps.values()] or
                                      [np.zeros(0, np.int64)]))
     named = named[cat.known(named)]
-    deltas = named[cat.codec[named] == CODEC_LZ4_DELTA]
     needed = np.zeros(cat.n, bool)
     needed[named] = True
-    needed[cat.base[deltas]] = True
+    # The base of every delta still stored stays, named or not: an unnamed
+    # delta in a pack that is not compacted stays stored, and the dedup
+    # index may hand it to a later checkpoint.
+    stored = np.flatnonzero(np.isin(cat.pack[:cat.n], list(live)) &
+                            (cat.codec[:cat.n] == CODEC_LZ4_DELTA))
+    needed[cat.base[stored]] = True
     freed = saved = 0
     for pid in sorted(live):
         pk = cat.packs[pid]
@@ -395,7 +410,7 @@ def _compact(conn, cat: Catalog, maps: dict, live: set) -> tuple[int, int]:
                               crcs.tobytes())
         conn.execute("UPDATE packs SET codecs = ?, bases = ?, hashes = ?, ends = ?, crcs = ?, "
                      "mchk = ?, size = ?, crc = ? WHERE id = ?",
-                     (cb, bb, hb, eb, rb, pack_meta_check(pk.first, pk.n, cb, bb, hb, eb, rb),
+                     (cb, bb, hb, eb, rb, pack_meta_check(pid, pk.first, pk.n, cb, bb, hb, eb, rb),
                       len(blob), codec.check63(blob), pid))
         conn.execute("UPDATE pack_data SET data = ? WHERE id = ?", (blob, pid))
         freed += int(dead.sum())

@@ -42,9 +42,16 @@ class PackInfo:
     damaged: str | None = None      # why the metadata cannot be trusted
 
 
-def pack_meta_check(first: int, n: int, codecs: bytes, bases: bytes,
+#: Pack ids stay below this (checked on load): the decoder sorts on
+#: pack << 33 | offset in one int64.
+MAX_PACK_ID = 1 << 30
+
+
+def pack_meta_check(pid: int, first: int, n: int, codecs: bytes, bases: bytes,
                     hashes: bytes, ends: bytes, crcs: bytes) -> int:
-    return check63(np.array([first, n], _HEAD).tobytes(), codecs, bases, hashes, ends, crcs)
+    """Check value of a pack's metadata, its own id included (a row whose id
+    changed would otherwise pass)."""
+    return check63(np.array([pid, first, n], _HEAD).tobytes(), codecs, bases, hashes, ends, crcs)
 
 
 #: Checksum of one blob's stored bytes.  Reads check the pack's checksum
@@ -61,7 +68,9 @@ def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
     try:
         if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
             raise ValueError("metadata column is not a blob")
-        if pack_meta_check(first, n, codecs, bases, hashes, ends, crcs) != mchk:
+        if not 0 < pid < MAX_PACK_ID:
+            raise ValueError(f"pack id {pid} out of range")
+        if pack_meta_check(pid, first, n, codecs, bases, hashes, ends, crcs) != mchk:
             raise ValueError("metadata fail their check value")
         if (len(codecs), len(bases), len(hashes), len(ends), len(crcs)) != \
                 (n, 8 * n, 16 * n, 4 * n, 8 * n) \
@@ -137,14 +146,18 @@ class Catalog:
             for name in self.ARRAYS:
                 setattr(new, name, getattr(self, name))
         for info, arrays in parsed:
-            new.packs[info.id] = info
+            known = new.packs.get(info.id)
+            if known is not None and not known.damaged:
+                continue                 # already here (shared with a newer catalogue)
             if arrays is None:
+                new.packs[info.id] = info
                 continue
             sl = slice(info.first, info.first + info.n)
-            if (new.pack[sl] >= 0).any():
+            if ((new.pack[sl] >= 0) & (new.pack[sl] != info.id)).any():
                 new.packs[info.id] = PackInfo(info.id, info.ckpt, info.first, info.n, info.size,
                                               info.crc, damaged="blob ids overlap another pack")
                 continue
+            new.packs[info.id] = info
             (new.codec[sl], new.base[sl], new.hash[sl], new.start[sl], new.end[sl],
              new.crc[sl]) = arrays
             new.pack[sl] = np.where(arrays[0] == CODEC_FREED, -1, info.id)

@@ -160,8 +160,14 @@ class Store:
         self._rconn = rconn
         self._wlock = threading.RLock()
         self._rlock = threading.RLock()
-        self.config: dict = json.loads(meta["config"])
-        self.page_count: int = int(self.config["mem_size"]) // PAGE_SIZE
+        try:
+            self.config: dict = json.loads(meta["config"])
+            mem = self.config["mem_size"]
+            if not isinstance(mem, int) or mem <= 0 or mem % PAGE_SIZE:
+                raise ValueError(f"mem_size {mem!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptionError(f"{path}: stored configuration is damaged ({exc})") from None
+        self.page_count: int = mem // PAGE_SIZE
         self.schema_version = int(meta["schema_version"])
         self._views: collections.OrderedDict[int, _View] = collections.OrderedDict()
         self._cat_lock = threading.RLock()
@@ -350,7 +356,12 @@ class Store:
         node: int | None = ckpt
         while node is not None:
             path.append(node)
-            node = parents[node]
+            parent = parents[node]
+            if parent is not None and (parent not in parents or not parent < node):
+                raise CorruptionError(f"checkpoint {ckpt}: checkpoint {node} names parent "
+                                      f"{parent}, which is missing or not older (damaged tree)",
+                                      checkpoint=ckpt)
+            node = parent
         path.reverse()
         return path
 
@@ -386,11 +397,19 @@ class Store:
         tags = collections.defaultdict(list)
         for name, c in conn.execute("SELECT name, ckpt FROM tags ORDER BY name"):
             tags[c].append(name)
-        return [CheckpointInfo(id=r[0], parent=r[1], created=r[2], trigger=r[3],
-                               step=r[4], meta=json.loads(r[5]), stats=json.loads(r[6]),
-                               tags=tags.get(r[0], []),
-                               digest=codec.digest_hex(codec.digest_from_bytes(r[7])))
-                for r in conn.execute(sql + " ORDER BY id", args)]
+        out = []
+        for r in conn.execute(sql + " ORDER BY id", args):
+            try:
+                if not isinstance(r[7], bytes) or len(r[7]) != 16:
+                    raise ValueError("digest is not 16 bytes")
+                out.append(CheckpointInfo(
+                    id=r[0], parent=r[1], created=r[2], trigger=r[3], step=r[4],
+                    meta=json.loads(r[5]), stats=json.loads(r[6]), tags=tags.get(r[0], []),
+                    digest=codec.digest_hex(codec.digest_from_bytes(r[7]))))
+            except (TypeError, ValueError) as exc:     # JSONDecodeError is a ValueError
+                raise CorruptionError(f"checkpoint {r[0]}: its row is damaged ({exc})",
+                                      checkpoint=r[0]) from None
+        return out
 
     def resolve(self, ref: int | str) -> int:
         """A checkpoint id from an int, a string of digits, or a tag name."""
@@ -563,9 +582,11 @@ class Store:
         """Fold a committed checkpoint's packs into the catalogue and the
         dedup index, so the next checkpoint needs no reload."""
         with self._cat_lock:
-            new_cat = cat.with_packs(kept) if kept else cat
-            if self._cat is cat:
-                self._cat = new_cat
+            cur = self._cat if self._cat is not None and self._cat.generation == cat.generation \
+                else cat
+            missing = [k for k in kept if k[0].id not in cur.packs]   # a reader may have them
+            new_cat = cur.with_packs(missing) if missing else cur
+            self._cat = new_cat
             key, idx = self._hidx
             if key == (cat.generation, cat.max_pack):
                 ids = np.fromiter(new_index.values(), np.int64, len(new_index))
@@ -574,7 +595,10 @@ class Store:
                     idx.update(new_index)
                 else:                                # blobs of packs dropped at commit
                     idx.update(itertools.compress(new_index.items(), ok.tolist()))
-                self._hidx = ((cat.generation, new_cat.max_pack), idx)
+                # It now covers exactly the packs up to this commit's last
+                # (the current catalogue may hold newer ones from elsewhere).
+                top = max([cat.max_pack] + [k[0].id for k in kept])
+                self._hidx = ((cat.generation, top), idx)
             self._dicts = (cat.generation, next_dicts)
 
     def _forget(self) -> None:
@@ -778,7 +802,7 @@ def sqlite_errors(filename: str):
         msg = str(exc)
         if isinstance(exc, sqlite3.DatabaseError) and (
                 "malformed" in msg or "not a database" in msg or "corrupt" in msg
-                or not isinstance(exc, sqlite3.OperationalError)):
+                or not isinstance(exc, (sqlite3.OperationalError, sqlite3.DataError))):
             raise CorruptionError(f"{filename}: database damaged ({msg})") from exc
         raise StoreError(f"{filename}: {msg}") from exc
 
@@ -799,6 +823,7 @@ class CheckpointWriter:
         self._parent = parent
         self._meta = meta
         self._active = False
+        self._failed: BaseException | None = None
         self.id: int | None = None
         self.digest: str | None = None     # hex, set on commit
         self.stats: dict = {}
@@ -843,8 +868,14 @@ class CheckpointWriter:
                     f"{len(parents)} checkpoint(s)")
         else:
             self._parent = st._check_id(self._parent, parents)
-        self.id = int(conn.execute(
-            "SELECT value FROM meta WHERE key = 'next_checkpoint_id'").fetchone()[0])
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                 "('next_checkpoint_id', 'next_blob_id')"))
+        try:
+            self.id = int(meta["next_checkpoint_id"])
+            next_blob = int(meta.get("next_blob_id", 1))
+        except (KeyError, TypeError, ValueError):
+            raise CorruptionError(f"{st.filename}: meta table damaged "
+                                  "(next checkpoint or blob id)") from None
         self._t0 = time.perf_counter()
         cat = self._cat = st._catalog(conn)
         if self._parent is None:
@@ -857,7 +888,9 @@ class CheckpointWriter:
         self._written = np.zeros(st.page_count, bool)
         top_blob, top_pack = conn.execute(
             "SELECT coalesce(max(first + n), 1), coalesce(max(id), 0) FROM packs").fetchone()
-        self._first_blob = self._next_blob = max(int(top_blob), cat.n)
+        # Blob ids are never reused (a kept high-water mark): a dropped or
+        # pruned pack's ids may still key another Store object's caches.
+        self._first_blob = self._next_blob = max(int(top_blob), cat.n, next_blob)
         self._next_pack = int(top_pack) + 1
         self._index = st._hash_index(cat)         # content hash -> blob id, store-wide
         self._new_index: dict[bytes, int] = {}    # ... for blobs of this checkpoint
@@ -878,6 +911,9 @@ class CheckpointWriter:
     def _require_active(self) -> None:
         if not self._active:
             raise StoreError("checkpoint writer used outside its with-block")
+        if self._failed is not None:
+            raise StoreError(f"checkpoint not written: an earlier add_pages failed "
+                             f"({self._failed}); leave the with-block to roll back")
 
     # -- pages --
 
@@ -911,8 +947,14 @@ class CheckpointWriter:
             data = np.ascontiguousarray(pages)
         else:
             data = pages[rows]                       # gather copy
-        with sqlite_errors(st.filename):
-            self._write_batch(uniq, data)
+        try:
+            with sqlite_errors(st.filename):
+                self._write_batch(uniq, data)
+        except BaseException as exc:
+            # Part of this batch may be in the dedup index, the image or the
+            # insert queue already: the checkpoint cannot be committed now.
+            self._failed = exc
+            raise
         self.stats["pages"] += len(uniq)
         self.stats["raw_bytes"] += len(uniq) * PAGE_SIZE
 
@@ -930,6 +972,15 @@ class CheckpointWriter:
         hashes = [h(flat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in nzl]
         old, new = self._index.get, self._new_index
         ids = np.fromiter([old(x) or new.get(x) or 0 for x in hashes], np.int64, len(hashes))
+        cat = self._cat
+        known = (ids > 0) & (ids < cat.n)
+        if known.any():
+            # Never reuse a stored content that cannot be decoded any more
+            # (a delta whose base is gone): store it again instead.
+            k = np.flatnonzero(known)
+            dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
+                                         & ~cat.known(cat.base[ids[k]]))
+            ids[k[dead]] = 0
         fresh = np.flatnonzero(ids == 0).tolist()
         new_k: list = []                             # first row of each new content
         if fresh:
@@ -1067,7 +1118,7 @@ class CheckpointWriter:
         crcs = np.fromiter(map(blob_crc, enc), np.uint64, n)
         rb = crcs.astype("<u8").tobytes()
         row = (pid, self.id, first, n, cb, bb, hb, eb, rb,
-               pack_meta_check(first, n, cb, bb, hb, eb, rb), len(blob), crc)
+               pack_meta_check(pid, first, n, cb, bb, hb, eb, rb), len(blob), crc)
         if self._inserter is None:
             self._inserter = ThreadPoolExecutor(1, thread_name_prefix="snapctl-pack-insert")
         self._inserts.append(self._inserter.submit(self._insert_rows, row, blob))
@@ -1155,15 +1206,17 @@ class CheckpointWriter:
         try:
             with sqlite_errors(st.filename):
                 if exc_type is not None:
-                    self._shutdown_inserter()
-                    conn.execute("ROLLBACK")
+                    self._rollback(conn)
                     return
+                if self._failed is not None:
+                    self._rollback(conn)
+                    raise StoreError(f"checkpoint not written: add_pages failed inside the "
+                                     f"with-block ({self._failed}); rolled back")
                 try:
                     self._drain()
                     self._commit(conn)
                 except BaseException:
-                    self._shutdown_inserter()
-                    conn.execute("ROLLBACK")
+                    self._rollback(conn)
                     raise
         finally:
             self._active = False
@@ -1175,13 +1228,23 @@ class CheckpointWriter:
                 self._wal_fd = None
             st._wlock.release()
 
-    def _shutdown_inserter(self) -> None:
-        """Before a rollback: let the inserts in flight finish (their errors
-        no longer matter), so nothing touches the connection concurrently."""
-        try:
-            self._drain()
-        except BaseException:  # noqa: BLE001 - the transaction is rolled back anyway
-            pass
+    def _rollback(self, conn) -> None:
+        """Let the inserts in flight finish first (their errors no longer
+        matter; an interrupt while waiting still waits for them), so nothing
+        touches the connection concurrently; then roll back unless SQLite
+        already did (a failed COMMIT can end the transaction itself)."""
+        interrupted = None
+        while self._inserts:
+            try:
+                self._drain()
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupted = exc
+            except BaseException:  # noqa: BLE001 - the transaction is rolled back anyway
+                pass
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if interrupted is not None:
+            raise interrupted
 
     def _commit(self, conn) -> None:
         st = self._store
@@ -1245,6 +1308,9 @@ class CheckpointWriter:
              codec.digest_to_bytes(digest)))
         conn.execute("UPDATE meta SET value = ? WHERE key = 'next_checkpoint_id'",
                      (str(self.id + 1),))
+        conn.execute("INSERT INTO meta(key, value) VALUES ('next_blob_id', ?) "
+                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                     (str(self._next_blob),))
         conn.execute("COMMIT")
         st._wal.poke()
         self.stats = stats

@@ -322,12 +322,12 @@ def flip_with_valid_checksums(path, pack, offset):
         first, n, codecs, bases, hashes, ends, crcs = c.execute(
             "SELECT first, n, codecs, bases, hashes, ends, crcs FROM packs WHERE id = ?",
             (pack,)).fetchone()
+        head = np.array([pack, first, n], "<i8").tobytes()
         data = c.execute("SELECT data FROM pack_data WHERE id = ?", (pack,)).fetchone()[0]
         e = np.frombuffer(ends, "<u4").tolist()
         crcs = np.array([xxhash.xxh3_64_intdigest(data[(e[i - 1] if i else 0):e[i]])
                          for i in range(n)], "<u8").tobytes()
         m63 = 2**63 - 1
-        mchk = xxhash.xxh3_64_intdigest(np.array([first, n], "<i8").tobytes() + codecs + bases
-                                        + hashes + ends + crcs) & m63
+        mchk = xxhash.xxh3_64_intdigest(head + codecs + bases + hashes + ends + crcs) & m63
         c.execute("UPDATE packs SET crcs = ?, mchk = ?, crc = ? WHERE id = ?",
                   (crcs, mchk, xxhash.xxh3_64_intdigest(data) & m63, pack))
