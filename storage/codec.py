@@ -1,9 +1,10 @@
-"""Page codecs, content hashes and the per-checkpoint image digest.
+"""Codec numbers, content hashes, check values and the image digest.
 
-Costs per 4 KiB page that shaped this module (storage-notes.md): xxh3_128 is
+Costs per 4 KiB page that shaped the store (storage-notes.md): xxh3_128 is
 0.18 µs, LZ4 block compression 7 µs, decompression ~1.3 µs, and one
 python-lz4 call has ~1 µs of fixed cost.  So: one C call per page for hashing
 and compression, numpy for everything that can see the whole batch at once.
+Encoding lives in the writer (store.py), decoding in packs.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import lz4.block
 import numpy as np
 import xxhash
 
-from .errors import CorruptionError
-
 PAGE_SIZE = 4096
 
 #: Stored verbatim (4096 bytes); used when LZ4 would not shrink the page
@@ -21,8 +20,8 @@ PAGE_SIZE = 4096
 CODEC_RAW = 0
 #: LZ4 block format, no size prefix (the size is always 4096).
 CODEC_LZ4 = 1
-#: LZ4 block compressed with ``dict=`` the decoded content of ``blobs.base``,
-#: which is always a RAW or LZ4 blob (delta depth <= 1).
+#: LZ4 block compressed with ``dict=`` the decoded content of the blob's
+#: base, which is always a RAW or LZ4 blob (delta depth <= 1).
 CODEC_LZ4_DELTA = 2
 
 CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_LZ4_DELTA: "lz4-delta"}
@@ -30,12 +29,9 @@ CODEC_NAMES = {CODEC_RAW: "raw", CODEC_LZ4: "lz4", CODEC_LZ4_DELTA: "lz4-delta"}
 ZERO_PAGE = bytes(PAGE_SIZE)
 content_hash = xxhash.xxh3_128_digest
 #: The content hash of the all-zero page.  Zero pages are never stored as
-#: blobs (versions.blob IS NULL); this is the hash ``history()`` reports for them.
+#: blobs (blob 0 in a map); this is the hash ``history()`` reports for them.
 ZERO_HASH: bytes = content_hash(ZERO_PAGE)
 ZERO_HASH_HEX: str = ZERO_HASH.hex()
-#: Checksum of the stored (encoded) bytes: catches flips that decode to the
-#: same content by accident, e.g. in an LZ4 match offset over a run of zeros.
-stored_checksum = xxhash.xxh3_64_digest
 
 _MASK128 = (1 << 128) - 1
 MASK63 = (1 << 63) - 1
@@ -46,73 +42,10 @@ def check63(*parts) -> int:
     """xxh3_64 of the concatenated byte strings, 63 bits (an SQLite INTEGER):
     the check value of a pack's metadata, its data, and a page map."""
     return _xxh64(b"".join(parts)) & MASK63
+
+
 _compress = lz4.block.compress
 _decompress = lz4.block.decompress
-
-
-def encode(page, dict_page: bytes | None):
-    """Encode one page; return ``(codec, data)``, the smallest of raw, LZ4 and
-    (when ``dict_page`` is given) LZ4 with the previous version as dictionary."""
-    data = _compress(page, store_size=False)
-    codec = CODEC_LZ4
-    if len(data) >= PAGE_SIZE:
-        data, codec = bytes(page), CODEC_RAW
-    if dict_page is not None:
-        delta = _compress(page, store_size=False, dict=dict_page)
-        if len(delta) < len(data):
-            data, codec = delta, CODEC_LZ4_DELTA
-    return codec, data
-
-
-def delta(page, dict_page: bytes) -> bytes:
-    """LZ4 of ``page`` with the previous version of the page as dictionary."""
-    return _compress(page, store_size=False, dict=dict_page)
-
-
-def decode(codec: int, data: bytes, dict_page: bytes | None = None) -> bytes:
-    """Decode one stored blob.  Raises ``ValueError`` (or lz4's error, a
-    subclass of it) on undecodable input; callers check the content hash."""
-    if codec == CODEC_LZ4:
-        return _decompress(data, uncompressed_size=PAGE_SIZE)
-    if codec == CODEC_RAW:
-        return data
-    if codec == CODEC_LZ4_DELTA:
-        if dict_page is None:
-            raise ValueError("delta blob without its dictionary")
-        return _decompress(data, uncompressed_size=PAGE_SIZE, dict=dict_page)
-    raise ValueError(f"unknown codec {codec}")
-
-
-def decode_checked(codec, data, crc, expect_hash, dict_page=None, *,
-                   checkpoint=None, page=None, blob=None) -> bytes:
-    """``decode`` plus both checks; a mismatch raises ``CorruptionError``
-    naming the checkpoint, page and blob, so wrong bytes never escape."""
-    if stored_checksum(data) != crc:
-        where = _where(checkpoint, page, blob)
-        raise CorruptionError(f"{where}: stored bytes fail their checksum",
-                              checkpoint=checkpoint, page=page, blob=blob)
-    try:
-        out = decode(codec, data, dict_page)
-    except Exception as exc:  # lz4.block.LZ4BlockError and friends
-        where = _where(checkpoint, page, blob)
-        raise CorruptionError(f"{where}: cannot decode ({exc})",
-                              checkpoint=checkpoint, page=page, blob=blob) from None
-    if len(out) != PAGE_SIZE or content_hash(out) != expect_hash:
-        where = _where(checkpoint, page, blob)
-        raise CorruptionError(f"{where}: content does not match its hash",
-                              checkpoint=checkpoint, page=page, blob=blob)
-    return out
-
-
-def _where(checkpoint, page, blob) -> str:
-    parts = []
-    if checkpoint is not None:
-        parts.append(f"checkpoint {checkpoint}")
-    if page is not None:
-        parts.append(f"page {page}")
-    if blob is not None:
-        parts.append(f"blob {blob}")
-    return ", ".join(parts) or "blob"
 
 
 # --- image digest -----------------------------------------------------------
