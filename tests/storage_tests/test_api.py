@@ -419,12 +419,16 @@ def test_durable_writes_with_early_wal_flushes(store_path, monkeypatch):
     import storage.store as store_mod
     monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
     monkeypatch.setattr(store_mod, "PACK_BYTES", 1)       # a pack per 256 contents
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(store_mod.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
     rng = np.random.default_rng(11)
     img = random_pages(rng, 1024, "text")
     with Store.create(store_path, {"mem_size": 1024 * PAGE}, synchronous="FULL") as st_:
         with st_.checkpoint(None, {"step": 0}) as w:
             w.add_pages(np.arange(1024), img)
         assert w.stats["packs"] == 4
+    assert len(synced) == 4                                # one early flush per pack
     with Store.open(store_path, readonly=True) as ro:
         out = np.empty((1024, PAGE), np.uint8)
         ro.materialize(0, out)
