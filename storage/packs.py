@@ -21,6 +21,7 @@ import xxhash
 
 from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, PAGE_SIZE, ZERO_HASH,
                     _decompress, check63, content_hash)
+from . import pageloops
 from .errors import CorruptionError
 
 _HEAD = np.dtype("<i8")
@@ -230,8 +231,10 @@ def _first_available():
     return "python-lz4", (None, None)
 
 
-#: Which decoder reads use ("cffi", "ctypes" or "python-lz4").
+#: Which decoder the Python loops use ("cffi", "ctypes" or "python-lz4").
 DECODER, (_DEC, _DEC_DICT) = _first_available()
+#: Reads decode whole packs in C (storage.pageloops) when it is built.
+_USE_NATIVE = pageloops.NATIVE
 
 
 def _address(data: bytes) -> int:
@@ -286,14 +289,58 @@ def _decode_deltas(data: bytes, st: np.ndarray, ln, dst, dict_at) -> bool:
     return got.count(P) == len(got)
 
 
-def _hashes(views, which, offs) -> bytes:
-    """Content hashes of decoded pages at ``offs`` in ``views[which[i]]``
-    (``which`` empty: all in ``views[0]``, the output)."""
-    h, P = content_hash, PAGE_SIZE
-    if not any(which):                      # all in ``out``: the common case
-        mv = views[0]
-        return b"".join([h(mv[o:o + P]) for o in offs])
-    return b"".join([h(views[w][o:o + P]) for w, o in zip(which, offs)])
+def _hashes(out: np.ndarray, offs) -> bytes:
+    """Content hashes of the decoded pages at byte offsets ``offs`` of ``out``."""
+    h, P, mv = content_hash, PAGE_SIZE, memoryview(out)
+    return b"".join([h(mv[o:o + P]) for o in offs])
+
+
+#: Reads of at least this many blobs decode on two threads (C loops only).
+_PARALLEL_MIN = 4096
+_pool = None
+
+
+class _Jobs:
+    """Runs the job of pack ``pid`` inline, or on a two-thread pool with at
+    most four packs in flight, after the jobs of packs ``<= after`` (those
+    holding its deltas' bases) have finished.  On leaving, waits for all
+    (nothing may still write into the caller's array) and raises the first
+    job's error."""
+
+    def __init__(self, parallel: bool) -> None:
+        global _pool
+        self.parallel = parallel
+        if parallel and _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="snapctl-decode")
+        self.pending: list = []
+
+    def run(self, pid: int, fn, *args, after: int = 0) -> None:
+        if not self.parallel:
+            fn(*args)
+            return
+        k = next((i for i, (p, _) in enumerate(self.pending) if p > after), len(self.pending))
+        self._wait(max(k, len(self.pending) - 3))
+        self.pending.append((pid, _pool.submit(fn, *args)))
+
+    def _wait(self, k: int) -> None:
+        done, self.pending = self.pending[:k], self.pending[k:]
+        for _, f in done:
+            f.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        errors = []
+        for _, f in self.pending:
+            try:
+                f.result()
+            except BaseException as e:     # noqa: BLE001 -- re-raised below
+                errors.append(e)
+        self.pending = []
+        if errors and exc[0] is None:
+            raise errors[0]
 
 
 def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np.ndarray,
@@ -302,9 +349,9 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     C-contiguous uint8 array ``out`` at byte offsets ``offs``, checking every
     pack's checksum and every page's content hash; raise ``CorruptionError``
     naming the checkpoint, page (``pages[i]`` for ``blobs[i]``) and blob
-    otherwise.  Deltas are decoded after the plain blobs, against their base:
-    read from ``out`` when the base is among ``blobs``, else decoded into a
-    side buffer first."""
+    otherwise.  Offsets are multiples of 4096.  Deltas are decoded after the
+    plain blobs of their pack, against their base: read from ``out`` when the
+    base is among ``blobs``, else decoded first into the delta's own page."""
     blobs = np.asarray(blobs, np.int64)
     offs = np.asarray(offs, np.int64)
     if pages is None:
@@ -340,11 +387,13 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                               blob=int(blobs[i]))
     is_delta = codec == CODEC_LZ4_DELTA
 
-    # Delta dictionaries: the address of each delta's base content -- in
-    # ``out`` if the base is among ``blobs``, else in a side buffer.
-    n_req = len(blobs)
+    # Delta dictionaries: the address of each delta's base content.  A base
+    # among ``blobs`` is read where it lands in ``out``; a base no page of
+    # this read shows is decoded, with its own (older) pack, into the page
+    # of its delta, and that delta then takes its dictionary from its own
+    # page (set aside just before the delta overwrites it).  So a read
+    # writes nothing but ``out``: no side buffer to allocate and fault in.
     dict_addr = np.zeros(len(blobs), np.int64)
-    side = None
     if is_delta.any():
         dj = np.flatnonzero(is_delta)
         bases = cat.base[blobs[dj]]
@@ -364,29 +413,18 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
         where[blobs[plain]] = offs[plain]
         at = where[bases]
         inside = at >= 0
-        if inside.any():
-            dict_addr[dj[inside]] = out.ctypes.data + at[inside]
+        dict_addr[dj] = out.ctypes.data + np.where(inside, at, offs[dj])
         if (~inside).any():
-            # Bases no page of this read shows: decoded into a side buffer in
-            # the same pass over the packs (as extra plain blobs).
-            outside, first = np.unique(bases[~inside], return_index=True)
-            side = np.empty(len(outside) * PAGE_SIZE, np.uint8)
-            dict_addr[dj[~inside]] = side.ctypes.data + \
-                np.searchsorted(outside, bases[~inside]) * PAGE_SIZE
-            k = len(outside)
-            blobs = np.concatenate((blobs, outside))
-            pages = np.concatenate((pages, pages[dj[~inside]][first]))
-            offs = np.concatenate((offs, np.arange(k) * PAGE_SIZE))
+            k = int((~inside).sum())
+            blobs = np.concatenate((blobs, bases[~inside]))
+            pages = np.concatenate((pages, pages[dj[~inside]]))
+            offs = np.concatenate((offs, offs[dj[~inside]]))
             is_delta = np.concatenate((is_delta, np.zeros(k, bool)))
             dict_addr = np.concatenate((dict_addr, np.zeros(k, np.int64)))
-    which = np.zeros(len(blobs), np.int64)                 # 0: out, 1: side
-    which[n_req:] = 1
-    views = [memoryview(out), memoryview(side) if side is not None else None]
-    dst = np.where(which == 0, out.ctypes.data,
-                   side.ctypes.data if side is not None else 0) + offs
+    dst = out.ctypes.data + offs
 
     # One pass of numpy for every blob, in (pack, plain-before-delta, offset)
-    # order; the per-pack loop below only slices Python lists.
+    # order; the per-pack loop below only slices.
     bpack = cat.pack[blobs]
     # (pack, plain before delta, offset) as one int64 key: one argsort is
     # faster than a three-key lexsort (packs < 2**30, offsets < 2**32).
@@ -400,50 +438,76 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     pids = pk_o[starts].tolist()
     bound_of = dict(zip(pids, zip(starts, mids, stops)))
     st_a = cat.start[bo]
-    ln_l = (cat.end[bo] - st_a).tolist()
-    cd_l, of_l, dst_l = cat.codec[bo].tolist(), offs[order].tolist(), dst[order].tolist()
-    da_o, wh_o = dict_addr[order], which[order]        # sliced per pack where needed
-    hb = cat.hash[bo].tobytes()
+    ln_a = cat.end[bo] - st_a
+    cd_a, dst_a, da_a = cat.codec[bo], dst[order], dict_addr[order]
+    hash_a = cat.hash[bo]
     # A delta's base is a blob of the parent image, so it lives in an older
     # pack, which this pass (in pack id order) has decoded already: deltas
     # are decoded with their own pack.  (Keeping packs with deltas for a
     # second pass held their data alive, made every later row a fresh
     # allocation, and those first-touch faults cost ~0.08 s per GiB.)
     base_pack = np.where(is_delta[order], cat.pack[np.where(is_delta[order], cat.base[bo], 0)], -1)
-    no_side = side is None
+
+    def fail(data, lo, hi, k):
+        """Name the damage in the pack's blobs lo..hi (k: first suspect, or None)."""
+        import ctypes
+        sel = range(lo, hi) if k is None else range(lo + k, lo + k + 1)
+        dicts = [ctypes.string_at(int(da_a[i]), PAGE_SIZE) if cd_a[i] == CODEC_LZ4_DELTA else None
+                 for i in sel]
+        _raise_first_bad(cat, order[list(sel)], blobs, data, dicts, ckpt, page_of)
+
+    if _USE_NATIVE:
+        def decode(data, lo, mid, hi):
+            src = np.frombuffer(data, np.uint8).ctypes.data + st_a[lo:hi]
+            k = pageloops.decode(src, ln_a[lo:hi], cd_a[lo:hi], dst_a[lo:hi], da_a[lo:hi],
+                                 hash_a[lo:hi])
+            if k >= 0:
+                fail(data, lo, hi, k)
+    else:
+        ln_l, cd_l, dst_l = ln_a.tolist(), cd_a.tolist(), dst_a.tolist()
+        of_l = offs[order].tolist()
+        hb = hash_a.tobytes()
+        rows = out[:out.size - out.size % PAGE_SIZE].reshape(-1, PAGE_SIZE)
+
+        def decode(data, lo, mid, hi):
+            if mid > lo and (not _decode_plain(data, st_a[lo:mid], ln_l[lo:mid], cd_l[lo:mid],
+                                               dst_l[lo:mid])
+                             or _hashes(out, of_l[lo:mid]) != hb[lo * 16:mid * 16]):
+                fail(data, lo, mid, None)
+            if hi > mid:
+                da = da_a[mid:hi].copy()
+                own = da == dst_a[mid:hi]
+                if own.any():               # dictionary = the delta's own page: set it aside
+                    aside = rows[(np.asarray(of_l[mid:hi])[own]) // PAGE_SIZE]
+                    da[own] = aside.ctypes.data + np.arange(len(aside)) * PAGE_SIZE
+                if not _decode_deltas(data, st_a[mid:hi], ln_l[mid:hi], dst_l[mid:hi], da.tolist()) \
+                        or _hashes(out, of_l[mid:hi]) != hb[mid * 16:hi * 16]:
+                    if own.any():
+                        rows[np.asarray(of_l[mid:hi])[own] // PAGE_SIZE] = aside
+                    fail(data, mid, hi, None)
+
+    # In C, packs decode on two threads (the GIL is released) while this one
+    # reads the next rows; a pack with deltas first waits for every pack
+    # before it, where its bases are.
+    jobs = _Jobs(_USE_NATIVE and len(blobs) >= _PARALLEL_MIN)
     seen = set()
-
-    def which_of(lo, hi):
-        return () if no_side else wh_o[lo:hi].tolist()
-
-    def deltas(data, lo, hi):
-        da = da_o[lo:hi].tolist()
-        if not _decode_deltas(data, st_a[lo:hi], ln_l[lo:hi], dst_l[lo:hi], da) \
-                or _hashes(views, which_of(lo, hi), of_l[lo:hi]) != hb[lo * 16:hi * 16]:
-            import ctypes
-            dicts = [ctypes.string_at(a, PAGE_SIZE) for a in da]
-            _raise_first_bad(cat, order[lo:hi], blobs, data, dicts, ckpt, page_of)
-
-    for pid, data in conn.execute("SELECT id, data FROM pack_data WHERE id IN "
-                                  "(SELECT value FROM json_each(?)) ORDER BY id",
-                                  (json.dumps(pids),)):
-        lo, mid, hi = bound_of[pid]
-        seen.add(pid)
-        info = cat.packs[pid]
-        if not isinstance(data, bytes) or len(data) != info.size or check63(data) != info.crc:
-            _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
-        if mid > lo:
-            if not _decode_plain(data, st_a[lo:mid], ln_l[lo:mid], cd_l[lo:mid], dst_l[lo:mid]) \
-                    or _hashes(views, which_of(lo, mid), of_l[lo:mid]) != hb[lo * 16:mid * 16]:
-                _raise_first_bad(cat, order[lo:mid], blobs, data, None, ckpt, page_of)
-        if hi > mid:
-            if base_pack[mid:hi].max() >= pid:           # only metadata damage can do this
+    with jobs:
+        for pid, data in conn.execute("SELECT id, data FROM pack_data WHERE id IN "
+                                      "(SELECT value FROM json_each(?)) ORDER BY id",
+                                      (json.dumps(pids),)):
+            lo, mid, hi = bound_of[pid]
+            seen.add(pid)
+            info = cat.packs[pid]
+            if not isinstance(data, bytes) or len(data) != info.size or check63(data) != info.crc:
+                _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
+            if hi > mid and base_pack[mid:hi].max() >= pid:     # only metadata damage can do this
                 i = int(order[mid + int(np.argmax(base_pack[mid:hi]))])
                 raise CorruptionError(
                     f"{_where(ckpt, page_of(i), int(blobs[i]))}: delta base blob "
                     f"{int(cat.base[blobs[i]])} is not older than the delta",
                     checkpoint=ckpt, page=page_of(i), blob=int(blobs[i]))
-            deltas(data, mid, hi)
+            jobs.run(pid, decode, data, lo, mid, hi,
+                     after=int(base_pack[mid:hi].max()) if hi > mid else 0)
     if len(seen) != len(pids):
         pid = min(set(pids) - seen)
         i = int(order[bound_of[pid][0]])

@@ -3,6 +3,7 @@ wrong bytes are never returned."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import numpy as np
@@ -281,16 +282,26 @@ def test_damaged_sqlite_pages_are_store_errors_never_wrong_bytes(damaged_store, 
             assert rep is None or all(isinstance(p, str) and p for p in rep.problems)
 
 
-@pytest.mark.parametrize("kind", ["cffi", "ctypes", "python-lz4"])
+@pytest.mark.parametrize("kind", ["native-threads", "native", "cffi", "ctypes", "python-lz4"])
 def test_every_decoder_path_reads_right_and_catches_damage(damaged_store, monkeypatch, kind):
-    """Reads use LZ4's C decoder through cffi, else ctypes, else python-lz4
-    plus a copy; each path returns the right bytes and refuses damage."""
-    from storage import packs
-    pair = packs.lz4_entry_points(kind) if kind != "python-lz4" else (None, None)
-    if kind != "python-lz4":
-        assert pair[0] is not None, f"{kind} decoder not available here"
-    monkeypatch.setattr(packs, "_DEC", pair[0])
-    monkeypatch.setattr(packs, "_DEC_DICT", pair[1])
+    """Reads decode whole packs in C (storage.pageloops; on two threads for
+    large reads), else call LZ4's C decoder per page through cffi, else
+    ctypes, else python-lz4 plus a copy; each path returns the right bytes
+    and refuses damage."""
+    from storage import packs, pageloops
+    if kind.startswith("native"):
+        if os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0"):
+            pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
+        assert pageloops.NATIVE, f"C page loops not built: {pageloops.KIND}"
+        monkeypatch.setattr(packs, "_USE_NATIVE", True)
+        monkeypatch.setattr(packs, "_PARALLEL_MIN", 1 if kind == "native-threads" else 10**9)
+    else:
+        pair = packs.lz4_entry_points(kind) if kind != "python-lz4" else (None, None)
+        if kind != "python-lz4":
+            assert pair[0] is not None, f"{kind} decoder not available here"
+        monkeypatch.setattr(packs, "_USE_NATIVE", False)
+        monkeypatch.setattr(packs, "_DEC", pair[0])
+        monkeypatch.setattr(packs, "_DEC_DICT", pair[1])
     st_, path, images = damaged_store
     out = np.zeros((N, PAGE), np.uint8)
     for ckpt, img in images.items():

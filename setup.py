@@ -1,0 +1,15 @@
+"""Builds the optional C page loops (storage/native/pagecodec.c) with cffi.
+
+Everything else is in pyproject.toml.  ``optional=True``: without a C
+compiler the install still succeeds and the store uses its pure-Python loops
+(``storage.packs.NATIVE`` says which)."""
+import runpy
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+ffibuilder = runpy.run_path(str(here / "storage" / "native" / "build.py"))["ffibuilder"]
+ext = ffibuilder.distutils_extension(tmpdir=str(here / "build" / "cffi"))
+ext.optional = True
+setup(ext_modules=[ext])
