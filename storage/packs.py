@@ -297,7 +297,6 @@ def _hashes(out: np.ndarray, offs) -> bytes:
 
 #: Reads of at least this many blobs decode on two threads (C loops only).
 _PARALLEL_MIN = 4096
-_pool = None
 
 
 class _Jobs:
@@ -308,11 +307,7 @@ class _Jobs:
     job's error."""
 
     def __init__(self, parallel: bool) -> None:
-        global _pool
         self.parallel = parallel
-        if parallel and _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="snapctl-decode")
         self.pending: list = []
 
     def run(self, pid: int, fn, *args, after: int = 0) -> None:
@@ -321,7 +316,7 @@ class _Jobs:
             return
         k = next((i for i, (p, _) in enumerate(self.pending) if p > after), len(self.pending))
         self._wait(max(k, len(self.pending) - 3))
-        self.pending.append((pid, _pool.submit(fn, *args)))
+        self.pending.append((pid, pageloops.pool().submit(fn, *args)))
 
     def _wait(self, k: int) -> None:
         done, self.pending = self.pending[:k], self.pending[k:]

@@ -36,7 +36,11 @@ def _load():
         xxlib = ctypes.CDLL(xxhash._xxhash.__file__)
         addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
         fns = (addr(lz4lib.LZ4_decompress_safe), addr(lz4lib.LZ4_decompress_safe_usingDict),
-               addr(lz4lib.LZ4_compress_default), addr(xxlib.XXH3_128bits))
+               addr(xxlib.XXH3_128bits),
+               np.array([addr(f) for f in (lz4lib.LZ4_compress_default, lz4lib.LZ4_createStream,
+                                           lz4lib.LZ4_freeStream, lz4lib.LZ4_loadDict,
+                                           lz4lib.LZ4_compress_fast_continue, xxlib.XXH3_64bits)],
+                        np.uint64))
     except (OSError, AttributeError, ImportError) as exc:
         return None, f"pure Python (LZ4/xxh3 entry points not found: {exc})"
     return (_pagecodec.lib, fns), "C (storage._pagecodec)"
@@ -45,7 +49,7 @@ def _load():
 _NATIVE, KIND = _load()
 NATIVE = _NATIVE is not None
 if NATIVE:
-    _lib, (_DEC, _DEC_DICT, _COMP, _H128) = _NATIVE
+    _lib, (_DEC, _DEC_DICT, _H128, _ENC_FNS) = _NATIVE
 
 
 def _p(a: np.ndarray) -> int:
@@ -69,24 +73,81 @@ def decode(src: np.ndarray, length: np.ndarray, codec: np.ndarray, dst: np.ndarr
                               _DEC, _DEC_DICT, _H128))
 
 
-def hash_pages(pages: np.ndarray) -> np.ndarray:
-    """Content hashes (n x 16 uint8) of the C-contiguous n x 4096 pages."""
-    pages = np.ascontiguousarray(pages, np.uint8).reshape(-1, PAGE_SIZE)
-    out = np.empty((len(pages), 16), np.uint8)
-    _lib.pc_hash(len(pages), _p(pages), _p(out), _H128)
+def hash_pages(pages: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Content hashes (n x 16 uint8) of the pages ``pages[idx]`` (all when
+    ``idx`` is None) of the C-contiguous array of 4096-byte rows."""
+    pages = _rows(pages)
+    idx = np.arange(len(pages)) if idx is None else _index(idx, len(pages))
+    out = np.empty((len(idx), 16), np.uint8)
+    _lib.pc_hash(len(idx), _p(pages), _p(idx), _p(out), _H128)
     return out
 
 
-def compress(pages: np.ndarray, idx: np.ndarray, limit: int = PAGE_SIZE) -> tuple[bytes, np.ndarray]:
-    """LZ4 of the pages ``pages[idx]`` back to back, and each one's size (0
-    where it would not be smaller than ``limit`` bytes: not kept).
-    Releases the GIL."""
-    pages = np.ascontiguousarray(pages, np.uint8).reshape(-1, PAGE_SIZE)
+def scan(pages: np.ndarray, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the C-contiguous 4096-byte rows ``pages``: the number of
+    non-zero 8-byte words of each (0: a zero page) and the content hash of
+    each non-zero one (n x 16; zero rows for zero pages).  Split over
+    ``threads`` threads (GIL released)."""
+    pages = _rows(pages)
+    n = len(pages)
+    words = np.empty(n, np.int64)
+    hashes = np.zeros((n, 16), np.uint8)
+    idx = np.arange(n, dtype=np.int64)
+
+    def part(lo, hi):
+        _lib.pc_scan(hi - lo, _p(pages), _p(idx[lo:]), _p(words[lo:]), _p(hashes[lo:]), _H128)
+
+    cuts = np.linspace(0, n, max(1, min(threads, n // 1024)) + 1).astype(int).tolist()
+    if len(cuts) == 2:
+        part(0, n)
+    else:
+        for f in [pool().submit(part, lo, hi) for lo, hi in zip(cuts, cuts[1:])]:
+            f.result()
+    return words, hashes
+
+
+def encode(pages: np.ndarray, idx: np.ndarray, dict_at: np.ndarray):
+    """Encode the pages ``pages[idx]`` back to back: LZ4 with the 4096 bytes at
+    address ``dict_at[i]`` as dictionary where that is not 0, plain LZ4
+    elsewhere, raw where LZ4 does not shrink the page.  Returns (bytes,
+    codec, size, crc) with one codec, stored size and xxh3_64 of the stored
+    bytes per page.  Releases the GIL."""
+    pages = _rows(pages)
+    idx = _index(idx, len(pages))
+    dict_at = np.ascontiguousarray(dict_at, np.int64)
+    n = len(idx)
+    assert len(dict_at) == n
+    buf = np.empty(max(1, n * PAGE_SIZE), np.uint8)
+    codec = np.empty(n, np.uint8)
+    size = np.empty(n, np.int64)
+    crc = np.empty(n, np.uint64)
+    used = int(_lib.pc_encode(n, _p(pages), _p(idx), _p(dict_at), _p(buf), _p(codec), _p(size),
+                              _p(crc), _p(_ENC_FNS)))
+    if used < 0:
+        raise MemoryError("LZ4 could not allocate a compression stream")
+    return buf[:used].tobytes(), codec, size, crc
+
+
+def _rows(pages: np.ndarray) -> np.ndarray:
+    if not (isinstance(pages, np.ndarray) and pages.dtype == np.uint8 and pages.flags.c_contiguous):
+        raise ValueError("pages must be a C-contiguous uint8 array")
+    return pages.reshape(-1, PAGE_SIZE)
+
+
+def _index(idx, n: int) -> np.ndarray:
     idx = np.ascontiguousarray(idx, np.int64)
-    assert idx.size == 0 or (idx.min() >= 0 and idx.max() < len(pages))
-    size = np.empty(len(idx), np.int64)
-    out = np.empty(max(1, len(idx) * limit), np.uint8)
-    used = int(_lib.pc_compress(len(idx), _p(pages), _p(idx), _p(out), out.size, _p(size),
-                                limit, _COMP))
-    assert used >= 0, used
-    return out[:used].tobytes(), size
+    if idx.ndim != 1 or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+        raise IndexError("page index out of range")
+    return idx
+
+
+_pool = None
+
+
+def pool():
+    """The two threads the C loops run on (shared by reads and writes)."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(2, thread_name_prefix="snapctl-pages")
+    return _pool

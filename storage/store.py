@@ -24,6 +24,7 @@ read committed checkpoints while a worker thread writes the next one.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import os
@@ -39,7 +40,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import codec, schema
+from . import codec, pageloops, schema
 from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, content_hash
 from .errors import (CorruptionError, InvalidArgumentError, StoreError,
                      UnknownCheckpointError)
@@ -52,6 +53,11 @@ _VIEW_CACHE_SIZE = 4
 #: ~1 MiB row several times faster than a 20 MiB one, and prune frees space
 #: per pack ...
 PACK_PAGES = 256
+#: Pages one C encoding job takes (its blobs then go to packs PACK_PAGES at a
+#: time): fewer, larger jobs keep the two threads busy.
+ENCODE_PAGES = 4 * PACK_PAGES
+#: Writers hash and encode in C (storage.pageloops) when it is built.
+_USE_NATIVE = True
 #: ... joined into one pack row until it holds this many bytes.
 PACK_BYTES = 1 << 20
 #: A page is stored as an LZ4-dictionary delta against its previous version
@@ -815,6 +821,59 @@ def _chmod_sidecars(path: str) -> None:
             pass
 
 
+def _encode_py(data: np.ndarray, rows: np.ndarray, use: np.ndarray, base: np.ndarray,
+               dict_of: dict) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """The pure-Python twin of ``pageloops.encode``: pages ``data[rows]``,
+    LZ4-delta against ``dict_of[base]`` where ``use``, else LZ4, raw where
+    that does not shrink a page.  Returns (bytes, codecs, lengths, crcs)."""
+    c, P = codec._compress, PAGE_SIZE
+    flat = memoryview(data.reshape(-1))
+    rl = rows.tolist()
+    enc = [c(flat[i * P:(i + 1) * P], store_size=False, dict=dict_of[b]) if u
+           else c(flat[i * P:(i + 1) * P], store_size=False)
+           for i, u, b in zip(rl, use.tolist(), base.tolist())]
+    codecs = np.where(use, CODEC_LZ4_DELTA, CODEC_LZ4).astype(np.uint8)
+    lens = np.fromiter(map(len, enc), np.int64, len(enc))
+    for k in np.flatnonzero(lens >= P).tolist():      # incompressible: raw
+        enc[k] = flat[rl[k] * P:(rl[k] + 1) * P]
+        codecs[k], lens[k] = CODEC_RAW, P
+    crcs = np.fromiter(map(blob_crc, enc), np.uint64, len(enc))
+    return b"".join(enc), codecs, lens, crcs
+
+
+def _split_chunks(results, size: int):
+    """Each (bytes, codecs, lengths, crcs) of ``results`` as runs of ``size`` blobs."""
+    for blob, codecs, lens, crcs in results:
+        ends = np.cumsum(lens).tolist()
+        for lo in range(0, len(lens), size):
+            hi = min(len(lens), lo + size)
+            yield (blob[(ends[lo - 1] if lo else 0):ends[hi - 1]], codecs[lo:hi], lens[lo:hi],
+                   crcs[lo:hi])
+
+
+def _in_order(pool, fn, args_iter, ahead: int = 4):
+    """``fn(*args)`` for each args on ``pool``, results yielded in order, at
+    most ``ahead`` running at once; on leaving early, waits for those."""
+    from collections import deque
+    running: deque = deque()
+    try:
+        for args in args_iter:
+            running.append(pool.submit(fn, *args))
+            if len(running) >= ahead:
+                yield running.popleft().result()
+        while running:
+            yield running.popleft().result()
+    finally:
+        for f in running:
+            f.cancel()
+        for f in running:
+            if not f.cancelled():
+                try:
+                    f.result()
+                except BaseException:     # noqa: BLE001 -- the first error is already raised
+                    pass
+
+
 class CheckpointWriter:
     """Writes one checkpoint inside one transaction (see ``Store.checkpoint``)."""
 
@@ -900,6 +959,7 @@ class CheckpointWriter:
         self._inserts: list = []
         self._unsynced = 0
         self._wal_fd: int | None = None
+        self._native = pageloops.NATIVE and _USE_NATIVE
         self._dicts = st._dict_cache(cat)         # blob id -> decoded page, from recent writes
         self._next_dicts = _DictCache()
         self._states: dict[str, bytes] = {}
@@ -962,16 +1022,28 @@ class CheckpointWriter:
         stats = self.stats
         n = len(pn)
         flat = memoryview(data.reshape(-1))
-        nz = np.flatnonzero(data.view(np.uint64).any(axis=1))
+        if self._native:
+            # One pass in C on two threads: non-zero words and content hash of
+            # each page (16-byte keys straight from numpy, no slicing loop).
+            words, all_hashes = pageloops.scan(data)
+            nz = np.flatnonzero(words)
+            hashes = all_hashes[nz].view("V16").ravel().tolist()
+        else:
+            words = None
+            nz = np.flatnonzero(data.view(np.uint64).any(axis=1))
+            h = content_hash
+            hashes = [h(flat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in nz.tolist()]
         stats["zero_pages"] += n - len(nz)
 
-        # One xxh3_128 per non-zero page; dedup against the whole store and
-        # this checkpoint through dicts (~0.1 us a page).
-        h = content_hash
-        nzl = nz.tolist()
-        hashes = [h(flat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in nzl]
-        old, new = self._index.get, self._new_index
-        ids = np.fromiter([old(x) or new.get(x) or 0 for x in hashes], np.int64, len(hashes))
+        # Dedup against the whole store, then against this checkpoint's
+        # earlier batches, through dicts (map() in C, ~0.1 us a page).
+        new = self._new_index
+        ids = np.fromiter(map(self._index.get, hashes, itertools.repeat(0)), np.int64, len(hashes))
+        if new:
+            miss = np.flatnonzero(ids == 0)
+            if len(miss):
+                ids[miss] = np.fromiter(map(new.get, [hashes[k] for k in miss.tolist()],
+                                            itertools.repeat(0)), np.int64, len(miss))
         cat = self._cat
         known = (ids > 0) & (ids < cat.n)
         if known.any():
@@ -981,26 +1053,33 @@ class CheckpointWriter:
             dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
                                          & ~cat.known(cat.base[ids[k]]))
             ids[k[dead]] = 0
-        fresh = np.flatnonzero(ids == 0).tolist()
-        new_k: list = []                             # first row of each new content
-        if fresh:
+        fresh_a = np.flatnonzero(ids == 0)
+        new_k = fresh_a                              # first row of each new content
+        if len(fresh_a):
             # Distinct new contents in first-seen order, their ids and first
             # rows -- dict operations in C, no per-page Python statements.
-            fh = [hashes[k] for k in fresh]
-            uniq = list(dict.fromkeys(fh))
+            fresh = fresh_a.tolist()
+            fh = hashes if len(fresh) == len(hashes) else [hashes[k] for k in fresh]
             first = self._next_blob
-            got = dict(zip(uniq, range(first, first + len(uniq))))
-            first_row = dict(zip(reversed(fh), reversed(fresh)))
-            new_k = list(map(first_row.__getitem__, uniq))
-            ids[fresh] = list(map(got.__getitem__, fh))
+            got = dict(zip(fh, range(first, first + len(fh))))
+            if len(got) == len(fh):                  # all distinct: the common case
+                uniq = fh
+                ids[fresh_a] = np.arange(first, first + len(fh))
+            else:
+                uniq = list(dict.fromkeys(fh))
+                got = dict(zip(uniq, range(first, first + len(uniq))))
+                first_row = dict(zip(reversed(fh), reversed(fresh)))
+                new_k = np.array(list(map(first_row.__getitem__, uniq)), np.int64)
+                ids[fresh_a] = list(map(got.__getitem__, fh))
             new.update(got)
             self._new_hashes.extend(uniq)
             self._next_blob += len(uniq)
         new_ids = np.zeros(n, np.int64)
         new_ids[nz] = ids
-        if new_k:
-            self._encode_pack(pn, data, flat, nz[new_k], [hashes[k] for k in new_k],
-                              ids[new_k].tolist())
+        if len(new_k):
+            rows = nz[new_k]
+            self._encode_pack(pn, data, rows, uniq, ids[new_k].tolist(),
+                              None if words is None else words[rows])
 
         changed = new_ids != self._pblob[pn]
         stats["unchanged_pages"] += int(n - changed.sum())
@@ -1008,9 +1087,10 @@ class CheckpointWriter:
         self._blob[pn] = new_ids
         self._written[pn] = True
 
-    def _encode_pack(self, pn, data, flat, rows, hashes, ids) -> None:
+    def _encode_pack(self, pn, data, rows, hashes, ids, words=None) -> None:
         """Encode the new contents at batch ``rows`` (blob ``ids``, increasing
-        and contiguous) into one or more packs.
+        and contiguous; ``words``: their non-zero word counts, if known) into
+        one or more packs.
 
         A page with a non-zero version in the parent image is LZ4-compressed
         with that version (or that version's base, if it is itself a delta:
@@ -1029,10 +1109,13 @@ class CheckpointWriter:
         base = np.where(cat.codec[prev] == CODEC_LZ4_DELTA, cat.base[prev], prev)
         base = np.where(cat.known(base), base, 0)
         cand = np.flatnonzero(base > 0)
-        words = data[rows[cand]].view(np.uint64)           # only pages with a base
-        nonzero = (words != 0).sum(axis=1)
+        if words is None:
+            nonzero = (data[rows[cand]].view(np.uint64) != 0).sum(axis=1)
+        else:
+            nonzero = words[cand]
         dense = nonzero >= DELTA_MIN_WORDS
-        cand, words, nonzero = cand[dense], words[dense], nonzero[dense]
+        cand, nonzero = cand[dense], nonzero[dense]
+        words = data[rows[cand]].view(np.uint64)           # only dense pages with a base
         use = np.zeros(m, bool)
         dict_of: dict[int, bytes] = {}
         if len(cand):
@@ -1044,53 +1127,52 @@ class CheckpointWriter:
                                   np.uint8).reshape(-1, PAGE_SIZE)
             changed = (words != dicts.view(np.uint64)).sum(axis=1)
             use[cand[changed <= np.minimum(DELTA_MAX_CHANGED_WORDS, nonzero // 2)]] = True
-        # Pack by pack: while SQLite inserts one (in the writer's insert
-        # thread, GIL released), this thread compresses the next.  Chunks
-        # of PACK_PAGES are compressed at a time and joined into one pack
-        # until it holds PACK_BYTES (deltas are small: 256 of them are a
-        # ~25 KiB row, and every row a restore touches costs a lookup).
-        c = codec._compress
-        P = PAGE_SIZE
-        rl = rows.tolist()
-        ul, bl = use.tolist(), base.tolist()
+        # Chunks of PACK_PAGES are encoded at a time -- in C on two threads
+        # (GIL released) when storage.pageloops is built -- and joined into
+        # one pack until it holds PACK_BYTES (deltas are small: 256 of them
+        # are a ~25 KiB row, and every row a restore touches costs a
+        # lookup).  While SQLite inserts one pack (in the writer's insert
+        # thread, GIL released too), the next is being encoded.
         dense: list = []                 # plain pages worth keeping as dictionaries
-        # The pack being filled: its first blob id, per-chunk arrays, and
-        # per-blob lists extended in place (no flattening at the end).
-        pend = {"first": None, "arrays": [], "hashes": [], "enc": [], "bytes": 0}
+        # The pack being filled: its first blob id, per-chunk arrays and data.
+        pend = {"first": None, "arrays": [], "hashes": [], "data": [], "bytes": 0}
 
         def flush():
-            if pend["enc"]:
-                codecs, bases, lens = (np.concatenate(x) for x in zip(*pend["arrays"]))
-                self._insert_pack(pend["first"], codecs, bases, pend["hashes"], lens, pend["enc"])
-                pend.update(first=None, arrays=[], hashes=[], enc=[], bytes=0)
+            if pend["data"]:
+                codecs, bases, lens, crcs = (np.concatenate(x) for x in zip(*pend["arrays"]))
+                self._insert_pack(pend["first"], codecs, bases, pend["hashes"], lens, crcs,
+                                  b"".join(pend["data"]))
+                pend.update(first=None, arrays=[], hashes=[], data=[], bytes=0)
 
-        for lo in range(0, m, PACK_PAGES):
+        if self._native:
+            dict_at = np.zeros(m, np.int64)
+            if use.any():
+                dict_at[cand] = dicts.ctypes.data + np.arange(len(cand)) * PAGE_SIZE
+                dict_at[~use] = 0
+            encode = functools.partial(pageloops.encode, data)
+            jobs = _in_order(pageloops.pool(), encode,
+                             ((rows[lo:lo + ENCODE_PAGES], dict_at[lo:lo + ENCODE_PAGES])
+                              for lo in range(0, m, ENCODE_PAGES)))
+            chunks = _split_chunks(jobs, PACK_PAGES)
+        else:
+            chunks = (_encode_py(data, rows[lo:lo + PACK_PAGES], use[lo:lo + PACK_PAGES],
+                                 base[lo:lo + PACK_PAGES], dict_of)
+                      for lo in range(0, m, PACK_PAGES))
+        for lo, (blob, codecs, lens, crcs) in zip(range(0, m, PACK_PAGES), chunks):
             hi = min(m, lo + PACK_PAGES)
-            if use[lo:hi].any():
-                enc = [c(flat[i * P:(i + 1) * P], store_size=False, dict=dict_of[b]) if u
-                       else c(flat[i * P:(i + 1) * P], store_size=False)
-                       for i, u, b in zip(rl[lo:hi], ul[lo:hi], bl[lo:hi])]
-            else:
-                enc = [c(flat[i * P:(i + 1) * P], store_size=False) for i in rl[lo:hi]]
-            cu = use[lo:hi].copy()
-            codecs = np.where(cu, CODEC_LZ4_DELTA, CODEC_LZ4).astype(np.uint8)
-            lens = np.fromiter(map(len, enc), np.int64, hi - lo)
-            for k in np.flatnonzero(lens >= P).tolist():      # incompressible: raw
-                i = rl[lo + k]
-                enc[k] = flat[i * P:(i + 1) * P]
-                codecs[k], lens[k], cu[k] = CODEC_RAW, P, False
+            cu = codecs == CODEC_LZ4_DELTA
             bases = np.where(cu, base[lo:hi], 0).astype("<i8")
             dense.append(lo + np.flatnonzero(~cu & (lens > DICT_MIN_BYTES)))
-            nbytes = int(lens.sum())
+            nbytes = len(blob)
             stats["new_blobs"] += hi - lo
             stats["delta_blobs"] += int(cu.sum())
             stats["raw_blobs"] += int((codecs == CODEC_RAW).sum())
             stats["stored_bytes"] += nbytes
             if pend["first"] is None:
                 pend["first"] = ids[lo]
-            pend["arrays"].append((codecs, bases, lens))
+            pend["arrays"].append((codecs, bases, lens, crcs))
             pend["hashes"].extend(hashes[lo:hi])
-            pend["enc"].extend(enc)
+            pend["data"].append(blob)
             pend["bytes"] += nbytes
             if pend["bytes"] >= PACK_BYTES:
                 flush()
@@ -1107,15 +1189,13 @@ class CheckpointWriter:
             if len(plain):
                 self._next_dicts.add(np.asarray(ids, np.int64)[plain], data[rows[plain]])
 
-    def _insert_pack(self, first, codecs, bases, hashes, lens, enc) -> None:
-        n = len(enc)
+    def _insert_pack(self, first, codecs, bases, hashes, lens, crcs, blob: bytes) -> None:
+        n = len(lens)
         ends = np.cumsum(lens).astype("<u4")
-        blob = b"".join(enc)
         cb, bb, hb, eb = codecs.tobytes(), bases.tobytes(), b"".join(hashes), ends.tobytes()
         pid = self._next_pack
         self._next_pack += 1
         crc = codec.check63(blob)
-        crcs = np.fromiter(map(blob_crc, enc), np.uint64, n)
         rb = crcs.astype("<u8").tobytes()
         row = (pid, self.id, first, n, cb, bb, hb, eb, rb,
                pack_meta_check(pid, first, n, cb, bb, hb, eb, rb), len(blob), crc)

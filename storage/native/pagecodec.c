@@ -16,7 +16,7 @@
 
 typedef int (*dec_fn)(const char *, char *, int, int);
 typedef int (*dec_dict_fn)(const char *, char *, int, int, const char *, int);
-typedef int (*comp_fn)(const char *, char *, int, int);
+typedef int (*comp_fn)(const char *, char *, int, int);  /* LZ4_compress_default */
 typedef struct { uint64_t low64, high64; } h128_t;   /* XXH128_hash_t */
 typedef h128_t (*h128_fn)(const void *, size_t);
 
@@ -88,38 +88,97 @@ int64_t pc_decode(int64_t n, uintptr_t src_, uintptr_t len_, uintptr_t codec_,
     return -1;
 }
 
-/* Content hashes of n pages at pages + 4096 i into hashes[16 i ..]. */
-void pc_hash(int64_t n, uintptr_t pages_, uintptr_t hashes_, uintptr_t h_)
-{
-    const char *pages = (const char *)pages_;
-    uint8_t *hashes = (uint8_t *)hashes_;
-    h128_fn h = (h128_fn)h_;
-    for (int64_t i = 0; i < n; i++)
-        digest(h, pages + PAGE * i, hashes + 16 * i);
-}
-
-/* LZ4-compress the n pages at pages + 4096 idx[i] back to back into out
- * (capacity cap).  size[i] gets each one's compressed size, or 0 when it
- * does not fit in limit - 1 bytes (LZ4 gives up early on such pages; their
- * bytes are not kept).  Returns the bytes used, or -1 - i when out had less
- * than limit bytes left for page i (nothing of page i was kept). */
-int64_t pc_compress(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t out_,
-                    int64_t cap, uintptr_t size_, int64_t limit, uintptr_t comp_)
+/* Content hashes of the n pages at pages + 4096 idx[i] into hashes[16 i ..]. */
+void pc_hash(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t hashes_, uintptr_t h_)
 {
     const char *pages = (const char *)pages_;
     const int64_t *idx = (const int64_t *)idx_;
-    char *out = (char *)out_;
-    int64_t *size = (int64_t *)size_;
-    comp_fn comp = (comp_fn)comp_;
-    int64_t used = 0;
-    if (limit < 2 || limit > PAGE + 1)
-        return -1;
+    uint8_t *hashes = (uint8_t *)hashes_;
+    h128_fn h = (h128_fn)h_;
+    for (int64_t i = 0; i < n; i++)
+        digest(h, pages + PAGE * idx[i], hashes + 16 * i);
+}
+
+/* One pass over the n pages at pages + 4096 idx[i]: words[i] = how many of
+ * its 512 8-byte words are not zero, and for a page that is not all zero its
+ * content hash into hashes[16 i ..] (left alone for zero pages). */
+void pc_scan(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t words_, uintptr_t hashes_,
+             uintptr_t h_)
+{
+    const char *pages = (const char *)pages_;
+    const int64_t *idx = (const int64_t *)idx_;
+    int64_t *words = (int64_t *)words_;
+    uint8_t *hashes = (uint8_t *)hashes_;
+    h128_fn h = (h128_fn)h_;
     for (int64_t i = 0; i < n; i++) {
-        if (cap - used < limit)
-            return -1 - i;
-        int r = comp(pages + PAGE * idx[i], out + used, PAGE, (int)(limit - 1));
-        size[i] = r > 0 ? r : 0;
-        used += size[i];
+        const char *page = pages + PAGE * idx[i];
+        int64_t c = 0;
+        for (int k = 0; k < PAGE / 8; k++) {
+            uint64_t w;
+            memcpy(&w, page + 8 * k, 8);
+            c += w != 0;
+        }
+        words[i] = c;
+        if (c)
+            digest(h, page, hashes + 16 * i);
     }
+}
+
+typedef void *(*create_fn)(void);
+typedef int (*free_fn)(void *);
+typedef int (*load_dict_fn)(void *, const char *, int);
+typedef int (*comp_continue_fn)(void *, const char *, char *, int, int, int);
+typedef uint64_t (*h64_fn)(const void *, size_t);
+
+/* Encode the n pages at pages + 4096 idx[i] back to back into out, which has
+ * room for n raw pages: LZ4 with the 4096 bytes at dict[i] as dictionary
+ * where dict[i] != 0, plain LZ4 elsewhere, and the page itself (raw) when
+ * the block would not be smaller than a page.  codec[i], size[i] and crc[i]
+ * (xxh3_64 of the stored bytes) describe each.  fn: LZ4_compress_default,
+ * LZ4_createStream, LZ4_freeStream, LZ4_loadDict, LZ4_compress_fast_continue,
+ * XXH3_64bits.  Returns the bytes used, or -1 when no LZ4 stream could be
+ * had. */
+int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, uintptr_t out_,
+                  uintptr_t codec_, uintptr_t size_, uintptr_t crc_, uintptr_t fn_)
+{
+    const char *pages = (const char *)pages_;
+    const int64_t *idx = (const int64_t *)idx_, *dict = (const int64_t *)dict_;
+    const uintptr_t *fn = (const uintptr_t *)fn_;
+    char *out = (char *)out_;
+    uint8_t *codec = (uint8_t *)codec_;
+    int64_t *size = (int64_t *)size_;
+    uint64_t *crc = (uint64_t *)crc_;
+    comp_fn comp = (comp_fn)fn[0];
+    load_dict_fn load_dict = (load_dict_fn)fn[3];
+    comp_continue_fn comp_continue = (comp_continue_fn)fn[4];
+    h64_fn h64 = (h64_fn)fn[5];
+    void *stream = NULL;
+    int64_t used = 0;
+
+    for (int64_t i = 0; i < n; i++) {
+        const char *page = pages + PAGE * idx[i];
+        char *o = out + used;
+        int r;
+        if (dict[i]) {
+            if (!stream && !(stream = ((create_fn)fn[1])()))
+                return -1;
+            load_dict(stream, (const char *)dict[i], PAGE);
+            r = comp_continue(stream, page, o, PAGE, PAGE - 1, 1);
+            codec[i] = CODEC_LZ4_DELTA;
+        } else {
+            r = comp(page, o, PAGE, PAGE - 1);
+            codec[i] = CODEC_LZ4;
+        }
+        if (r <= 0) {                       /* does not shrink: stored as is */
+            memcpy(o, page, PAGE);
+            r = PAGE;
+            codec[i] = CODEC_RAW;
+        }
+        size[i] = r;
+        crc[i] = h64(o, (size_t)r);
+        used += r;
+    }
+    if (stream)
+        ((free_fn)fn[2])(stream);
     return used;
 }

@@ -13,6 +13,7 @@ import xxhash
 
 from storage_helpers import PAGE, blob_table, random_pages
 from storage import Store, packs, pageloops
+from storage import store as store_module
 
 PURE = os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0")
 native = pytest.mark.skipif(PURE, reason="SNAPCTL_PURE_PYTHON set: the Python loops only")
@@ -39,22 +40,42 @@ def test_hash_pages_is_xxh3_128_of_each_page():
 
 
 @native
-def test_compress_gives_valid_lz4_blocks_and_drops_what_does_not_shrink():
-    pages = pages_of_every_kind(np.random.default_rng(2), 40)
-    idx = np.random.default_rng(3).permutation(len(pages))
-    data, size = pageloops.compress(pages, idx, limit=PAGE)
+def test_scan_counts_words_and_hashes_non_zero_pages():
+    rng = np.random.default_rng(2)
+    pages = pages_of_every_kind(rng, 1500)
+    pages[rng.integers(0, len(pages), 200), rng.integers(0, PAGE, 200)] = 1    # sparse edits
+    words, hashes = pageloops.scan(pages)
+    assert (words == (pages.view(np.uint64) != 0).sum(axis=1)).all()
+    assert [bytes(h) for h in hashes[words > 0]] == \
+        [xxhash.xxh3_128_digest(p) for p in pages[words > 0]]
+    assert not hashes[words == 0].any()
+
+
+@native
+def test_encode_gives_valid_blocks_deltas_and_raw_pages():
+    rng = np.random.default_rng(3)
+    pages = pages_of_every_kind(rng, 40)
+    dicts = pages[:40].copy()
+    pages[:20] = dicts[:20]
+    pages[:20, 100:110] ^= 0x5A                          # small edits of their dictionary
+    idx = rng.permutation(len(pages))
+    dict_at = np.where(idx < 20, dicts.ctypes.data + idx * PAGE, 0)
+    data, codec, size, crc = pageloops.encode(pages, idx, dict_at)
     ends = np.cumsum(size)
-    for k, i in enumerate(idx.tolist()):
-        ref = lz4.block.compress(pages[i], store_size=False)
-        if len(ref) < PAGE - 64:
-            # LZ4 may match differently when told where output must stop
-            # (its limited-output mode): any valid block of the page will do
-            assert 0 < size[k] <= len(ref) + 64
-            blob = data[ends[k] - size[k]:ends[k]]
-            assert lz4.block.decompress(blob, uncompressed_size=PAGE) == pages[i].tobytes()
-        else:
-            assert size[k] == 0            # random pages: not kept
     assert len(data) == ends[-1]
+    for k, i in enumerate(idx.tolist()):
+        blob = data[ends[k] - size[k]:ends[k]]
+        assert crc[k] == xxhash.xxh3_64_intdigest(blob)
+        if i < 20:
+            assert codec[k] == 2 and size[k] < 100, "a small edit is a small delta"
+            got = lz4.block.decompress(blob, uncompressed_size=PAGE, dict=dicts[i].tobytes())
+        elif 40 <= i < 80:
+            assert codec[k] == 0 and size[k] == PAGE, "random content is stored raw"
+            got = blob
+        else:
+            assert codec[k] == 1 and size[k] < PAGE
+            got = lz4.block.decompress(blob, uncompressed_size=PAGE)
+        assert got == pages[i].tobytes()
 
 
 @native
@@ -82,13 +103,15 @@ def test_decode_reports_the_first_bad_blob_and_keeps_a_delta_dictionary():
     assert (out[1] == base).all(), "a failed delta must leave its dictionary in place"
 
 
+@pytest.mark.parametrize("writer", ["native", "python"])
 @pytest.mark.parametrize("mode", ["native-threads", "native", "python"])
-def test_reads_of_a_delta_chain_match_the_model(tmp_path, monkeypatch, mode):
+def test_reads_of_a_delta_chain_match_the_model(tmp_path, monkeypatch, mode, writer):
     """A chain whose checkpoints rewrite pages by a few bytes (deltas whose
-    bases sit in older packs, some shown by the image, most not), read whole
-    and in pieces by each decoding path."""
-    if mode != "python" and PURE:
+    bases sit in older packs, some shown by the image, most not), written by
+    each encoding path and read whole and in pieces by each decoding path."""
+    if (mode != "python" or writer != "python") and PURE:
         pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
+    monkeypatch.setattr(store_module, "_USE_NATIVE", writer == "native")
     monkeypatch.setattr(packs, "_USE_NATIVE", mode != "python")
     monkeypatch.setattr(packs, "_PARALLEL_MIN", 1 if mode == "native-threads" else 10**9)
     rng = np.random.default_rng(5)
