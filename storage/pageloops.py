@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import numpy as np
 
@@ -117,7 +118,9 @@ def encode(pages: np.ndarray, idx: np.ndarray, dict_at: np.ndarray):
     dict_at = np.ascontiguousarray(dict_at, np.int64)
     n = len(idx)
     assert len(dict_at) == n
-    buf = np.empty(max(1, n * PAGE_SIZE), np.uint8)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n * PAGE_SIZE:        # one per thread, kept: no fresh
+        buf = _scratch.buf = np.empty(max(n, 1024) * PAGE_SIZE, np.uint8)   # pages to fault
     codec = np.empty(n, np.uint8)
     size = np.empty(n, np.int64)
     crc = np.empty(n, np.uint64)
@@ -126,6 +129,9 @@ def encode(pages: np.ndarray, idx: np.ndarray, dict_at: np.ndarray):
     if used < 0:
         raise MemoryError("LZ4 could not allocate a compression stream")
     return buf[:used].tobytes(), codec, size, crc
+
+
+_scratch = threading.local()
 
 
 def _rows(pages: np.ndarray) -> np.ndarray:
