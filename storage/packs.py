@@ -389,6 +389,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     # page (set aside just before the delta overwrites it).  So a read
     # writes nothing but ``out``: no side buffer to allocate and fault in.
     dict_addr = np.zeros(len(blobs), np.int64)
+    n_req = len(blobs)                     # entries past this: bases no page shows
     if is_delta.any():
         dj = np.flatnonzero(is_delta)
         bases = cat.base[blobs[dj]]
@@ -423,7 +424,10 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     bpack = cat.pack[blobs]
     # (pack, plain before delta, offset) as one int64 key: one argsort is
     # faster than a three-key lexsort (packs < 2**30, offsets < 2**32).
-    order = np.argsort((bpack << 33) | (is_delta.astype(np.int64) << 32) | cat.start[blobs])
+    # Stable (timsort): the key is mostly in order already (blob ids grow
+    # with pack and offset), ~40 % faster than quicksort on it.
+    order = np.argsort((bpack << 33) | (is_delta.astype(np.int64) << 32) | cat.start[blobs],
+                       kind="stable")
     bo = blobs[order]
     pk_o = bpack[order]
     cut = np.flatnonzero(np.diff(pk_o)) + 1
@@ -447,14 +451,19 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
         """Name the damage in the pack's blobs lo..hi (k: first suspect, or None)."""
         import ctypes
         sel = range(lo, hi) if k is None else range(lo + k, lo + k + 1)
+        _check_blob_crcs(cat, order[list(sel)], blobs, data, cat.packs[int(pk_o[lo])], ckpt, page_of)
         dicts = [ctypes.string_at(int(da_a[i]), PAGE_SIZE) if cd_a[i] == CODEC_LZ4_DELTA else None
                  for i in sel]
         _raise_first_bad(cat, order[list(sel)], blobs, data, dicts, ckpt, page_of)
 
     if _USE_NATIVE:
+        # A base decoded only as its delta's dictionary skips its own hash
+        # check (NO_CHECK): the delta's check covers the bytes returned.
+        cd_n = cd_a | np.where(order >= n_req, pageloops.NO_CHECK, 0).astype(np.uint8)
+
         def decode(data, lo, mid, hi):
             src = np.frombuffer(data, np.uint8).ctypes.data + st_a[lo:hi]
-            k = pageloops.decode(src, ln_a[lo:hi], cd_a[lo:hi], dst_a[lo:hi], da_a[lo:hi],
+            k = pageloops.decode(src, ln_a[lo:hi], cd_n[lo:hi], dst_a[lo:hi], da_a[lo:hi],
                                  hash_a[lo:hi])
             if k >= 0:
                 fail(data, lo, hi, k)
@@ -493,7 +502,10 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
             lo, mid, hi = bound_of[pid]
             seen.add(pid)
             info = cat.packs[pid]
-            if not isinstance(data, bytes) or len(data) != info.size or check63(data) != info.crc:
+            # The pack's checksum is left to verify(): every page read is
+            # checked against its content hash, and only when one fails are
+            # the stored bytes' checksums read, to say what went wrong.
+            if not isinstance(data, bytes) or len(data) != info.size:
                 _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
             if hi > mid and base_pack[mid:hi].max() >= pid:     # only metadata damage can do this
                 i = int(order[mid + int(np.argmax(base_pack[mid:hi]))])
@@ -534,9 +546,8 @@ def decode_one(cat: Catalog, blob: int, data: bytes, dict_page: bytes | None) ->
 
 
 def _check_blob_crcs(cat, sel, blobs, data, info, ckpt, page_of) -> None:
-    """The pack's checksum failed: raise for the first blob this read needs
-    whose own stored bytes fail their checksum; if none does, the damage is
-    elsewhere in the pack and this read goes on (verify reports it)."""
+    """Raise for the first blob of ``sel`` whose stored bytes fail their
+    checksum (or lie outside ``data``); return if none does."""
     for i in sel.tolist():
         b = int(blobs[i])
         s, e = int(cat.start[b]), int(cat.end[b])

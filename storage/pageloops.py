@@ -53,6 +53,10 @@ if NATIVE:
     _lib, (_DEC, _DEC_DICT, _H128, _ENC_FNS) = _NATIVE
 
 
+#: Added to a codec passed to :func:`decode`: skip that blob's hash check.
+NO_CHECK = 0x80
+
+
 def _p(a: np.ndarray) -> int:
     return a.ctypes.data
 
@@ -61,7 +65,8 @@ def decode(src: np.ndarray, length: np.ndarray, codec: np.ndarray, dst: np.ndarr
            dict_at: np.ndarray, want: np.ndarray) -> int:
     """Decode blob i (``length[i]`` bytes at address ``src[i]``, codec
     ``codec[i]``) to the page at address ``dst[i]`` and check it against
-    ``want[i]`` (16-byte content hash); a delta's dictionary is the page at
+    ``want[i]`` (16-byte content hash; not where ``codec[i]`` has NO_CHECK
+    added); a delta's dictionary is the page at
     ``dict_at[i]``, which may be ``dst[i]`` itself.  -1 when every blob
     decodes and matches, else the index of the first that does not.
     Releases the GIL."""

@@ -34,7 +34,10 @@ static void digest(h128_fn h, const char *page, uint8_t out[16])
  * the page at dst[i] and must hash to want[16 i ..].  A delta's dictionary is
  * the page at dict[i]; when that is dst[i] itself (the base was decoded into
  * the delta's own page), it is copied aside first -- and put back if the
- * delta fails or mismatches, so the caller can still name the damage.  Returns -1 when all
+ * delta fails or mismatches, so the caller can still name the damage.
+ * A codec with bit 7 set (NO_CHECK) skips the hash check: for a base
+ * decoded only to serve as its delta's dictionary, whose delta's own check
+ * covers it (a wrong dictionary cannot give the delta's content).  Returns -1 when all
  * decode and match, else the index of the first that does not. */
 int64_t pc_decode(int64_t n, uintptr_t src_, uintptr_t len_, uintptr_t codec_,
                   uintptr_t dst_, uintptr_t dict_, uintptr_t want_,
@@ -55,7 +58,8 @@ int64_t pc_decode(int64_t n, uintptr_t src_, uintptr_t len_, uintptr_t codec_,
         int l = (int)len[i], r = -1;
         if (len[i] < 0 || len[i] > (1 << 30))
             return i;
-        switch (codec[i]) {
+        int kind = codec[i] & 0x7f, check = !(codec[i] & 0x80);
+        switch (kind) {
         case CODEC_RAW:
             if (l == PAGE) {
                 memcpy(d, s, PAGE);
@@ -77,10 +81,10 @@ int64_t pc_decode(int64_t n, uintptr_t src_, uintptr_t len_, uintptr_t codec_,
         default:
             break;
         }
-        if (r == PAGE)
+        if (r == PAGE && check)
             digest(h, d, got);
-        if (r != PAGE || memcmp(got, want + 16 * i, 16) != 0) {
-            if (codec[i] == CODEC_LZ4_DELTA && (const char *)dict[i] == d)
+        if (r != PAGE || (check && memcmp(got, want + 16 * i, 16) != 0)) {
+            if (kind == CODEC_LZ4_DELTA && (const char *)dict[i] == d)
                 memcpy(d, aside, PAGE);
             return i;
         }
