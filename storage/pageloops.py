@@ -136,6 +136,12 @@ def encode(pages: np.ndarray, idx: np.ndarray, dict_at: np.ndarray):
     return buf[:used].tobytes(), codec, size, crc
 
 
+def check63(data: bytes) -> int:
+    """``codec.check63(data)`` (xxh3_64, 63 bits) without the GIL."""
+    return int(_lib.pc_xxh3_64(_p(np.frombuffer(data, np.uint8)), len(data), int(_ENC_FNS[5]))) \
+        & ((1 << 63) - 1)
+
+
 _scratch = threading.local()
 
 

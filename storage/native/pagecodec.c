@@ -186,3 +186,9 @@ int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, 
         ((free_fn)fn[2])(stream);
     return used;
 }
+
+/* xxh3_64 of n bytes at p (fn: XXH3_64bits), without the GIL. */
+uint64_t pc_xxh3_64(uintptr_t p, int64_t n, uintptr_t fn)
+{
+    return ((h64_fn)fn)((const void *)p, (size_t)n);
+}
