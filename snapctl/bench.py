@@ -330,6 +330,9 @@ def peers(quick: bool) -> dict:
     out["ratio_vs_sparse_raw"] = _ratio(out["sparse_raw"]["bytes"], out["snapctl"]["bytes"])
     out["ratio"] = out["ratio_vs_full_lz4"]
     out["goal"] = ">= 20x fewer bytes than full_lz4, >= 2x fewer than sparse_raw, less time than both"
+    ms = out["snapctl"]["ms_per_checkpoint"]
+    out["met"] = bool(out["ratio_vs_full_lz4"] >= 20 and out["ratio_vs_sparse_raw"] >= 2
+                      and ms < out["full_lz4"]["ms_per_checkpoint"] and ms < out["sparse_raw"]["ms_per_checkpoint"])
     return out
 
 
@@ -394,7 +397,44 @@ def run_all(quick: bool = False, only: list[str] | None = None, progress=None) -
         t0 = time.perf_counter()
         out[name] = fn(quick)
         out[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        _add_verdicts(out[name])
     return out
+
+
+def _meets(ratio, goal: str):
+    """True/False for a goal written "<= x" or ">= x" (first token), None
+    for a goal that only reports."""
+    parts = str(goal).split()
+    if len(parts) < 2 or parts[0] not in ("<=", ">="):
+        return None
+    try:
+        bound = float(parts[1].rstrip("x/s"))
+    except ValueError:
+        return None
+    return bool(ratio <= bound) if parts[0] == "<=" else bool(ratio >= bound)
+
+
+def _add_verdicts(r: dict) -> None:
+    """``met`` (and ``met_vs_decompress`` for restore) from each ratio and
+    goal; checkpoint_rate's ratio is against 50/s, so its bound is 1."""
+    if "met" not in r and "ratio" in r:
+        goal = ">= 1" if str(r.get("goal", "")).startswith(">= 50/s") else r.get("goal", "")
+        r["met"] = _meets(r["ratio"], goal)
+    if "ratio_vs_decompress" in r:
+        r["met_vs_decompress"] = _meets(r["ratio_vs_decompress"], r.get("goal_vs_decompress", ""))
+
+
+def verdict_rows(results: dict) -> list[tuple[str, object, str, object]]:
+    """(benchmark, ratio, goal, met) for each goal in ``run_all``'s results."""
+    rows = []
+    for name, r in results.items():
+        if not isinstance(r, dict) or "ratio" not in r:
+            continue
+        rows.append((name, r["ratio"], r.get("goal"), r.get("met")))
+        if "ratio_vs_decompress" in r:
+            rows.append((f"{name} vs decompression", r["ratio_vs_decompress"],
+                         r.get("goal_vs_decompress"), r.get("met_vs_decompress")))
+    return rows
 
 
 def plot_pause_curve(rows: list[dict], path: str) -> None:

@@ -524,13 +524,18 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Smaller sizes; abou
     if as_json:
         _print_json(results)
         return
-    t = Table("benchmark", "ratio", "goal", "figures")
+    t = Table("benchmark", "ratio", "goal", "met")
+    for name, ratio, goal, met in bench_.verdict_rows(results):
+        t.add_row(name, str(ratio), str(goal), {True: "[green]yes[/]", False: "[red]NO[/]"}.get(met, "-"))
+    out.print(t)
+    skip = ("ratio", "goal", "met", "ratio_vs_decompress", "goal_vs_decompress", "met_vs_decompress")
+    f = Table("benchmark", "figures")
     for name, r in results.items():
         if name == "pause_curve":
             continue
-        figs = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("ratio", "goal") and not isinstance(v, (list, dict)))
-        t.add_row(name, str(r.get("ratio")), str(r.get("goal")), figs)
-    out.print(t)
+        f.add_row(name, ", ".join(f"{k}={v}" for k, v in r.items()
+                                  if k not in skip and not isinstance(v, (list, dict))))
+    out.print(f)
 
 
 @app.command()
