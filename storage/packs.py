@@ -6,8 +6,9 @@ back to back in *packs* (one SQLite row of data per pack).  The
 delta base and content hash as numpy arrays, loaded once from the small
 ``packs`` rows (never from the data) and extended as packs are added.
 :func:`decode_into` turns a set of blob ids into page bytes: one query for
-the pack rows, one checksum per pack, one C call per page to decompress and
-one to hash, hashes compared in bulk.
+the pack rows, then per pack one checksum and one C call that decodes and
+hash-checks all its blobs (storage.pageloops; on two threads for large
+reads), or the same steps as Python loops when the C loops are not built.
 """
 
 from __future__ import annotations
@@ -319,23 +320,21 @@ class _Jobs:
         self.pending.append((pid, pageloops.pool().submit(fn, *args)))
 
     def _wait(self, k: int) -> None:
-        done, self.pending = self.pending[:k], self.pending[k:]
-        for _, f in done:
-            f.result()
+        # one at a time: until a job has finished it stays in ``pending``,
+        # so that leaving on an error still waits for it
+        while k > 0:
+            self.pending[0][1].result()
+            self.pending.pop(0)
+            k -= 1
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        errors = []
-        for _, f in self.pending:
-            try:
-                f.result()
-            except BaseException as e:     # noqa: BLE001 -- re-raised below
-                errors.append(e)
+        first = pageloops.wait_all([f for _, f in self.pending])
         self.pending = []
-        if errors and exc[0] is None:
-            raise errors[0]
+        if first is not None and exc[0] is None:
+            raise first
 
 
 def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np.ndarray,
@@ -454,6 +453,15 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
         _check_blob_crcs(cat, order[list(sel)], blobs, data, cat.packs[int(pk_o[lo])], ckpt, page_of)
         dicts = [ctypes.string_at(int(da_a[i]), PAGE_SIZE) if cd_a[i] == CODEC_LZ4_DELTA else None
                  for i in sel]
+        for i, d in zip(sel, dicts):
+            # a base decoded only as this delta's dictionary was not checked
+            # on its own: if it is what is wrong, name it
+            b = int(bo[i])
+            if d is not None and da_a[i] == dst_a[i] and content_hash(d) != cat.hash[cat.base[b]].tobytes():
+                j = int(order[i])
+                raise CorruptionError(
+                    f"{_where(ckpt, page_of(j), b)}: delta base blob {int(cat.base[b])} does not "
+                    "decode to its content hash", checkpoint=ckpt, page=page_of(j), blob=b)
         _raise_first_bad(cat, order[list(sel)], blobs, data, dicts, ckpt, page_of)
 
     if _USE_NATIVE:
@@ -473,15 +481,21 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                 fail(data, lo, hi, k)
     else:
         ln_l, cd_l, dst_l = ln_a.tolist(), cd_a.tolist(), dst_a.tolist()
-        of_l = offs[order].tolist()
+        offs_o = offs[order]
+        of_l = offs_o.tolist()
         hb = hash_a.tobytes()
         rows = out[:out.size - out.size % PAGE_SIZE].reshape(-1, PAGE_SIZE)
 
+        checked = order < n_req            # as in C: dictionary-only bases are not checked
+
         def decode(data, lo, mid, hi):
-            if mid > lo and (not _decode_plain(data, st_a[lo:mid], ln_l[lo:mid], cd_l[lo:mid],
-                                               dst_l[lo:mid])
-                             or _hashes(out, of_l[lo:mid]) != hb[lo * 16:mid * 16]):
-                fail(data, lo, mid, None)
+            if mid > lo:
+                ok = _decode_plain(data, st_a[lo:mid], ln_l[lo:mid], cd_l[lo:mid], dst_l[lo:mid])
+                if ok:
+                    c = np.flatnonzero(checked[lo:mid]) + lo
+                    ok = _hashes(out, offs_o[c].tolist()) == hash_a[c].tobytes()
+                if not ok:
+                    fail(data, lo, mid, None)
             if hi > mid:
                 da = da_a[mid:hi].copy()
                 own = da == dst_a[mid:hi]

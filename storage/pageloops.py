@@ -159,12 +159,47 @@ def _index(idx, n: int) -> np.ndarray:
 
 
 _pool = None
+_pool_lock = threading.Lock()
 
 
 def pool():
     """The two threads the C loops run on (shared by reads and writes)."""
     global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(2, thread_name_prefix="snapctl-pages")
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="snapctl-pages")
+        return _pool
+
+
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the executor but not its threads: jobs would
+    # never run.  It makes its own on first use.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def wait_all(futures) -> BaseException | None:
+    """Wait until every future has finished -- through KeyboardInterrupt
+    too, re-raised once all are done, since a running job may be writing
+    into memory its caller is about to free -- and return the first job's
+    exception (None if all succeeded)."""
+    first, interrupted = None, None
+    for f in futures:
+        while True:
+            try:
+                f.result()
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if not f.done():             # the wait was interrupted, not the job
+                    interrupted = interrupted or exc
+                    continue
+                first = first or exc
+            except BaseException as exc:     # noqa: BLE001 -- returned to the caller
+                first = first or exc
+            break
+    if interrupted is not None:
+        raise interrupted
+    return first

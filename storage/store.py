@@ -866,12 +866,7 @@ def _in_order(pool, fn, args_iter, ahead: int = 4):
     finally:
         for f in running:
             f.cancel()
-        for f in running:
-            if not f.cancelled():
-                try:
-                    f.result()
-                except BaseException:     # noqa: BLE001 -- the first error is already raised
-                    pass
+        pageloops.wait_all([f for f in running if not f.cancelled()])   # errors: already raised
 
 
 class CheckpointWriter:
@@ -1158,6 +1153,30 @@ class CheckpointWriter:
             chunks = (_encode_py(data, rows[lo:lo + PACK_PAGES], use[lo:lo + PACK_PAGES],
                                  base[lo:lo + PACK_PAGES], dict_of)
                       for lo in range(0, m, PACK_PAGES))
+        try:
+            self._pack_chunks(chunks, m, base, ids, hashes, dense, pend, flush)
+        finally:
+            # no encoding job may outlive this frame (they read ``data`` and
+            # the dictionaries through raw addresses)
+            chunks.close()
+            if self._native:
+                jobs.close()
+        flush()
+        # Dictionaries for the next checkpoint: those this one used and the
+        # plain contents it stored -- not for a base checkpoint (all of
+        # memory) and at most DICT_CACHE_PAGES.
+        if self._parent is not None and self._next_dicts.size + m <= DICT_CACHE_PAGES:
+            used = np.unique(base[use])
+            if len(used):
+                self._next_dicts.add(used, np.stack([np.frombuffer(dict_of[b], np.uint8)
+                                                     for b in used.tolist()]))
+            plain = np.concatenate(dense)
+            if len(plain):
+                self._next_dicts.add(np.asarray(ids, np.int64)[plain], data[rows[plain]])
+
+    def _pack_chunks(self, chunks, m, base, ids, hashes, dense, pend, flush) -> None:
+        """Account for each encoded chunk and add it to the pack being filled."""
+        stats = self.stats
         for lo, (blob, codecs, lens, crcs) in zip(range(0, m, PACK_PAGES), chunks):
             hi = min(m, lo + PACK_PAGES)
             cu = codecs == CODEC_LZ4_DELTA
@@ -1176,18 +1195,6 @@ class CheckpointWriter:
             pend["bytes"] += nbytes
             if pend["bytes"] >= PACK_BYTES:
                 flush()
-        flush()
-        # Dictionaries for the next checkpoint: those this one used and the
-        # plain contents it stored -- not for a base checkpoint (all of
-        # memory) and at most DICT_CACHE_PAGES.
-        if self._parent is not None and self._next_dicts.size + m <= DICT_CACHE_PAGES:
-            used = np.unique(base[use])
-            if len(used):
-                self._next_dicts.add(used, np.stack([np.frombuffer(dict_of[b], np.uint8)
-                                                     for b in used.tolist()]))
-            plain = np.concatenate(dense)
-            if len(plain):
-                self._next_dicts.add(np.asarray(ids, np.int64)[plain], data[rows[plain]])
 
     def _insert_pack(self, first, codecs, bases, hashes, lens, crcs, blob: bytes) -> None:
         n = len(lens)

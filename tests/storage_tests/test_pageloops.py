@@ -142,3 +142,121 @@ def test_reads_of_a_delta_chain_match_the_model(tmp_path, monkeypatch, mode, wri
             assert st.read(ckpt, 1234 * PAGE + 100, 5 * PAGE) == \
                 want.reshape(-1)[1234 * PAGE + 100:1239 * PAGE + 100].tobytes()
     assert {c for c, _ in blob_table(str(tmp_path / "s.db")).values()} == {0, 1, 2}
+
+
+# --- regressions from the review of the C page loops --------------------------
+
+def test_a_failed_job_does_not_leave_others_writing_after_the_read_raises():
+    """_Jobs used to forget the jobs it was waiting on behind a failed one:
+    decode_into raised while they still wrote into the caller's array."""
+    import time
+    from storage.packs import _Jobs
+    finished = {}
+
+    def bad():
+        time.sleep(0.05)
+        raise RuntimeError("pack 1 damaged")
+
+    def slow(name):
+        time.sleep(0.3)
+        finished[name] = True
+
+    with pytest.raises(RuntimeError, match="pack 1 damaged"):
+        with _Jobs(True) as jobs:
+            jobs.run(1, bad)
+            jobs.run(2, slow, "pack 2")
+            jobs.run(3, slow, "pack 3")
+            jobs.run(4, lambda: None, after=3)       # deltas whose bases are in pack 3
+    assert finished == {"pack 2": True, "pack 3": True}
+
+
+def test_the_thread_pool_works_in_a_forked_child():
+    """The executor is inherited by fork() but its threads are not: a child
+    that reads or writes a large batch used to hang forever."""
+    pageloops.pool().submit(int).result()           # the parent has its threads
+    pid = os.fork()
+    if pid == 0:                                     # child: exit code says it all
+        code = 1
+        try:
+            code = 0 if pageloops.pool().submit(lambda: 7).result(timeout=10) == 7 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_source_distribution_carries_the_c_loops(tmp_path):
+    """setup.py reads storage/native/pagecodec.c; an sdist without it could
+    not be installed at all."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info", "build", ".git", "*.db*")
+    shutil.copytree(root, src, ignore=skip)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
+                   cwd=src, check=True, capture_output=True, timeout=120)
+    (tarball,) = (tmp_path / "dist").iterdir()
+    names = tarfile.open(tarball).getnames()
+    assert any(n.endswith("storage/native/pagecodec.c") for n in names), names
+
+
+@pytest.mark.parametrize("mode", ["native", "python"])
+def test_dictionary_only_bases_are_judged_by_their_delta_on_both_paths(tmp_path, monkeypatch, mode):
+    """A base decoded only as a delta's dictionary is not hash-checked on its
+    own (the delta's check covers what is returned) -- on the C and the
+    Python path alike; when the base is what is wrong, the error names it."""
+    import sqlite3
+    from storage import CorruptionError
+    from storage.packs import pack_meta_check
+    if mode == "native" and PURE:
+        pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
+    monkeypatch.setattr(packs, "_USE_NATIVE", mode == "native")
+    rng = np.random.default_rng(8)
+    n = 64
+    img = random_pages(rng, n, "text")
+    path = str(tmp_path / "s.db")
+    with Store.create(path, {"mem_size": n * PAGE}, synchronous="OFF") as st:
+        with st.checkpoint(None, {"step": 0}) as w:
+            w.add_pages(np.arange(n), img)
+        img1 = img.copy()
+        img1[:, 100] ^= 1                                 # every page: a delta on its base
+        with st.checkpoint(w.id, {"step": 1}) as w1:
+            w1.add_pages(np.arange(n), img1)
+    con = sqlite3.connect(path)
+    pid, first, k, cs, bs, hs, es, cr = con.execute(
+        "SELECT id, first, n, codecs, bases, hashes, ends, crcs FROM packs ORDER BY id").fetchone()
+
+    def set_hashes(h):
+        con.execute("UPDATE packs SET hashes = ?, mchk = ? WHERE id = ?",
+                    (h, pack_meta_check(pid, first, k, cs, bs, h, es, cr), pid))
+        con.commit()
+
+    bad = bytearray(hs)
+    bad[0] ^= 1                        # page 0's base: a wrong stored hash, right bytes
+    set_hashes(bytes(bad))
+    with Store.open(path) as st:
+        assert st.read_page(w1.id, 0) == img1[0].tobytes()
+        with pytest.raises(CorruptionError, match="checkpoint 0"):
+            st.read_page(w.id, 0)                          # shown there: its digest fails
+    set_hashes(hs)
+    # the base's bytes rewritten with valid checksums: the delta fails, and
+    # the error names the base
+    data = bytearray(con.execute("SELECT data FROM pack_data WHERE id = ?", (pid,)).fetchone()[0])
+    end0 = int(np.frombuffer(es, "<u4")[0])
+    data[end0 // 2] ^= 0xFF
+    import xxhash
+    crcs = np.frombuffer(cr, "<u8").copy()
+    crcs[0] = xxhash.xxh3_64_intdigest(bytes(data[:end0]))
+    from storage.codec import check63
+    con.execute("UPDATE packs SET crcs = ?, crc = ?, mchk = ? WHERE id = ?",
+                (crcs.tobytes(), check63(bytes(data)),
+                 pack_meta_check(pid, first, k, cs, bs, hs, es, crcs.tobytes()), pid))
+    con.execute("UPDATE pack_data SET data = ? WHERE id = ?", (bytes(data), pid))
+    con.commit()
+    with Store.open(path) as st:
+        with pytest.raises(CorruptionError, match=f"checkpoint {w1.id}, page 0.*(base blob {first}|blob {first})"):
+            st.read_page(w1.id, 0)
+        assert st.read_page(w1.id, 1) == img1[1].tobytes()
