@@ -23,6 +23,23 @@ import numpy as np
 from .codec import PAGE_SIZE
 
 
+_LZ4_NAMES = ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict", "LZ4_compress_default",
+              "LZ4_createStream", "LZ4_freeStream", "LZ4_loadDict", "LZ4_compress_fast_continue")
+_XXH_NAMES = ("XXH3_128bits", "XXH3_64bits")
+
+
+def _entry_points(candidates, names):
+    """{name: address} from the first library in ``candidates`` (paths) that
+    exports all of ``names``, and which one it was; (None, None) if none."""
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path)
+            return {n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names}, path
+        except (OSError, AttributeError, TypeError):
+            continue
+    return None, None
+
+
 def _load():
     if os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0"):
         return None, "pure Python (SNAPCTL_PURE_PYTHON set)"
@@ -30,21 +47,27 @@ def _load():
         from . import _pagecodec
     except ImportError as exc:
         return None, f"pure Python (C extension not built: {exc})"
-    try:
-        import lz4.block
-        import xxhash._xxhash
-        lz4lib = ctypes.CDLL(lz4.block._block.__file__)
-        xxlib = ctypes.CDLL(xxhash._xxhash.__file__)
-        addr = lambda f: ctypes.cast(f, ctypes.c_void_p).value  # noqa: E731
-        fns = (addr(lz4lib.LZ4_decompress_safe), addr(lz4lib.LZ4_decompress_safe_usingDict),
-               addr(xxlib.XXH3_128bits),
-               np.array([addr(f) for f in (lz4lib.LZ4_compress_default, lz4lib.LZ4_createStream,
-                                           lz4lib.LZ4_freeStream, lz4lib.LZ4_loadDict,
-                                           lz4lib.LZ4_compress_fast_continue, xxlib.XXH3_64bits)],
-                        np.uint64))
-    except (OSError, AttributeError, ImportError) as exc:
-        return None, f"pure Python (LZ4/xxh3 entry points not found: {exc})"
-    return (_pagecodec.lib, fns), "C (storage._pagecodec)"
+    import ctypes.util
+
+    import lz4.block
+    import xxhash._xxhash
+    # The extensions that encode and check everything else in the store
+    # first (they export these functions on Linux), else the system's.
+    lz4_fns, lz4_from = _entry_points(
+        [p for p in (getattr(lz4.block._block, "__file__", None), ctypes.util.find_library("lz4")) if p],
+        _LZ4_NAMES)
+    xxh_fns, xxh_from = _entry_points(
+        [p for p in (getattr(xxhash._xxhash, "__file__", None), ctypes.util.find_library("xxhash")) if p],
+        _XXH_NAMES)
+    if lz4_fns is None or xxh_fns is None:
+        return None, "pure Python (no library exports the LZ4 and xxh3 functions the C loops call)"
+    fns = (lz4_fns["LZ4_decompress_safe"], lz4_fns["LZ4_decompress_safe_usingDict"],
+           xxh_fns["XXH3_128bits"],
+           np.array([lz4_fns[n] for n in ("LZ4_compress_default", "LZ4_createStream", "LZ4_freeStream",
+                                          "LZ4_loadDict", "LZ4_compress_fast_continue")]
+                    + [xxh_fns["XXH3_64bits"]], np.uint64))
+    names = lambda p: os.path.basename(p)  # noqa: E731
+    return (_pagecodec.lib, fns), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
 
 
 _NATIVE, KIND = _load()

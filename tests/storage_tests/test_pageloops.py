@@ -260,3 +260,37 @@ def test_dictionary_only_bases_are_judged_by_their_delta_on_both_paths(tmp_path,
         with pytest.raises(CorruptionError, match=f"checkpoint {w1.id}, page 0.*(base blob {first}|blob {first})"):
             st.read_page(w1.id, 0)
         assert st.read_page(w1.id, 1) == img1[1].tobytes()
+
+
+@native
+def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(monkeypatch):
+    """Where python-lz4 or xxhash do not export their C functions, the loops
+    take the system libraries' (same formats): both give the same results."""
+    import ctypes.util
+    lz4_fns, _ = pageloops._entry_points([ctypes.util.find_library("lz4") or "liblz4.so.1"],
+                                         pageloops._LZ4_NAMES)
+    xxh_fns, _ = pageloops._entry_points([ctypes.util.find_library("xxhash") or "libxxhash.so.0"],
+                                         pageloops._XXH_NAMES)
+    if lz4_fns is None or xxh_fns is None:
+        pytest.skip("no system liblz4 / libxxhash here")
+    pages = pages_of_every_kind(np.random.default_rng(9), 30)
+    idx = np.arange(len(pages))
+    want_h = pageloops.hash_pages(pages)
+    data, codec, size, crc = pageloops.encode(pages, idx, np.zeros(len(idx), np.int64))
+    monkeypatch.setattr(pageloops, "_DEC", lz4_fns["LZ4_decompress_safe"])
+    monkeypatch.setattr(pageloops, "_DEC_DICT", lz4_fns["LZ4_decompress_safe_usingDict"])
+    monkeypatch.setattr(pageloops, "_H128", xxh_fns["XXH3_128bits"])
+    monkeypatch.setattr(pageloops, "_ENC_FNS", np.array(
+        [lz4_fns[n] for n in ("LZ4_compress_default", "LZ4_createStream", "LZ4_freeStream",
+                              "LZ4_loadDict", "LZ4_compress_fast_continue")] + [xxh_fns["XXH3_64bits"]],
+        np.uint64))
+    assert (pageloops.hash_pages(pages) == want_h).all()
+    data2, codec2, size2, crc2 = pageloops.encode(pages, idx, np.zeros(len(idx), np.int64))
+    assert (codec2 == codec).all()
+    for blob_data, sizes in ((data, size), (data2, size2)):     # each decodes with the other's
+        out = np.zeros_like(pages)
+        buf = np.frombuffer(blob_data, np.uint8)
+        src = buf.ctypes.data + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        assert pageloops.decode(src, sizes, codec, out.ctypes.data + idx * PAGE,
+                                np.zeros(len(idx), np.int64), want_h) == -1
+        assert (out == pages).all()
