@@ -239,3 +239,26 @@ def test_unexpected_exit_stops_with_reason_and_registers():
 def test_bad_machine_config_is_refused_with_a_message(kw, msg):
     with pytest.raises(ValueError, match=msg):
         Machine(MachineConfig(**kw))
+
+
+@kvm
+def test_a_hold_timeout_says_where_each_vcpu_is():
+    """A wait that times out names each vCPU's control state and mailbox
+    (a one-off 60 s timeout in a benchmark run left nothing to go on)."""
+    cfg = MachineConfig(guest="stamp", mem_size=16 << 20, vcpus=2, steps_per_yield=1 << 62)
+    with Machine(cfg) as m:
+        m.start()
+        time.sleep(0.05)
+        before = m.steps()
+        with pytest.raises(MachineError) as ei:
+            m.wait_parked(timeout=0.05)            # no stop set: they never hold
+        m.pause()
+        after = m.steps()
+    msg = str(ei.value)
+    assert "did not reach their hold point" in msg
+    for i in range(2):
+        assert f"vCPU {i}: parked=False hold=False exited=False" in msg
+    import re
+    steps = [int(x) for x in re.findall(r"step (\d+), stop_at 0", msg)]
+    assert len(steps) == 2
+    assert all(b <= s <= a for b, s, a in zip(before, steps, after)), (before, steps, after)

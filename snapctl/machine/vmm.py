@@ -338,7 +338,7 @@ class Machine:
                 if not r.parked:
                     r.vcpu.kick()
             if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
-                raise MachineError(f"vCPUs did not stop within {timeout} s")
+                raise MachineError(f"vCPUs did not stop within {timeout} s ({self._runner_report()})")
             self._check_error()
 
     def resume(self) -> None:
@@ -377,8 +377,23 @@ class Machine:
         """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
         with self._cond:
             if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
-                raise MachineError(f"vCPUs did not reach their hold point within {timeout} s")
+                raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
+                                   f"({self._runner_report()})")
             self._check_error()
+
+    def _runner_report(self) -> str:
+        """Each vCPU's control state and mailbox, for a timeout's message."""
+        parts = []
+        for r in self._runners:
+            try:
+                mb = L.mailbox_gpa(r.index)
+                where = f"step {self.memory.read_u64(mb + G.MB_STEP)}, stop_at {self.memory.read_u64(mb + G.MB_STOP_AT)}"
+            except Exception as e:  # a courtesy: never mask the timeout itself
+                where = f"mailbox unreadable: {e}"
+            parts.append(f"vCPU {r.index}: parked={r.parked} hold={r.hold} exited={r.exited} "
+                         f"target={r.step_target} exits={r.exits} yields={r.yields} "
+                         f"ring_full={r.ring_full}, {where}")
+        return "; ".join(parts)
 
     @property
     def paused(self) -> bool:
