@@ -500,17 +500,17 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                 da = da_a[mid:hi].copy()
                 own = da == dst_a[mid:hi]
                 if own.any():               # dictionary = the delta's own page: set it aside
-                    aside = rows[(np.asarray(of_l[mid:hi])[own]) // PAGE_SIZE]
+                    aside = rows[offs_o[mid:hi][own] // PAGE_SIZE]
                     da[own] = aside.ctypes.data + np.arange(len(aside)) * PAGE_SIZE
                 if not _decode_deltas(data, st_a[mid:hi], ln_l[mid:hi], dst_l[mid:hi], da.tolist()) \
                         or _hashes(out, of_l[mid:hi]) != hb[mid * 16:hi * 16]:
                     if own.any():
-                        rows[np.asarray(of_l[mid:hi])[own] // PAGE_SIZE] = aside
+                        rows[offs_o[mid:hi][own] // PAGE_SIZE] = aside
                     fail(data, mid, hi, None)
 
     # In C, packs decode on two threads (the GIL is released) while this one
-    # reads the next rows; a pack with deltas first waits for every pack
-    # before it, where its bases are.
+    # reads the next rows; a pack with deltas first waits for the packs that
+    # hold their bases (all older).
     jobs = _Jobs(_USE_NATIVE and len(blobs) >= _PARALLEL_MIN)
     seen = set()
     with jobs:
