@@ -19,9 +19,9 @@ GB = 1 << 30
 
 
 def _sweep_rounds(m: Machine, dirty: int, repeats: int):
-    """Hold the `sweep` guest after each further ``dirty`` steps (``dirty`` freshly
-    written pages each round); yields the round number, 1 .. repeats + 1. Round 1
-    also pays first-touch costs, so callers measure from round 2."""
+    """Hold the guest after each further ``dirty`` steps (for `sweep`, ``dirty``
+    freshly written pages each round); yields the round number, 1 .. repeats + 1.
+    Round 1 also pays first-touch costs, so timing callers measure from round 2."""
     m.collect_dirty()
     m.start()
     for k in range(1, repeats + 2):
@@ -164,12 +164,7 @@ def _guest_captures(guest: str, mem: int, count: int, every: int, seed: int = 1,
             data[:] = rng.integers(0, 256, data.shape, dtype=np.uint8)
             data[:, 2048:] = 0  # half-random pages: compressible like typical memory
         base = m.memory.pages.copy()
-        m.collect_dirty()
-        m.start()
-        for k in range(1, count + 1):
-            m.set_stop_at(k * every)
-            m.resume()
-            m.wait_parked()
+        for _ in _sweep_rounds(m, every, count - 1):       # holds after every, 2 every, ...
             caps.append(capture(m, "sync", already_paused=True))
         m.pause()
     return cfg, base, caps
