@@ -56,6 +56,12 @@ PACK_PAGES = 256
 #: Pages one C encoding job takes (its blobs then go to packs PACK_PAGES at a
 #: time): fewer, larger jobs keep the two threads busy.
 ENCODE_PAGES = 4 * PACK_PAGES
+#: The WAL is copied back into the main file (in the background) after
+#: this many commits, or sooner once they stored WAL_CHECKPOINT_BYTES: small
+#: checkpoints then share one copy instead of each paying for its own
+#: before the next may begin (see _WalCheckpointer).
+WAL_CHECKPOINT_COMMITS = 8
+WAL_CHECKPOINT_BYTES = 4 << 20
 #: Writers hash and encode in C (storage.pageloops) when it is built.
 _USE_NATIVE = True
 #: ... joined into one pack row until it holds this many bytes.
@@ -182,6 +188,7 @@ class Store:
         self._dicts: tuple = (None, None)    # (generation, _DictCache)
         self._closed = False
         self._wal = None
+        self._wal_commits = self._wal_bytes = 0    # since the last WAL copy was started
         if wconn is not None:
             # SQLite's automatic WAL checkpoint runs inside COMMIT and copies
             # the whole checkpoint a second time (into the main file) before
@@ -343,6 +350,16 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            self._wal_committed()
+
+    def _wal_committed(self, nbytes: int = 0) -> None:
+        """After a COMMIT that stored about ``nbytes``: start the background
+        copy of the WAL into the main file every WAL_CHECKPOINT_COMMITS
+        commits, or once they stored WAL_CHECKPOINT_BYTES."""
+        self._wal_commits += 1
+        self._wal_bytes += nbytes
+        if self._wal_commits >= WAL_CHECKPOINT_COMMITS or self._wal_bytes >= WAL_CHECKPOINT_BYTES:
+            self._wal_commits = self._wal_bytes = 0
             self._wal.poke()
 
     def _check_open(self) -> None:
@@ -755,7 +772,10 @@ class _WalCheckpointer(threading.Thread):
     while this copy was still running, the WAL would never rewind and grow
     without bound (it did: 67 GB under a continuous `snapctl run`).  So
     writers call ``wait_idle()`` before BEGIN: the copy of checkpoint N
-    overlaps the guest running until checkpoint N+1, not N+1's write."""
+    overlaps the guest running until checkpoint N+1, not N+1's write.  It is
+    started every WAL_CHECKPOINT_COMMITS commits, or sooner once they stored
+    WAL_CHECKPOINT_BYTES (one copy for many small checkpoints), so the WAL
+    holds at most that many commits' frames plus one checkpoint's."""
 
     def __init__(self, path: str, synchronous: str) -> None:
         super().__init__(name="snapctl-wal-checkpoint", daemon=True)
@@ -1145,9 +1165,12 @@ class CheckpointWriter:
                 dict_at[cand] = dicts.ctypes.data + np.arange(len(cand)) * PAGE_SIZE
                 dict_at[~use] = 0
             encode = functools.partial(pageloops.encode, data)
-            jobs = _in_order(pageloops.pool(), encode,
-                             ((rows[lo:lo + ENCODE_PAGES], dict_at[lo:lo + ENCODE_PAGES])
-                              for lo in range(0, m, ENCODE_PAGES)))
+            if m <= ENCODE_PAGES:          # one job: here, without a thread hand-off
+                jobs = iter([encode(rows, dict_at)])
+            else:
+                jobs = _in_order(pageloops.pool(), encode,
+                                 ((rows[lo:lo + ENCODE_PAGES], dict_at[lo:lo + ENCODE_PAGES])
+                                  for lo in range(0, m, ENCODE_PAGES)))
             chunks = _split_chunks(jobs, PACK_PAGES)
         else:
             chunks = (_encode_py(data, rows[lo:lo + PACK_PAGES], use[lo:lo + PACK_PAGES],
@@ -1159,7 +1182,7 @@ class CheckpointWriter:
             # no encoding job may outlive this frame (they read ``data`` and
             # the dictionaries through raw addresses)
             chunks.close()
-            if self._native:
+            if self._native and hasattr(jobs, "close"):
                 jobs.close()
         flush()
         # Dictionaries for the next checkpoint: those this one used and the
@@ -1399,7 +1422,7 @@ class CheckpointWriter:
                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                      (str(self._next_blob),))
         conn.execute("COMMIT")
-        st._wal.poke()
+        st._wal_committed(stats.get("stored_bytes", 0) + len(pages) * 16)
         self.stats = stats
         self.digest = codec.digest_hex(digest)
         st._after_commit(cat, kept, self._new_index, self._next_dicts)

@@ -506,6 +506,31 @@ def test_synchronous_is_validated_and_threads_do_not_leak(store_path, tmp_path):
     assert threading.active_count() == before
 
 
+def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
+    """The background copy of the WAL into the main file starts every
+    WAL_CHECKPOINT_COMMITS commits (or sooner for big ones), not after each:
+    each copy is waited for before the next write begins, and for many small
+    checkpoints a second that wait was a quarter of the commit."""
+    from storage import store as store_module
+    st_ = make_store(2048)
+    rng = np.random.default_rng(3)
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(2048), random_pages(rng, 2048))
+    pokes = []
+    real = st_._wal.poke
+    st_._wal.poke = lambda: (pokes.append(1), real())
+    n = 4 * store_module.WAL_CHECKPOINT_COMMITS
+    for k in range(1, n + 1):
+        with st_.checkpoint(k - 1, {"step": k}) as w:
+            w.add_pages(rng.integers(0, 2048, 8), random_pages(rng, 8))
+    assert 3 <= len(pokes) <= 5, len(pokes)
+    with st_.checkpoint(n, {"step": n + 1}) as w:      # a big one starts a copy at once
+        big = store_module.WAL_CHECKPOINT_BYTES // PAGE + 16
+        w.add_pages(np.arange(big), random_pages(rng, big, "random"))
+    assert len(pokes) >= 4 and st_._wal_commits == 0
+    assert st_.verify().ok
+
+
 def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path):
     """The background WAL copy must finish before the next checkpoint begins,
     or SQLite never rewinds the WAL and it grows with every checkpoint
