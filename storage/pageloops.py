@@ -67,7 +67,34 @@ def _load():
                                           "LZ4_loadDict", "LZ4_compress_fast_continue")]
                     + [xxh_fns["XXH3_64bits"]], np.uint64))
     names = lambda p: os.path.basename(p)  # noqa: E731
+    why = _self_check(_pagecodec.lib, fns)
+    if why:
+        return None, f"pure Python (C loops disagree with python-lz4/xxhash: {why})"
     return (_pagecodec.lib, fns), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
+
+
+def _self_check(lib, fns) -> str:
+    """'' when the loaded functions hash and code exactly like python-lz4 and
+    xxhash (a system libxxhash before 0.8 has XXH3 functions whose results
+    differ: every stored hash would then look damaged), else why not."""
+    import lz4.block
+    import xxhash
+    dec, dec_dict, h128, enc = fns
+    page = np.frombuffer(bytes(range(256)) * 8 + bytes(2048), np.uint8).copy()
+    got = np.empty(16, np.uint8)
+    lib.pc_hash(1, page.ctypes.data, np.zeros(1, np.int64).ctypes.data, got.ctypes.data, h128)
+    if got.tobytes() != xxhash.xxh3_128_digest(page):
+        return "xxh3_128 differs"
+    if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, int(enc[5]))) != xxhash.xxh3_64_intdigest(page):
+        return "xxh3_64 differs"
+    buf = np.empty(PAGE_SIZE, np.uint8)
+    codec, size, crc = np.empty(1, np.uint8), np.empty(1, np.int64), np.empty(1, np.uint64)
+    used = lib.pc_encode(1, page.ctypes.data, np.zeros(1, np.int64).ctypes.data,
+                         np.zeros(1, np.int64).ctypes.data, buf.ctypes.data, codec.ctypes.data,
+                         size.ctypes.data, crc.ctypes.data, enc.ctypes.data)
+    if used <= 0 or lz4.block.decompress(buf[:used].tobytes(), uncompressed_size=PAGE_SIZE) != page.tobytes():
+        return "LZ4 round trip differs"
+    return ""
 
 
 _NATIVE, KIND = _load()

@@ -355,10 +355,14 @@ class Store:
     def _wal_committed(self, nbytes: int = 0) -> None:
         """After a COMMIT that stored about ``nbytes``: start the background
         copy of the WAL into the main file every WAL_CHECKPOINT_COMMITS
-        commits, or once they stored WAL_CHECKPOINT_BYTES."""
+        commits, or once they stored WAL_CHECKPOINT_BYTES -- but after every
+        commit while the last copy could not finish (a reader's snapshot
+        held it back), and always with synchronous=NORMAL, where that copy
+        is what makes commits durable."""
         self._wal_commits += 1
         self._wal_bytes += nbytes
-        if self._wal_commits >= WAL_CHECKPOINT_COMMITS or self._wal_bytes >= WAL_CHECKPOINT_BYTES:
+        if self._wal_commits >= WAL_CHECKPOINT_COMMITS or self._wal_bytes >= WAL_CHECKPOINT_BYTES \
+                or self._wal.incomplete or self._sync == "NORMAL":
             self._wal_commits = self._wal_bytes = 0
             self._wal.poke()
 
@@ -784,6 +788,7 @@ class _WalCheckpointer(threading.Thread):
         self._idle = threading.Event()
         self._idle.set()
         self._stopping = False
+        self.incomplete = False     # the last copy left frames behind
 
     def poke(self) -> None:
         self._idle.clear()
@@ -807,9 +812,11 @@ class _WalCheckpointer(threading.Thread):
                 if self._stopping:
                     return
                 try:
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass
+                    busy, log, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # a reader's snapshot can stop the copy short of the end
+                    self.incomplete = bool(busy) or log != copied
+                except (sqlite3.Error, TypeError, ValueError):
+                    self.incomplete = True
                 if not self._wake.is_set():
                     self._idle.set()
         finally:

@@ -294,3 +294,15 @@ def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(monkeypatch):
         assert pageloops.decode(src, sizes, codec, out.ctypes.data + idx * PAGE,
                                 np.zeros(len(idx), np.int64), want_h) == -1
         assert (out == pages).all()
+
+
+@native
+def test_loaded_functions_that_hash_differently_are_refused():
+    """A library whose XXH3 differs from python-xxhash's (libxxhash < 0.8)
+    must not be used: every stored hash would look like damage."""
+    fns = (pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, pageloops._ENC_FNS)
+    assert pageloops._self_check(pageloops._lib, fns) == ""
+    # XXH3_64bits where XXH3_128bits belongs: the high half is whatever rdx held
+    wrong_h128 = int(fns[3][5])
+    assert pageloops._self_check(pageloops._lib, (fns[0], fns[1], wrong_h128, fns[3])) == \
+        "xxh3_128 differs"
