@@ -506,6 +506,23 @@ def test_synchronous_is_validated_and_threads_do_not_leak(store_path, tmp_path):
     assert threading.active_count() == before
 
 
+def base_and_wal_copies(st_, pages: int, rng) -> list:
+    """Write a base checkpoint of ``pages`` pages, then count (in the
+    returned list) every start of the background WAL copy."""
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(pages), random_pages(rng, pages))
+    pokes: list = []
+    real = st_._wal.poke
+    st_._wal.poke = lambda: (pokes.append(1), real())
+    return pokes
+
+
+def small_checkpoints(st_, first: int, n: int, pages: int, rng) -> None:
+    for k in range(first, first + n):
+        with st_.checkpoint(k - 1, {"step": k}) as w:
+            w.add_pages(rng.integers(0, pages, 8), random_pages(rng, 8))
+
+
 def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
     """The background copy of the WAL into the main file starts every
     WAL_CHECKPOINT_COMMITS commits (or sooner for big ones), not after each:
@@ -514,15 +531,9 @@ def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
     from storage import store as store_module
     st_ = make_store(2048)
     rng = np.random.default_rng(3)
-    with st_.checkpoint(None, {"step": 0}) as w:
-        w.add_pages(np.arange(2048), random_pages(rng, 2048))
-    pokes = []
-    real = st_._wal.poke
-    st_._wal.poke = lambda: (pokes.append(1), real())
+    pokes = base_and_wal_copies(st_, 2048, rng)
     n = 4 * store_module.WAL_CHECKPOINT_COMMITS
-    for k in range(1, n + 1):
-        with st_.checkpoint(k - 1, {"step": k}) as w:
-            w.add_pages(rng.integers(0, 2048, 8), random_pages(rng, 8))
+    small_checkpoints(st_, 1, n, 2048, rng)
     assert 3 <= len(pokes) <= 5, len(pokes)
     with st_.checkpoint(n, {"step": n + 1}) as w:      # a big one starts a copy at once
         big = store_module.WAL_CHECKPOINT_BYTES // PAGE + 16
@@ -539,19 +550,12 @@ def test_a_wal_copy_a_reader_held_back_is_retried_after_the_next_commit(make_sto
     from storage import store as store_module
     st_ = make_store(512)
     rng = np.random.default_rng(4)
-    with st_.checkpoint(None, {"step": 0}) as w:
-        w.add_pages(np.arange(512), random_pages(rng, 512))
-    pokes = []
-    real = st_._wal.poke
-    st_._wal.poke = lambda: (pokes.append(1), real())
+    pokes = base_and_wal_copies(st_, 512, rng)
     reader = sqlite3.connect(store_path, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM checkpoints").fetchone()     # holds its snapshot
-    n = store_module.WAL_CHECKPOINT_COMMITS + 4
     try:
-        for k in range(1, n + 1):
-            with st_.checkpoint(k - 1, {"step": k}) as w:
-                w.add_pages(rng.integers(0, 512, 8), random_pages(rng, 8))
+        small_checkpoints(st_, 1, store_module.WAL_CHECKPOINT_COMMITS + 4, 512, rng)
     finally:
         reader.execute("COMMIT")
         reader.close()
@@ -564,14 +568,8 @@ def test_with_synchronous_normal_every_commit_is_copied_back(store_path):
     batched there, so a commit is on disk within moments, as before."""
     rng = np.random.default_rng(5)
     with Store.create(store_path, {"mem_size": 64 * PAGE}, synchronous="NORMAL") as st_:
-        with st_.checkpoint(None, {"step": 0}) as w:
-            w.add_pages(np.arange(64), random_pages(rng, 64))
-        pokes = []
-        real = st_._wal.poke
-        st_._wal.poke = lambda: (pokes.append(1), real())
-        for k in range(1, 4):
-            with st_.checkpoint(k - 1, {"step": k}) as w:
-                w.add_pages(rng.integers(0, 64, 4), random_pages(rng, 4))
+        pokes = base_and_wal_copies(st_, 64, rng)
+        small_checkpoints(st_, 1, 3, 64, rng)
         assert len(pokes) == 3
 
 
