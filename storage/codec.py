@@ -2,8 +2,9 @@
 
 Costs per 4 KiB page that shaped the store (storage-notes.md): xxh3_128 is
 0.18 µs, LZ4 block compression 7 µs, decompression ~1.3 µs, and one
-python-lz4 call has ~1 µs of fixed cost.  So: one C call per page for hashing
-and compression, numpy for everything that can see the whole batch at once.
+python-lz4 call has ~1 µs of fixed cost.  So: the per-page loops run in C a
+batch at a time (storage/pageloops.py; per-page Python calls only where the
+C loops are not built), numpy for everything that sees the whole batch.
 Encoding lives in the writer (store.py), decoding in packs.py.
 """
 

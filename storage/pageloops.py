@@ -81,8 +81,9 @@ def _self_check(lib, fns) -> str:
     import xxhash
     dec, dec_dict, h128, enc = fns
     page = np.frombuffer(bytes(range(256)) * 8 + bytes(2048), np.uint8).copy()
-    got = np.empty(16, np.uint8)
-    lib.pc_hash(1, page.ctypes.data, np.zeros(1, np.int64).ctypes.data, got.ctypes.data, h128)
+    words, got = np.empty(1, np.int64), np.empty(16, np.uint8)
+    lib.pc_scan(1, page.ctypes.data, np.zeros(1, np.int64).ctypes.data, words.ctypes.data,
+                got.ctypes.data, h128)
     if got.tobytes() != xxhash.xxh3_128_digest(page):
         return "xxh3_128 differs"
     if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, int(enc[5]))) != xxhash.xxh3_64_intdigest(page):
@@ -127,16 +128,6 @@ def decode(src: np.ndarray, length: np.ndarray, codec: np.ndarray, dst: np.ndarr
     assert len(length) == len(codec) == len(dst) == len(dict_at) == n and want.size == 16 * n
     return int(_lib.pc_decode(n, _p(src), _p(length), _p(codec), _p(dst), _p(dict_at), _p(want),
                               _DEC, _DEC_DICT, _H128))
-
-
-def hash_pages(pages: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
-    """Content hashes (n x 16 uint8) of the pages ``pages[idx]`` (all when
-    ``idx`` is None) of the C-contiguous array of 4096-byte rows."""
-    pages = _rows(pages)
-    idx = np.arange(len(pages)) if idx is None else _index(idx, len(pages))
-    out = np.empty((len(idx), 16), np.uint8)
-    _lib.pc_hash(len(idx), _p(pages), _p(idx), _p(out), _H128)
-    return out
 
 
 def scan(pages: np.ndarray, threads: int = 2) -> tuple[np.ndarray, np.ndarray]:

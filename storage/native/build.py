@@ -7,7 +7,6 @@ ffibuilder = FFI()
 ffibuilder.cdef("""
 int64_t pc_decode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                   uintptr_t, uintptr_t, uintptr_t);
-void pc_hash(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 void pc_scan(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 uint64_t pc_xxh3_64(uintptr_t, int64_t, uintptr_t);
 int64_t pc_encode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,

@@ -92,17 +92,6 @@ int64_t pc_decode(int64_t n, uintptr_t src_, uintptr_t len_, uintptr_t codec_,
     return -1;
 }
 
-/* Content hashes of the n pages at pages + 4096 idx[i] into hashes[16 i ..]. */
-void pc_hash(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t hashes_, uintptr_t h_)
-{
-    const char *pages = (const char *)pages_;
-    const int64_t *idx = (const int64_t *)idx_;
-    uint8_t *hashes = (uint8_t *)hashes_;
-    h128_fn h = (h128_fn)h_;
-    for (int64_t i = 0; i < n; i++)
-        digest(h, pages + PAGE * idx[i], hashes + 16 * i);
-}
-
 /* One pass over the n pages at pages + 4096 idx[i]: words[i] = how many of
  * its 512 8-byte words are not zero, and for a page that is not all zero its
  * content hash into hashes[16 i ..] (left alone for zero pages). */
