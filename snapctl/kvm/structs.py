@@ -205,6 +205,11 @@ class KvmRun(C.Structure):
         ("cr8", u64),
         ("apic_base", u64),
         ("exit", KvmRunExit),
+        # KVM_CAP_SYNC_REGS: registers exchanged through this page instead of
+        # KVM_GET_REGS/KVM_SET_REGS (api.txt 5. "kvm_run->s").
+        ("kvm_valid_regs", u64),
+        ("kvm_dirty_regs", u64),
+        ("sync_regs", KvmRegs),
     ]
 
 
@@ -229,3 +234,4 @@ _SIZES = {
 for _t, _n in _SIZES.items():
     assert C.sizeof(_t) == _n, (_t.__name__, C.sizeof(_t), _n)
 assert KvmRun.exit.offset == 32 and KvmRun.exit_reason.offset == 8 and KvmRun.immediate_exit.offset == 1
+assert KvmRun.kvm_valid_regs.offset == 288 and KvmRun.sync_regs.offset == 304

@@ -35,10 +35,13 @@ from ..kvm.constants import (
 from . import guests as G
 from . import layout as L
 from .dirty import DirtyTracker, make_tracker
+from .driver import GuestDriver, IoVerdict
 from .memory import GuestMemory, validate_mem_size
 from .state import VcpuState, capture_vcpu, restore_vcpu
 
 TRACKING_MODES = ("ring", "bitmap", "none")
+#: ``MachineConfig.guest`` of a guest brought by a :class:`GuestDriver` (a user's program).
+DRIVEN_GUEST = "program"
 
 
 class MachineError(Exception):
@@ -57,10 +60,20 @@ class MachineConfig:
     tracking: str = "ring"
     ring_entries: int = 4096
     params: dict = field(default_factory=dict)
+    #: for ``guest == "program"``: what the driver needs to build it again (opaque here)
+    program: dict | None = None
 
     def validate(self) -> None:
-        guest = G.get_guest(self.guest)
         validate_mem_size(self.mem_size)
+        if self.guest == DRIVEN_GUEST:
+            if self.vcpus != 1:
+                raise ValueError(f"a program guest has one vCPU, got {self.vcpus}")
+            if self.tracking not in TRACKING_MODES:
+                raise ValueError(f"unknown tracking mode {self.tracking!r}; use one of: {', '.join(TRACKING_MODES)}")
+            if not isinstance(self.program, dict):
+                raise ValueError("a program guest needs its program description")
+            return
+        guest = G.get_guest(self.guest)
         if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= L.MAX_VCPUS:
             raise ValueError(f"vCPU count must be 1..{L.MAX_VCPUS}, got {self.vcpus}")
         if self.tracking not in TRACKING_MODES:
@@ -88,6 +101,8 @@ class MachineConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["program"] is None:
+            del d["program"]
         d["memslots"] = [
             {"slot": 0, "gpa": 0, "size": L.SYSTEM_SIZE, "name": "system"},
             {"slot": 1, "gpa": L.SYSTEM_SIZE, "size": self.mem_size - L.SYSTEM_SIZE, "name": "data"},
@@ -113,6 +128,7 @@ class _Runner:
     yields: int = 0
     exits: int = 0
     ring_full: int = 0
+    finished: bool = False
 
 
 class Machine:
@@ -125,9 +141,13 @@ class Machine:
     :meth:`restore_state`.
     """
 
-    def __init__(self, config: MachineConfig, *, kvm_path: str = "/dev/kvm", boot: bool = True):
+    def __init__(self, config: MachineConfig, *, kvm_path: str = "/dev/kvm", boot: bool = True,
+                 driver: GuestDriver | None = None):
         config.validate()
+        if (driver is None) != (config.guest != DRIVEN_GUEST):
+            raise MachineError(f"guest {config.guest!r} {'needs' if driver is None else 'takes no'} guest driver")
         self.config = config
+        self.driver = driver
         self._closed = False
         self._cond = threading.Condition()
         self._pause_req = False
@@ -141,8 +161,10 @@ class Machine:
         self._runners: list[_Runner] = []
         try:
             self._build()
+            if driver is not None:
+                driver.attach(self)
             if boot:
-                self._boot()
+                driver.boot(self) if driver is not None else self._boot()
         except BaseException:
             self.close()
             raise
@@ -268,6 +290,8 @@ class Machine:
                 r.pending_io = False
                 if reason == KVM_EXIT_IO:
                     self._on_io(r)
+                    if r.finished:
+                        return
                 elif reason == KVM_EXIT_INTR:
                     continue
                 elif reason == KVM_EXIT_DIRTY_RING_FULL:
@@ -293,21 +317,32 @@ class Machine:
     def _on_io(self, r: _Runner) -> None:
         io = r.vcpu.run_struct.exit.io
         r.pending_io = True
+        if self.driver is not None:
+            verdict = self.driver.on_io(r.index, io)
+            if verdict is IoVerdict.YIELD:
+                self._yielded(r, self.driver.step(r.index))
+            elif verdict is IoVerdict.EXIT:
+                r.pending_io = False
+                r.finished = True
+            return
         step = self.step(r.index)
         if io.direction == KVM_EXIT_IO_OUT and io.port == G.PORT_YIELD:
-            r.yields += 1
-            if self.on_yield is not None:
-                self.on_yield(r.index, step)
-            with self._cond:
-                if r.step_target is not None and step >= r.step_target:
-                    r.step_target = None
-                    r.hold = True
+            self._yielded(r, step)
         elif io.direction == KVM_EXIT_IO_OUT and io.port == G.PORT_STOP:
             with self._cond:
                 r.hold = True
         else:
             kind = "OUT" if io.direction == KVM_EXIT_IO_OUT else "IN"
             raise MachineError(self._describe_exit(r, KVM_EXIT_IO, f"{kind} to unknown port {io.port:#x}"))
+
+    def _yielded(self, r: _Runner, step: int) -> None:
+        r.yields += 1
+        if self.on_yield is not None:
+            self.on_yield(r.index, step)
+        with self._cond:
+            if r.step_target is not None and step >= r.step_target:
+                r.step_target = None
+                r.hold = True
 
     def _describe_exit(self, r: _Runner, reason: int, detail: str = "") -> str:
         name = EXIT_NAMES.get(reason, "unknown")
@@ -369,7 +404,11 @@ class Machine:
                 r.step_target = t
 
     def set_stop_at(self, step: int | list[int]) -> None:
-        """Make each vCPU's guest hold exactly after step ``step`` (a VMM write to the mailbox)."""
+        """Make each vCPU's guest hold exactly after step ``step`` (a VMM write to the mailbox;
+        a driven guest holds at the yield where its step reaches it)."""
+        if self.driver is not None:
+            self.pause_at_step(step)
+            return
         for r, s in zip(self._runners, self._per_vcpu(step)):
             self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, s)
 
@@ -385,6 +424,10 @@ class Machine:
         """Each vCPU's control state and mailbox, for a timeout's message."""
         parts = []
         for r in self._runners:
+            if self.driver is not None:
+                parts.append(f"vCPU {r.index}: parked={r.parked} hold={r.hold} exited={r.exited} "
+                             f"target={r.step_target} exits={r.exits} step={self.driver.step(r.index)}")
+                continue
             try:
                 mb = L.mailbox_gpa(r.index)
                 where = f"step {self.memory.read_u64(mb + G.MB_STEP)}, stop_at {self.memory.read_u64(mb + G.MB_STOP_AT)}"
@@ -395,14 +438,43 @@ class Machine:
                          f"ring_full={r.ring_full}, {where}")
         return "; ".join(parts)
 
+    def vcpu(self, index: int) -> Vcpu:
+        """vCPU ``index`` (for a guest driver: its thread is the only one that runs it)."""
+        return self._runners[index].vcpu
+
+    def held(self) -> bool:
+        """Every vCPU is parked at a hold point it reached itself (a step target), or finished,
+        as opposed to stopped mid-instruction by a kick."""
+        with self._cond:
+            return all(r.finished or (r.parked and r.hold) for r in self._runners)
+
+    def wait_parked_for(self, timeout: float) -> bool:
+        """Like :meth:`wait_parked` but returns False instead of raising when time runs out."""
+        with self._cond:
+            done = self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout)
+            self._check_error()
+            return bool(done)
+
     @property
     def paused(self) -> bool:
         return all(r.parked for r in self._runners)
 
     # -- state ------------------------------------------------------------------------------------
     def step(self, vcpu: int = 0) -> int:
-        """The guest's step counter for ``vcpu`` (from its mailbox)."""
+        """The guest's step counter for ``vcpu`` (from its mailbox, or its driver)."""
+        if self.driver is not None:
+            return self.driver.step(vcpu)
         return self.memory.read_u64(L.mailbox_gpa(vcpu) + G.MB_STEP)
+
+    @property
+    def finished(self) -> bool:
+        """Every vCPU's guest has ended (a driven guest's program exited)."""
+        return all(r.finished for r in self._runners)
+
+    def guest_states(self) -> dict[str, bytes]:
+        """The driver's own state for a checkpoint (must be paused); {} for built-in guests."""
+        self._require_parked()
+        return self.driver.save() if self.driver is not None else {}
 
     def steps(self) -> list[int]:
         return [self.step(i) for i in range(self.config.vcpus)]
