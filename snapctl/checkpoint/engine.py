@@ -28,6 +28,9 @@ from ..machine.guests import MB_STOP_AT
 
 PAGE = 4096
 MACHINE_STATE = "machine"
+#: Guest states under this prefix hold what happened *during* an interval (a program's
+#: output, its log of outside-world results): merging two captures appends them.
+STREAM_PREFIX = "stream/"
 
 
 def vcpu_state_name(i: int) -> str:
@@ -95,6 +98,8 @@ class Capture:
     buffer: "StagingBuffer | None" = None  # returned to its pool once written
     # Pre-copied chunks [(pages, data)], oldest first; ``pages``/``data`` win over them.
     early: list = field(default_factory=list)
+    #: the guest driver's own named states (``Machine.guest_states``), taken in the same pause
+    states: dict = field(default_factory=dict)
 
     def flatten(self) -> "Capture":
         """Fold the pre-copied chunks in (later wins): one sorted pages/data pair."""
@@ -137,7 +142,11 @@ def merge(older: Capture, newer: Capture) -> Capture:
     pages = np.concatenate([older.pages[only_old], newer.pages])
     data = np.concatenate([older.data[only_old], newer.data])
     order = np.argsort(pages, kind="stable")
-    out = Capture(pages[order], data[order], newer.vcpus, newer.steps, newer.trigger, dict(newer.timings))
+    states = dict(older.states)
+    for name, blob in newer.states.items():
+        states[name] = states.get(name, b"") + blob if name.startswith(STREAM_PREFIX) else blob
+    out = Capture(pages[order], data[order], newer.vcpus, newer.steps, newer.trigger, dict(newer.timings),
+                  states=states)
     newer.release()
     out.timings["carried_pages"] = int(only_old.sum())
     return out
@@ -196,8 +205,9 @@ class StagingPool:
 
 
 def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
-            buffer: StagingBuffer | None = None) -> Capture:
-    """The part of a checkpoint that needs the guest stopped. Resumes it at the end.
+            buffer: StagingBuffer | None = None, resume: bool = True) -> Capture:
+    """The part of a checkpoint that needs the guest stopped. Resumes it at the end
+    (unless ``resume`` is False: the last checkpoint of a run).
 
     Only this happens in the pause: harvest + reset, one gather of the dirty
     pages into a staging buffer (pages pre-copied at ring-full exits and not
@@ -215,8 +225,10 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
     t3 = time.perf_counter()
     vcpus = machine.capture_vcpus()
     steps = machine.steps()
+    states = machine.guest_states()
     t4 = time.perf_counter()
-    machine.resume()
+    if resume:
+        machine.resume()
     t5 = time.perf_counter()
     st = machine.tracker.stats
     timings = {
@@ -225,7 +237,7 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
         "downtime_ms": (t5 - t0) * 1e3, "precopied_pages": int(sum(p.size for p, _ in early)),
         "copied_in_pause": int(pages.size),
     }
-    return Capture(pages, dest, vcpus, steps, trigger, timings, buffer, early)
+    return Capture(pages, dest, vcpus, steps, trigger, timings, buffer, early, states)
 
 
 def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None) -> tuple[int, dict]:
@@ -238,6 +250,8 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         for i, st in enumerate(cap.vcpus):
             w.add_state(vcpu_state_name(i), st.to_bytes())
         w.add_state(MACHINE_STATE, json.dumps({"steps": cap.steps}).encode())
+        for name, blob in cap.states.items():
+            w.add_state(name, blob)
         stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
@@ -339,6 +353,14 @@ class Checkpointer:
         machine.tracker.precopy = precopy
         self._pool = StagingPool(depth + 2, hint_pages=min(machine.memory.npages, 8192))
 
+    def background_writer(self) -> Writer:
+        """A writer committing this chain's captures behind a bounded queue (close it at the end)."""
+        return Writer(self.store, self.parent, depth=self.depth, on_commit=self._account)
+
+    def staging_buffer(self) -> StagingBuffer:
+        """A reused staging buffer for the next capture (may wait while the writer is behind)."""
+        return self._pool.acquire()
+
     def _account(self, ckpt: int, cap: Capture, stats: dict) -> None:
         self.parent = ckpt
         s = self.summary
@@ -364,7 +386,8 @@ class Checkpointer:
         m.collect_dirty()  # start tracking from here; the base holds everything
         m.tracker.take_early_copies()
         all_pages = np.arange(m.memory.npages, dtype=np.int64)
-        cap = Capture(all_pages, m.memory.pages, m.capture_vcpus(), m.steps(), "base", {"downtime_ms": 0.0})
+        cap = Capture(all_pages, m.memory.pages, m.capture_vcpus(), m.steps(), "base", {"downtime_ms": 0.0},
+                      states=m.guest_states())
         return self.record(cap)
 
     def run(self, schedule: Schedule) -> RunSummary:
@@ -458,15 +481,16 @@ def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkp
             return cp.run(schedule)
 
 
-def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm") -> Machine:
-    """A fresh, not yet started machine holding checkpoint ``ckpt`` exactly."""
+def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=None) -> Machine:
+    """A fresh, not yet started machine holding checkpoint ``ckpt`` exactly (a program
+    guest's ``driver`` then rebuilds its own state from the restored memory)."""
     config = MachineConfig.from_dict(store.config)
     names = store.state_names(ckpt)
     states = [VcpuState.from_bytes(store.state(ckpt, vcpu_state_name(i))) for i in range(config.vcpus)
               if vcpu_state_name(i) in names]
     if len(states) != config.vcpus:
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
-    m = Machine(config, kvm_path=kvm_path, boot=False)
+    m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver)
     try:
         # straight into guest RAM (fresh, all zero: zero pages are not touched)
         store.materialize(ckpt, m.memory.pages, out_is_zero=True)

@@ -1,0 +1,332 @@
+"""Checkpoints of a user's program: run it, restore it, replay it, read its output.
+
+A program checkpoint is an ordinary checkpoint (guest memory, vCPU state)
+plus the program guest's states (snapctl.program.guest): ``program`` (the
+VMM's view: VMAs, frames, fds, brk, counters), ``stream/stdout``,
+``stream/stderr`` and ``stream/log`` (what the interval since the parent
+wrote, and the outside-world results it consumed), and ``file/<sha256>``
+for each file first opened in that interval. The program's "step" is its
+system-call count: sync checkpoints hold right after a system call, so a
+replay can stop at exactly the same point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import Store
+
+from ..machine import Machine, MachineConfig, MachineError, VcpuState
+from ..program import FILE_PREFIX, LOG, STATE, STDERR, STDOUT, Log, ProgramGuest, ProgramSpec
+from .engine import PAGE, Checkpointer, RunSummary, Schedule, capture, load_machine, prepare_new_store, vcpu_state_name
+
+DEFAULT_INTERVAL_MS = 100.0
+
+
+@dataclass
+class ProgramSchedule:
+    """When to checkpoint a program: every ``interval_ms`` (landing on the next system call,
+    or a kick if none comes within another interval) or every ``every_syscalls``; stop after
+    ``count`` checkpoints (None: run to the exit) or after ``stop_after`` more system calls."""
+
+    count: int | None = None
+    every_syscalls: int | None = None
+    interval_ms: float | None = None
+    stop_after: int | None = None
+
+    def validate(self) -> None:
+        if self.every_syscalls is not None and self.interval_ms is not None:
+            raise ValueError("give either --every-syscalls or --interval, not both")
+        if self.count is not None and self.count < 0:
+            raise ValueError(f"checkpoint count must be >= 0, got {self.count}")
+        if self.every_syscalls is not None and self.every_syscalls < 1:
+            raise ValueError(f"--every-syscalls must be >= 1, got {self.every_syscalls}")
+        if self.interval_ms is not None and not self.interval_ms > 0:
+            raise ValueError(f"--interval must be > 0 ms, got {self.interval_ms}")
+
+
+@dataclass
+class ProgramRun:
+    """How a program run (or a restore) ended."""
+
+    summary: RunSummary
+    spec: ProgramSpec
+    exit_status: int | None          #: None: stopped by --checkpoints / --steps, still resumable
+    signal: int | None = None
+    report: str | None = None
+    syscalls: int = 0
+    unimplemented: dict = field(default_factory=dict)
+    restored_from: int | None = None
+
+    def as_dict(self) -> dict:
+        d = self.summary.as_dict()
+        d.update({"program": self.spec.path, "argv": self.spec.argv, "exit_status": self.exit_status,
+                  "signal": self.signal, "fault": self.report, "syscalls": self.syscalls,
+                  "unimplemented_syscalls": self.unimplemented,
+                  "running": self.exit_status is None})
+        if self.restored_from is not None:
+            d["restored_from"] = self.restored_from
+        return d
+
+
+def _stdin_for(spec: ProgramSpec, pos: int = 0):
+    if spec.stdin is None:
+        return os.fdopen(os.dup(0), "rb", buffering=0)
+    f = open(spec.stdin, "rb")
+    f.seek(pos)
+    return f
+
+
+def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> None:
+    """Start the program and take the scheduled checkpoints; a final one when it exits."""
+    writer = cp.background_writer()
+
+    def take(trigger: str, *, last: bool = False) -> None:
+        writer.submit(capture(m, trigger, already_paused=True, buffer=cp.staging_buffer(), resume=not last))
+
+    def boundary_or_kick(grace: float) -> str:
+        """Hold at the next system call; kick if none comes within ``grace`` seconds."""
+        m.pause_at_step(driver.step(0) + 1)
+        if m.wait_parked_for(grace):
+            return "exit" if m.finished else "sync"
+        m.pause()
+        held = m.held()
+        m.pause_at_step(None)
+        return "exit" if m.finished else "sync" if held else "async"
+
+    taken = 0
+    try:
+        if sched.stop_after is not None:
+            m.pause_at_step(driver.step(0) + sched.stop_after)
+            m.start()
+            m.wait_parked(timeout=None)
+            take("exit" if m.finished else "sync", last=True)
+            return
+        every = sched.every_syscalls
+        interval = None if every else (sched.interval_ms or DEFAULT_INTERVAL_MS) / 1e3
+        if every and sched.count != 0:
+            m.pause_at_step(driver.step(0) + every)
+        if sched.count == 0:
+            return
+        m.start()
+        while True:
+            if every:
+                m.wait_parked(timeout=None)
+                trigger = "exit" if m.finished else "sync"
+            elif m.wait_parked_for(interval):
+                trigger = "exit"
+            else:
+                trigger = boundary_or_kick(interval)
+            taken += 1
+            last = trigger == "exit" or (sched.count is not None and taken >= sched.count)
+            if every and not last:
+                m.pause_at_step(driver.step(0) + every)   # before capture() resumes the program
+            take(trigger, last=last)
+            if last:
+                return
+    finally:
+        try:
+            m.pause()
+        except MachineError:
+            pass   # the machine's own error is already on its way up
+        writer.close()
+
+
+def _result(driver: ProgramGuest, summary: RunSummary, spec: ProgramSpec, restored_from=None) -> ProgramRun:
+    k = driver.kernel
+    ex = k.exited or {}
+    return ProgramRun(summary, spec, ex.get("status") if k.exited else None, ex.get("signal"), ex.get("report"),
+                      k.count, dict(k.unimplemented), restored_from)
+
+
+def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, mem_size: int = 256 << 20,
+                tracking: str = "ring", kvm_path: str = "/dev/kvm", on_checkpoint=None) -> ProgramRun:
+    """Load ``spec``'s program into a new VM, checkpoint 0 before its first instruction,
+    then run it under ``sched`` into a new store."""
+    sched.validate()
+    with open(spec.path, "rb") as f:
+        exe = f.read()
+    stdin = _stdin_for(spec)
+    try:
+        driver = ProgramGuest.new(spec, exe, stdin=stdin)
+        cfg = MachineConfig(guest="program", mem_size=mem_size, vcpus=1, tracking=tracking, program=spec.to_dict())
+        with Machine(cfg, kvm_path=kvm_path, driver=driver) as m:
+            cfg.program = spec.to_dict()       # now with the binary's hash
+            prepare_new_store(store_path)
+            with Store.create(store_path, cfg.to_dict()) as store:
+                cp = Checkpointer(m, store, None, on_checkpoint)
+                cp.base()
+                _loop(m, cp, driver, sched)
+                return _result(driver, cp.summary, spec)
+    finally:
+        stdin.close()
+
+
+def program_spec(store: Store) -> ProgramSpec:
+    cfg = store.config
+    if cfg.get("guest") != "program":
+        raise ValueError(f"{store.filename} holds a built-in guest ({cfg.get('guest')!r}), not a program")
+    return ProgramSpec.from_dict(cfg.get("program"))
+
+
+def is_program_store(store: Store) -> bool:
+    return store.config.get("guest") == "program"
+
+
+def program_state(store: Store, ckpt: int) -> dict:
+    try:
+        state = json.loads(store.state(ckpt, STATE))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {ckpt}: program state is not valid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {ckpt}: program state is not an object")
+    return state
+
+
+def file_loader(store: Store, ckpts: list[int]):
+    """Read a stored file by content hash from any of ``ckpts`` (a path through the tree)."""
+    def load(h: str) -> bytes:
+        name = FILE_PREFIX + h
+        for c in ckpts:
+            if name in store.state_names(c):
+                return store.state(c, name)
+        raise ValueError(f"the store has no copy of file {h[:12]} on the path to checkpoint {ckpts[-1]}")
+    return load
+
+
+def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path: str = "/dev/kvm",
+                    on_checkpoint=None) -> ProgramRun:
+    """Continue the program from ``ckpt`` to its exit (or the schedule's end); new checkpoints branch from it."""
+    sched.validate()
+    spec = program_spec(store)
+    state = program_state(store, ckpt)
+    if state.get("exited"):
+        ex = state["exited"]
+        return ProgramRun(RunSummary(store=store.filename), spec, ex.get("status"), ex.get("signal"),
+                          ex.get("report"), state.get("syscalls", 0), state.get("unimplemented", {}), ckpt)
+    stdin = _stdin_for(spec, int(state.get("stdin_pos", 0)))
+    try:
+        driver = ProgramGuest.resuming(spec, state, file_loader(store, store.path(ckpt)), live_output=True, stdin=stdin)
+        with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver) as m:
+            driver.restore()
+            cp = Checkpointer(m, store, ckpt, on_checkpoint)
+            _loop(m, cp, driver, sched)
+            return _result(driver, cp.summary, spec, ckpt)
+    finally:
+        stdin.close()
+
+
+def streams(store: Store, path: list[int], name: str) -> bytes:
+    return b"".join(store.state(c, name) for c in path if name in store.state_names(c))
+
+
+def program_output(store: Store, ckpt: int, *, stderr: bool = False) -> bytes:
+    """What the program had written to stdout (stderr) by checkpoint ``ckpt``."""
+    program_spec(store)
+    return streams(store, store.path(ckpt), STDERR if stderr else STDOUT)
+
+
+@dataclass
+class ProgramReplay:
+    source: int
+    target: int
+    match: bool
+    trigger: str
+    syscalls: int
+    target_syscalls: int
+    compared: list[str]
+    differing_pages: list[int] = field(default_factory=list)
+    differing_registers: dict = field(default_factory=dict)
+    differences: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {"from": self.source, "to": self.target, "match": self.match, "trigger": self.trigger,
+                "syscalls": self.syscalls, "target_syscalls": self.target_syscalls, "compared": self.compared,
+                "differing_pages": self.differing_pages[:64], "differing_page_count": len(self.differing_pages),
+                "differing_registers": self.differing_registers, "differences": self.differences, "note": self.note}
+
+
+def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/dev/kvm",
+                   timeout: float | None = None) -> ProgramReplay:
+    """Restore ``source`` and re-execute to ``target`` feeding back the recorded outside-world
+    results; compare what the target's trigger allows (see ``compared``)."""
+    spec = program_spec(store)
+    path = store.path(target)
+    if source not in path or source == target:
+        raise ValueError(f"checkpoint {target} does not come after {source} in the same branch; "
+                         "replay goes forward along one branch")
+    between = path[path.index(source) + 1:]
+    sstate, tstate = program_state(store, source), program_state(store, target)
+    if sstate.get("exited"):
+        raise ValueError(f"the program had already exited at checkpoint {source}")
+    info = store.get(target)
+    trigger = info.trigger
+    entries = Log.parse(streams(store, between, LOG))
+    driver = ProgramGuest.resuming(spec, sstate, file_loader(store, path), live_output=False)
+    with load_machine(store, source, kvm_path=kvm_path, driver=driver) as m:
+        driver.restore()
+        driver.kernel.log.replay(entries)
+        t_count = int(tstate["syscalls"])
+        if trigger != "exit":
+            m.pause_at_step(t_count)
+        m.start()
+        m.wait_parked(timeout=timeout)
+        k = driver.kernel
+        diffs: list[str] = []
+        if driver.fault and driver.fault.startswith("replay diverged"):
+            diffs.append(driver.fault)
+        compared = ["system-call count", "stdout", "stderr", "outside-world results consumed"]
+        if k.count != t_count:
+            diffs.append(f"reached system call {k.count}, the recording reached {t_count}")
+        for name, fd in ((STDOUT, 1), (STDERR, 2)):
+            want = streams(store, between, name)
+            got = bytes(driver.output.interval[fd])
+            if got != want:
+                diffs.append(f"{name.split('/')[1]}: replay wrote {len(got)} bytes, the recording {len(want)}"
+                             f"{' (same length, different bytes)' if len(got) == len(want) else ''}")
+        if k.log.replay_left:
+            diffs.append(f"{k.log.replay_left} recorded outside-world results were not consumed")
+        pages: list[int] = []
+        regs: dict = {}
+        note = ""
+        if trigger == "async":
+            note = (f"checkpoint {target} was taken by a kick in the middle of computation (no system call "
+                    f"within the interval), which no replay can stop at exactly; replay ran to its last "
+                    f"system call ({t_count}) and compared only {', '.join(compared)}: memory, registers "
+                    "and program state not compared")
+        else:
+            compared += ["memory (every page)", "registers", "program state (VMAs, fds, brk, frames)"]
+            expected = np.empty((store.page_count, PAGE), np.uint8)
+            store.materialize(target, expected)
+            pages = np.flatnonzero((m.memory.pages != expected).any(axis=1)).tolist()
+            got = m.capture_vcpus()[0].registers()
+            want = VcpuState.from_bytes(store.state(target, vcpu_state_name(0))).registers()
+            regs = {n: {"replayed": got[n], "recorded": want[n]} for n in got if got[n] != want[n]}
+            mine, theirs = dict(k.state()), dict(tstate)
+            for d in (mine, theirs):
+                d.pop("files", None)
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    diffs.append(f"program state field {key!r} differs")
+        match = not diffs and not pages and not regs
+        return ProgramReplay(source, target, match, trigger, k.count, t_count, compared, pages, regs, diffs, note)
+
+
+def program_info(store: Store, ckpt: int) -> dict:
+    """What ``show`` adds for a program checkpoint."""
+    spec = program_spec(store)
+    st = program_state(store, ckpt)
+    ex = st.get("exited")
+    return {"program": spec.path, "exe": spec.exe, "argv": spec.argv, "root": spec.root,
+            "syscalls": st.get("syscalls"), "exited": bool(ex), "exit_status": ex.get("status") if ex else None,
+            "signal": ex.get("signal") if ex else None, "fault": ex.get("report") if ex else None,
+            "output_bytes": st.get("output"), "unimplemented_syscalls": st.get("unimplemented", {})}
+
+
+__all__ = ["ProgramReplay", "ProgramRun", "ProgramSchedule", "Schedule", "is_program_store", "program_info",
+           "program_output", "program_spec", "program_state", "replay_program", "restore_program", "run_program"]
