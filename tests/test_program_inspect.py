@@ -357,6 +357,7 @@ def test_symbols_of_a_dynamic_program_include_its_libraries(programs):
     libs = _libraries(prog)
     libc_path = libs["libc.so.6"]
     ld_path = next(p for name, p in libs.items() if name.startswith("ld-linux"))
+    libc_guest_path = "/opt/lib/libc-2.99.so"                  # its soname, not its file name, labels it
     files: dict[str, bytes] = {}
     exe_bias, libc_base, ld_bias = 0x5555_5555_4000, 0x7F00_0000_0000, 0x7F00_1000_0000
     state = _exe_state(prog, exe_bias, files)
@@ -368,8 +369,8 @@ def test_symbols_of_a_dynamic_program_include_its_libraries(programs):
          "hash": state["exe"]["hash"], "offset": 0},
         {"start": 0x7E00_0000_0000, "end": 0x7E00_0000_1000, "prot": PROT_R, "flags": MAP_PRIVATE,
          "name": "/tmp/data.bin", "hash": _sha(blob), "offset": 0},
-        {"start": libc_base, "end": libc_base + 0x28000, "prot": PROT_R, "flags": MAP_PRIVATE, "name": libc_path,
-         "hash": _sha(libc), "offset": 0},
+        {"start": libc_base, "end": libc_base + 0x28000, "prot": PROT_R, "flags": MAP_PRIVATE,
+         "name": libc_guest_path, "hash": _sha(libc), "offset": 0},
         {"start": 0x7FFF_FFFD_E000, "end": 0x7FFF_FFFF_F000, "prot": PROT_R | PROT_W,
          "flags": MAP_PRIVATE | MAP_ANONYMOUS, "name": "[stack]", "hash": None, "offset": 0},
     ]
@@ -383,7 +384,9 @@ def test_symbols_of_a_dynamic_program_include_its_libraries(programs):
     assert syms.lookup("main") == (exe_bias + nm_exe["main"][0], nm_exe["main"][1])
     assert syms.symbolize(exe_bias + nm_exe["main"][0] + 5) == "main+0x5"
     assert syms.lookup("optind") == (exe_bias + nm_exe["optind"][0], 4)
-    assert syms.lookup("libc.so.6:optind") == (libc_base + nm_libc["optind"][0], 4)
+    libc_optind = (libc_base + nm_libc["optind"][0], 4)
+    assert syms.lookup("libc.so.6:optind") == syms.lookup("libc-2.99.so:optind") == libc_optind
+    assert syms.objects[1].path == libc_guest_path
     name, (value, _, _) = next((n, s) for n, s in sorted(nm_ld.items()) if s[2] == "T" and s[1])
     assert syms.lookup(f"{os.path.basename(ld_path)}:{name}")[0] == ld_bias + value
 

@@ -245,6 +245,16 @@ def _elf_symbols(elf: ELFFile, bias: int) -> list[tuple[int, int, str, int]]:
     return list(found.values())
 
 
+def _soname(elf: ELFFile, path: str) -> str:
+    """The shared object's DT_SONAME ("libexpat.so.1" for .../libexpat.so.1.8.10), else
+    the basename of ``path``."""
+    dynamic = next((s for s in elf.iter_sections() if s["sh_type"] == "SHT_DYNAMIC"), None)
+    if dynamic is not None:
+        for tag in dynamic.iter_tags("DT_SONAME"):
+            return tag.soname
+    return os.path.basename(path)
+
+
 def _mapping_bias(elf: ELFFile, vmas: list[dict]) -> int | None:
     """The load bias of a shared object from the VMAs mapping it: the loader
     maps each PT_LOAD at ``bias + (p_vaddr & ~4095)`` from file offset
@@ -260,9 +270,10 @@ def _mapping_bias(elf: ELFFile, vmas: list[dict]) -> int | None:
 
 @dataclass(frozen=True)
 class LoadedObject:
-    """One ELF file of the program: ``label`` prefixes its symbols in
-    ``symbolize`` ("" for the main program) and selects them in ``lookup``
-    ("libc.so.6:printf"); ``bias`` is its load bias."""
+    """One ELF file of the program: ``label`` (its DT_SONAME, else its file
+    name; "" for the main program) prefixes its symbols in ``symbolize`` and
+    selects them in ``lookup`` ("libc.so.6:printf"; the file name works
+    too); ``bias`` is its load bias."""
     label: str
     path: str
     bias: int
@@ -282,11 +293,13 @@ class Symbols:
         rows: list[tuple[int, tuple, int, str, str]] = []
         for obj, syms in objects:
             table = self._by_label.setdefault(obj.label or os.path.basename(obj.path), {})
+            self._by_label.setdefault(os.path.basename(obj.path), table)
             for va, size, name, rank in sorted(syms, key=lambda s: -s[3]):
                 table.setdefault(name, (va, size))
                 self._names.setdefault(name, (va, size))
-                # at one address prefer GLOBAL, then names without a leading "_", then shorter
-                rows.append((va, (rank, not name.startswith("_"), -len(name), name), size, name, obj.label))
+                # at one address prefer names without a leading "_" (write over __libc_write, as
+                # gdb shows them), then GLOBAL over WEAK over LOCAL, then the shorter name
+                rows.append((va, (not name.startswith("_"), rank, -len(name), name), size, name, obj.label))
         rows.sort(key=lambda r: r[:2])
         self._start = np.array([r[0] for r in rows], np.uint64)
         self._end = self._start + np.array([max(r[2], 1) for r in rows], np.uint64)
@@ -320,12 +333,12 @@ class Symbols:
                 continue
             bias = _mapping_bias(elf, vmas)
             if bias is not None:
-                obj = LoadedObject(os.path.basename(vmas[0]["name"]), vmas[0]["name"], bias)
+                obj = LoadedObject(_soname(elf, vmas[0]["name"]), vmas[0]["name"], bias)
                 libraries.append((obj, _elf_symbols(elf, bias)))
         if interp:
             elf = _elf(get_file(interp["hash"]))
             if elf is not None:
-                obj = LoadedObject(os.path.basename(interp["path"]), interp["path"], interp["bias"])
+                obj = LoadedObject(_soname(elf, interp["path"]), interp["path"], interp["bias"])
                 libraries.append((obj, _elf_symbols(elf, interp["bias"])))
         return cls(objects + libraries)
 
@@ -448,13 +461,16 @@ class _Segment:
 
 
 def _segments(vmas: list[dict], pages: _Pages) -> list[_Segment]:
-    """One segment per VMA, plus one per run of present user pages (same
+    """One segment per VMA (sorted by start), plus one per run of present user pages (same
     flags, contiguous) that no VMA covers."""
     segs = []
     covered = np.zeros(len(pages.va), bool)
+    prev_end = 0
     for v in vmas:
-        if v["start"] % PAGE or v["end"] % PAGE or v["end"] <= v["start"]:
-            raise ValueError(f"VMA {v['start']:#x}-{v['end']:#x} is not a non-empty page-aligned range")
+        if v["start"] % PAGE or v["end"] % PAGE or v["end"] <= v["start"] or v["start"] < prev_end:
+            raise ValueError(f"VMA {v['start']:#x}-{v['end']:#x} is not a non-empty page-aligned range "
+                             "clear of the VMA before it")
+        prev_end = v["end"]
         prot = v["prot"]
         p_flags = (_PF_R if prot & PROT_READ else 0) | (_PF_W if prot & PROT_WRITE else 0) \
             | (_PF_X if prot & PROT_EXEC else 0)
