@@ -194,16 +194,30 @@ def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[f
                     stop_after=_number(steps, "--steps", allow_zero=False) if steps else None)
 
 
-@app.command()
+@app.command(context_settings={"allow_interspersed_args": False})
 def run(
+    program_args: Optional[List[str]] = typer.Argument(None, metavar="[-- ARG...]",
+                                                        help="Arguments for --program (after --)."),
+    program: Optional[str] = typer.Option(None, "--program", metavar="PATH",
+                                          help="Run this Linux program (x86-64 ELF) as the guest."),
+    root: Optional[str] = typer.Option(None, "--root", metavar="DIR",
+                                       help="Program: the directory it sees as / (read-only; default: .)."),
+    env: List[str] = typer.Option([], "--env", metavar="NAME=VALUE", help="Program: an environment variable."),
+    stdin_file: Optional[str] = typer.Option(None, "--stdin", metavar="FILE",
+                                             help="Program: read stdin from FILE (default: snapctl's stdin)."),
+    argv0: Optional[str] = typer.Option(None, "--argv0", metavar="NAME", help="Program: its argv[0]."),
+    every_syscalls: Optional[str] = typer.Option(None, "--every-syscalls", metavar="N",
+                                                 help="Program: a checkpoint every N system calls."),
     guest: str = typer.Option("stamp", help="Built-in guest (see `snapctl guests`)."),
-    mem: str = typer.Option("64M", help="Guest RAM, e.g. 64M, 1G, 0x4000000."),
+    mem: Optional[str] = typer.Option(None, help="Guest RAM, e.g. 64M, 1G (default 64M; program: 256M)."),
     vcpus: int = typer.Option(1, help="vCPUs."),
     seed: str = typer.Option("1", help="Guest seed (non-zero)."),
     steps_per_yield: str = typer.Option("1000", "--steps-per-yield", help="Guest steps between yields."),
-    checkpoints: int = typer.Option(10, help="Checkpoints to take after the base."),
+    checkpoints: Optional[int] = typer.Option(None, help="Checkpoints to take after the base "
+                                              "(default 10; program: until it exits)."),
     every_steps: Optional[str] = typer.Option(None, "--every-steps", help="Sync: every N guest steps."),
-    interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds "
+                                             "(program: at the next system call after MS, default 100)."),
     ring_entries: str = typer.Option("4096", "--ring-entries", help="Dirty ring entries per vCPU."),
     tracking: str = typer.Option("ring", help="Dirty tracking: ring or bitmap."),
     param: List[str] = typer.Option([], "--param", help="Guest parameter NAME=VALUE (repeatable)."),
@@ -211,12 +225,21 @@ def run(
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Boot a built-in guest, write checkpoint 0 and then the scheduled checkpoints."""
+    """Boot a built-in guest (or --program), write checkpoint 0 and then the scheduled checkpoints."""
     from .checkpoint import run as run_
     from .machine import MachineConfig
 
     if tracking not in ("ring", "bitmap"):
         raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    if program is not None:
+        _run_program(program, program_args or [], root, env, stdin_file, argv0, every_syscalls, interval,
+                     checkpoints, mem, tracking, store, as_json)
+        return
+    if program_args or every_syscalls or root or env or stdin_file or argv0:
+        raise typer.BadParameter("arguments, --root, --env, --stdin, --argv0 and --every-syscalls go with --program",
+                                 param_hint="--program")
+    checkpoints = 10 if checkpoints is None else checkpoints
+    mem = mem or "64M"
     sched = _schedule(checkpoints, every_steps, interval)
     cfg = MachineConfig(guest=guest, mem_size=_number(mem, "--mem", allow_zero=False), vcpus=vcpus,
                         seed=_number(seed, "--seed"), steps_per_yield=_number(steps_per_yield, "--steps-per-yield"),
@@ -228,6 +251,36 @@ def run(
         _print_json(summary)
     else:
         out.print(_summary_table(f"run: {path}", summary))
+
+
+def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str], interval: Optional[float],
+                      steps: Optional[str] = None):
+    from .checkpoint.program import ProgramSchedule
+
+    if every_syscalls is not None and interval is not None:
+        raise typer.BadParameter("give either --every-syscalls or --interval, not both", param_hint="--every-syscalls")
+    if checkpoints is not None and checkpoints < 0:
+        raise typer.BadParameter(f"must be >= 0, got {checkpoints}", param_hint="--checkpoints")
+    if interval is not None and not (math.isfinite(interval) and 0 < interval <= 86_400_000):
+        raise typer.BadParameter(f"must be a number of ms from > 0 to 86400000 (one day), got {interval}",
+                                 param_hint="--interval")
+    return ProgramSchedule(
+        count=checkpoints, interval_ms=interval,
+        every_syscalls=_number(every_syscalls, "--every-syscalls", allow_zero=False) if every_syscalls else None,
+        stop_after=_number(steps, "--steps", allow_zero=False) if steps else None)
+
+
+def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
+                 tracking, store, as_json) -> None:
+    from . import cli_program as P
+    from .checkpoint.program import run_program
+
+    sched = _program_schedule(checkpoints, every_syscalls, interval)
+    spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
+    path = _store_path(store)
+    res = run_program(path, spec, sched, mem_size=_number(mem or "256M", "--mem", allow_zero=False),
+                      tracking=tracking, kvm_path=_kvm())
+    raise typer.Exit(P.render_run(res, as_json, f"run {os.path.basename(spec.path)} into {path}"))
 
 
 @app.command("list")
@@ -267,8 +320,12 @@ def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Opt
             if name in st.state_names(c.id):
                 vcpus.append(VcpuState.from_bytes(st.state(c.id, name)).registers())
         children = st.children(c.id)
+        from .checkpoint.program import is_program_store, program_info
+        prog = program_info(st, c.id) if is_program_store(st) else None
     d = _ckpt_dict(c, vcpus=vcpus)
     d["children"] = children
+    if prog is not None:
+        d["program"] = prog
     if as_json:
         _print_json(d)
         return
@@ -282,14 +339,18 @@ def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Opt
         t.add_row(k, str(v))
     for i, r in enumerate(vcpus):
         t.add_row(f"vcpu{i}", " ".join(f"{n}={r[n]:#x}" for n in ("rip", "rsp", "rax", "rbx", "rflags")))
+    for k, v in (prog or {}).items():
+        t.add_row(k, str(v))
     out.print(t)
 
 
 @app.command()
 def restore(
     id: str = typer.Argument(..., help="Checkpoint id or tag to continue from."),
-    checkpoints: int = typer.Option(10, help="Checkpoints to take."),
+    checkpoints: Optional[int] = typer.Option(None, help="Checkpoints to take (default 10; program: until it exits)."),
     every_steps: Optional[str] = typer.Option(None, "--every-steps", help="Sync: every N guest steps."),
+    every_syscalls: Optional[str] = typer.Option(None, "--every-syscalls", metavar="N",
+                                                 help="Program: a checkpoint every N system calls."),
     interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
@@ -298,10 +359,22 @@ def restore(
 ) -> None:
     """Build a fresh VM from a checkpoint and continue; new checkpoints branch from it."""
     from .checkpoint import restore as restore_
+    from .checkpoint.program import is_program_store
 
-    sched = _schedule(checkpoints, every_steps, interval, steps)
     with _open(store, write=True) as st:
         ckpt = _resolve(st, id)
+        if is_program_store(st):
+            from . import cli_program as P
+            from .checkpoint.program import restore_program
+
+            if every_steps is not None:
+                raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
+            res = restore_program(st, ckpt, _program_schedule(checkpoints, every_syscalls, interval, steps),
+                                  kvm_path=_kvm())
+            raise typer.Exit(P.render_run(res, as_json, f"restore {ckpt}"))
+        if every_syscalls is not None:
+            raise typer.BadParameter("--every-syscalls is for program guests", param_hint="--every-syscalls")
+        sched = _schedule(10 if checkpoints is None else checkpoints, every_steps, interval, steps)
         total = 1 if sched.stop_after else sched.count
         with _progress(total, f"from {ckpt}", as_json) as cb:
             summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
@@ -322,9 +395,21 @@ def replay(
     """Restore ID, re-execute to ID2's guest step, compare memory and registers; exit 1 on mismatch."""
     from .checkpoint import replay as replay_
 
+    from .checkpoint.program import is_program_store
+
     with _open(store) as st:
         a = _resolve(st, id)
         b = _resolve(st, to) if to is not None else None
+        if is_program_store(st):
+            from . import cli_program as P
+            from .checkpoint.engine import next_in_branch
+            from .checkpoint.program import replay_program
+
+            res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm())
+            if not P.render_replay(res, as_json):
+                raise Failure(f"replay {res.source} -> {res.target} does not match: "
+                              f"{'; '.join(res.differences) or f'{len(res.differing_pages)} pages and {len(res.differing_registers)} registers differ'}")
+            return
         res = replay_(st, a, b, kvm_path=_kvm())
     d = res.as_dict()
     if as_json:
@@ -377,17 +462,29 @@ def _hexdump(base: int, data: bytes) -> str:
 @app.command()
 def read(
     id: str = typer.Argument(..., help="Checkpoint id or tag."),
-    addr: str = typer.Argument(..., help="Guest-physical address (decimal, 0x hex, K/M/G)."),
-    length: str = typer.Argument("256", metavar="[LEN]", help="Bytes to read (default 256)."),
+    addr: str = typer.Argument(..., metavar="ADDR|SYMBOL",
+                               help="Guest-physical address; for a program a virtual address or SYMBOL[+OFFSET]."),
+    length: Optional[str] = typer.Argument(None, metavar="[LEN]",
+                                           help="Bytes to read (default 256; a symbol's own size)."),
     fmt: str = typer.Option("hex", "--format", help="hex (hexdump) or raw (bytes to stdout)."),
+    phys: bool = typer.Option(False, "--phys", help="Program: ADDR is guest-physical."),
     store: Optional[str] = StoreOpt,
 ) -> None:
-    """Read guest-physical memory as it was at a checkpoint."""
+    """Read guest memory as it was at a checkpoint."""
+    from .checkpoint.program import is_program_store
+
     if fmt not in ("hex", "raw"):
         raise typer.BadParameter(f"must be hex or raw, got {fmt!r}", param_hint="--format")
-    gpa, n = _number(addr, "ADDR"), _number(length, "LEN")
+    n = _number(length, "LEN") if length is not None else None
     with _open(store) as st:
-        data = st.read(_resolve(st, id), gpa, n)
+        ckpt = _resolve(st, id)
+        if is_program_store(st) and not phys:
+            from .checkpoint.program import read_program
+
+            gpa, data = read_program(st, ckpt, addr, n)
+        else:
+            gpa = _number(addr, "ADDR")
+            data = st.read(ckpt, gpa, 256 if n is None else n)
     if fmt == "raw":
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
@@ -423,9 +520,28 @@ def diff(a: str = typer.Argument(..., help="Checkpoint id or tag."),
 
 
 @app.command()
-def history(addr: str = typer.Argument(..., help="Guest-physical address (the page holding it)."),
+def history(addr: str = typer.Argument(..., metavar="ADDR|SYMBOL",
+                                       help="Guest-physical address; for a program a virtual address or SYMBOL."),
+            phys: bool = typer.Option(False, "--phys", help="Program: ADDR is guest-physical."),
             store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """The checkpoints where the page holding ADDR changed, with content hashes."""
+    from .checkpoint.program import is_program_store
+
+    with _open(store) as st:
+        if is_program_store(st) and not phys:
+            from .checkpoint.program import program_history
+
+            h = program_history(st, addr)
+            if as_json:
+                _print_json({"va": f"{h['va']:#x}", "checkpoints": [
+                    {"id": r["id"], "hash": r["hash"], "gpa": None if r["gpa"] is None else f"{r['gpa']:#x}"}
+                    for r in h["checkpoints"]]})
+                return
+            t = Table("checkpoint", "content hash", "physical page", title=f"virtual page {h['va']:#x}")
+            for r in h["checkpoints"]:
+                t.add_row(str(r["id"]), r["hash"] or "(unmapped)", "-" if r["gpa"] is None else f"{r['gpa']:#x}")
+            out.print(t)
+            return
     gpa = _number(addr, "ADDR")
     with _open(store) as st:
         if gpa >= st.page_count * 4096:
@@ -438,6 +554,33 @@ def history(addr: str = typer.Argument(..., help="Guest-physical address (the pa
     for i, h in rows:
         t.add_row(str(i), h)
     out.print(t)
+
+
+@app.command()
+def output(id: str = typer.Argument(..., help="Checkpoint id or tag."),
+           stderr: bool = typer.Option(False, "--stderr", help="The program's stderr instead of its stdout."),
+           store: Optional[str] = StoreOpt) -> None:
+    """What the program had written to stdout (or stderr) by checkpoint ID, raw."""
+    from .checkpoint.program import program_output
+
+    with _open(store) as st:
+        data = program_output(st, _resolve(st, id), stderr=stderr)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
+@app.command()
+def core(id: str = typer.Argument(..., help="Checkpoint id or tag."),
+         out_path: str = typer.Argument(..., metavar="OUT", help="Core file to write (mode 0600)."),
+         force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+         store: Optional[str] = StoreOpt) -> None:
+    """An ELF core file of the program at ID: `gdb PROGRAM OUT` opens it."""
+    from .checkpoint.program import write_program_core
+
+    with _open(store) as st:
+        ckpt = _resolve(st, id)
+        size = write_program_core(st, ckpt, out_path, force=force)
+    err.print(f"wrote {out_path}: checkpoint {ckpt}, {_human(size)}")
 
 
 @app.command()

@@ -328,5 +328,109 @@ def program_info(store: Store, ckpt: int) -> dict:
             "output_bytes": st.get("output"), "unimplemented_syscalls": st.get("unimplemented", {})}
 
 
-__all__ = ["ProgramReplay", "ProgramRun", "ProgramSchedule", "Schedule", "is_program_store", "program_info",
-           "program_output", "program_spec", "program_state", "replay_program", "restore_program", "run_program"]
+
+
+# -- the program's own terms: addresses, symbols, core files ------------------------------------
+
+def _regs(store: Store, ckpt: int) -> tuple[dict, dict]:
+    from ..kvm import structs as S
+    st = VcpuState.from_bytes(store.state(ckpt, vcpu_state_name(0)))
+    sr = S.KvmSregs.from_buffer_copy(st.sregs)
+    sregs = {"cr3": sr.cr3, "fs_base": sr.fs.base, "gs_base": sr.gs.base, "cs": sr.cs.selector,
+             "ss": sr.ss.selector, "ds": sr.ds.selector, "es": sr.es.selector, "fs": sr.fs.selector,
+             "gs": sr.gs.selector}
+    return st.registers(), sregs
+
+
+def _reader(store: Store, ckpt: int):
+    return lambda gpa, n: store.read(ckpt, gpa, n)
+
+
+def symbols(store: Store, ckpt: int):
+    from ..program.inspect import Symbols
+    return Symbols.from_state(program_state(store, ckpt), file_loader(store, store.path(ckpt)))
+
+
+def resolve_address(store: Store, ckpt: int, expr: str) -> tuple[int, int]:
+    """(virtual address, size) of ``expr``: a number, SYMBOL or SYMBOL+OFFSET (size 0 for a number)."""
+    try:
+        return int(expr, 0), 0
+    except ValueError:
+        return symbols(store, ckpt).lookup(expr)
+
+
+def read_program(store: Store, ckpt: int, expr: str, length: int | None) -> tuple[int, bytes]:
+    """Bytes of program memory at ``expr`` (an address or a symbol) as they were at ``ckpt``."""
+    from ..program.inspect import Unmapped, read_virtual
+    program_spec(store)
+    va, size = resolve_address(store, ckpt, expr)
+    n = length if length is not None else (size or 256)
+    _, sregs = _regs(store, ckpt)
+    try:
+        return va, read_virtual(_reader(store, ckpt), sregs["cr3"], va, n)
+    except Unmapped as e:
+        raise ValueError(f"checkpoint {ckpt}: {e}") from None
+
+
+def program_history(store: Store, expr: str) -> dict:
+    """Where the page holding ``expr`` changed, in program terms: for every checkpoint, the
+    page's physical frame through that checkpoint's own page tables, and the checkpoints
+    where its content (or its mapping) changed from the parent's."""
+    from ..program.inspect import Unmapped, translate
+    program_spec(store)
+    cks = store.checkpoints()
+    va, _ = resolve_address(store, cks[-1].id, expr)
+    page_va = va & ~(PAGE - 1)
+    where: dict[int, int | None] = {}
+    for c in cks:
+        try:
+            where[c.id] = translate(_reader(store, c.id), _regs(store, c.id)[1]["cr3"], page_va) >> 12
+        except Unmapped:
+            where[c.id] = None
+    changed_at: dict[int, dict[int, str]] = {}
+    for page in {p for p in where.values() if p is not None}:
+        changed_at[page] = dict(store.history(page))
+    rows = []
+    for c in cks:
+        page, parent = where[c.id], c.parent
+        moved = parent is None or where.get(parent) != page
+        if page is None:
+            if moved:
+                rows.append({"id": c.id, "hash": None, "gpa": None})
+            continue
+        if moved or c.id in changed_at[page]:
+            h = changed_at[page].get(c.id) or _page_hash(store, c.id, page)
+            rows.append({"id": c.id, "hash": h, "gpa": page << 12})
+    return {"va": page_va, "checkpoints": rows}
+
+
+def _page_hash(store: Store, ckpt: int, page: int) -> str:
+    """The store's content hash of a page (the same hash ``history`` reports)."""
+    from storage.codec import content_hash
+    return content_hash(store.read_page(ckpt, page)).hex()
+
+
+def write_program_core(store: Store, ckpt: int, out_path: str, *, force: bool = False) -> int:
+    """An ELF core file of the program at ``ckpt`` (``gdb PROGRAM OUT`` opens it); mode 0600."""
+    from ..program.inspect import write_core
+    program_spec(store)
+    state = program_state(store, ckpt)
+    regs, sregs = _regs(store, ckpt)
+    img = np.empty((store.page_count, PAGE), np.uint8)
+    store.materialize(ckpt, img)
+    flat = img.reshape(-1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(out_path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(f"{out_path} already exists (give --force to replace it)") from None
+    with os.fdopen(fd, "wb") as f:
+        return write_core(f, read_phys=lambda gpa, n: flat[gpa:gpa + n].tobytes(), cr3=sregs["cr3"], state=state,
+                          regs=regs, sregs=sregs, get_file=file_loader(store, store.path(ckpt)))
+
+
+def virtual_pages(store: Store, ckpt: int, pages: list[int]) -> dict[int, int]:
+    """Physical page number -> the program's virtual address of it at ``ckpt`` (for ``diff``)."""
+    from ..program.inspect import reverse_map
+    rmap = reverse_map(_reader(store, ckpt), _regs(store, ckpt)[1]["cr3"])
+    return {p: rmap[p] for p in pages if p in rmap}
