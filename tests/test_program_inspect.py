@@ -4,6 +4,7 @@ ELF symbols against nm, core files against gdb and readelf."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -34,8 +35,8 @@ def _seed() -> int:
 
 
 class Phys:
-    """Guest-physical memory in numpy with x86-64 page tables built in it by
-    hand; ``pages`` is the model: va page -> (gpa, leaf flags)."""
+    """Guest-physical memory in numpy, x86-64 page tables built in it by
+    hand, and a count of every ``read`` (gpa, length)."""
 
     def __init__(self, pages: int):
         self.mem = np.zeros(pages * PAGE, np.uint8)
@@ -396,7 +397,7 @@ def test_a_library_bias_comes_from_the_segment_its_vma_maps(programs):
     one at offset 0: bias = start - (p_vaddr & ~4095) of the segment at that offset."""
     libc_path = _libraries(programs["dynamic"])["libc.so.6"]
     libc = Path(libc_path).read_bytes()
-    text = next(s for s in ELFFile(open(libc_path, "rb")).iter_segments()
+    text = next(s for s in ELFFile(io.BytesIO(libc)).iter_segments()
                 if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1)
     base = 0x7F00_0000_0000
     start = base + (text["p_vaddr"] & ~(PAGE - 1))
@@ -425,7 +426,7 @@ def _synthetic_process(prog: Path, bias: int) -> dict:
     not present, one page of the text left not present, a present user page
     outside every VMA, and the VMM's supervisor page."""
     data = prog.read_bytes()
-    elf = ELFFile(open(prog, "rb"))
+    elf = ELFFile(io.BytesIO(data))
     ph = Phys(1024)
     vmas = []
     loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
@@ -530,7 +531,7 @@ def test_write_core_gives_gdb_the_memory_and_registers(programs, tmp_path, build
     assert [tuple(int(x, 16) for x in m[:3]) + (m[3],) for m in mapped] == \
         [(v["start"], v["end"], v["offset"], v["name"]) for v in backed]
 
-    elf = ELFFile(open(core, "rb"))
+    elf = ELFFile(io.BytesIO(core.read_bytes()))
     assert (elf["e_type"], elf["e_machine"]) == ("ET_CORE", "EM_X86_64")
     loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
     by_start = {s["p_vaddr"]: s for s in loads}
@@ -564,7 +565,8 @@ def test_write_core_gives_gdb_the_memory_and_registers(programs, tmp_path, build
 @kvm
 def test_core_of_a_real_program_checkpoint_opens_in_gdb(programs, tmp_path):
     """End to end through the CLI: run the static program with a checkpoint
-    at every syscall, dump one from the middle, and let gdb read it."""
+    at every system call, dump one from the middle (inside a write() called
+    by step()), and let gdb read it; then the one after the exit."""
     prog, store = programs["static"], tmp_path / "s.db"
     ok("run", "--program", prog, "--every-syscalls", 1, store=store)
     listing = ok("list", "--json", store=store).json()
@@ -577,3 +579,8 @@ def test_core_of_a_real_program_checkpoint_opens_in_gdb(programs, tmp_path):
     frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?(\w+)", out, re.M)
     assert frames[-3:] == ["step", "work", "main"], out
     assert re.search(rf"^\$1 = {printed[-1]}$", out, re.M), out
+    # the last checkpoint comes after the exit: memory is still there to dump
+    last = listing[-1]["id"]
+    assert ok("output", last, store=store).out.endswith("counter=82\nhello done\n")
+    ok("core", last, tmp_path / "core.last", store=store)
+    assert re.search(r"^\$1 = 82$", _gdb(prog, tmp_path / "core.last", "p counter"), re.M)
