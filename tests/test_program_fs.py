@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from snapctl.program import fs
 from snapctl.program.fs import (
     O_APPEND, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW, O_PATH, O_TMPFILE_BIT, O_TRUNC, R_OK,
     STATX_BASIC_STATS, W_OK, X_OK, Sandbox, decode_listing, encode_listing, fake_stat_for, pack_dirents,
@@ -142,6 +143,13 @@ def test_construction_checks_root_and_program(tree: Tree):
     assert info.value.errno == errno.EACCES
     with pytest.raises(ValueError):
         Sandbox(str(tree.root), str(tree.exe), "bin/prog")
+
+
+def test_construction_fails_clearly_without_openat2(tree: Tree, monkeypatch):
+    monkeypatch.setattr(fs, "_SYS_OPENAT2", 1 << 20)  # a syscall number no kernel has: ENOSYS
+    with pytest.raises(OSError, match="openat2") as info:
+        tree.sandbox()
+    assert info.value.errno == errno.ENOSYS
 
 
 def test_close_is_idempotent_and_final(tree: Tree):

@@ -101,7 +101,6 @@ O_TRUNC = 0o1000
 O_APPEND = 0o2000
 O_DIRECTORY = 0o200000
 O_NOFOLLOW = 0o400000
-O_CLOEXEC = 0o2000000
 O_PATH = 0o10000000
 O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE; O_TMPFILE is this | O_DIRECTORY
 
@@ -109,7 +108,7 @@ O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE; O_TMPFILE is this | O_DIRECTORY
 R_OK, W_OK, X_OK = 4, 2, 1
 
 # linux_dirent64 d_type values
-DT_CHR, DT_DIR, DT_REG, DT_LNK = 2, 4, 8, 10
+DT_DIR, DT_LNK = 4, 10
 
 # statx(2) mask bits
 STATX_BASIC_STATS = 0x7FF
@@ -262,7 +261,7 @@ class Sandbox:
             fd = self._openat2(b"..", os.O_PATH | os.O_CLOEXEC, b"..")
         except OSError as e:
             raise OSError(e.errno, f"openat2(2) with RESOLVE_IN_ROOT|RESOLVE_NO_MAGICLINKS does not work here "
-                                   f"({os.strerror(e.errno)}); snapctl needs Linux >= 5.6 and no seccomp filter "
+                                   f"({e.strerror}); snapctl needs Linux >= 5.6 and no seccomp filter "
                                    f"denying syscall {_SYS_OPENAT2}") from e
         try:
             st = os.fstat(fd)
