@@ -76,36 +76,48 @@ def _canonical(va: int) -> bool:
     return 0 <= va < USER_TOP or _CANONICAL_HIGH | USER_TOP <= va < 1 << 64
 
 
-def translate(read_phys: ReadPhys, cr3: int, va: int) -> int:
-    """The guest-physical address ``va`` maps to through the page tables at
-    ``cr3`` (its low 12 bits, PCID or PWT/PCD, are ignored).  No permission
-    is checked: supervisor pages translate too.  Raises ``Unmapped``."""
+def _walk(entry: Callable[[int, int], int], cr3: int, va: int) -> int:
+    """The page walk of ``translate``; ``entry(table_gpa, index)`` reads one entry."""
     if not _canonical(va):
         raise Unmapped(va, None)
     table = cr3 & PTE_ADDR
     for depth, shift in enumerate(_SHIFTS):
-        entry = int.from_bytes(read_phys(table + ((va >> shift) & 511) * 8, 8), "little")
-        if not entry & PTE_P:
+        e = entry(table, (va >> shift) & 511)
+        if not e & PTE_P:
             raise Unmapped(va, _LEVELS[depth])
-        if depth == 3 or (depth in (1, 2) and entry & PTE_PS):
+        if depth == 3 or (depth in (1, 2) and e & PTE_PS):
             offset_mask = (1 << shift) - 1
-            return (entry & PTE_ADDR & ~offset_mask) | (va & offset_mask)
-        table = entry & PTE_ADDR
+            return (e & PTE_ADDR & ~offset_mask) | (va & offset_mask)
+        table = e & PTE_ADDR
     raise AssertionError("unreachable: the PT level always returns")
+
+
+def translate(read_phys: ReadPhys, cr3: int, va: int) -> int:
+    """The guest-physical address ``va`` maps to through the page tables at
+    ``cr3`` (its low 12 bits, PCID or PWT/PCD, are ignored).  No permission
+    is checked: supervisor pages translate too.  Raises ``Unmapped``."""
+    return _walk(lambda table, i: int.from_bytes(read_phys(table + i * 8, 8), "little"), cr3, va)
 
 
 def read_virtual(read_phys: ReadPhys, cr3: int, va: int, n: int) -> bytes:
     """``n`` bytes at virtual address ``va``, across page boundaries.  Every
     page is translated before anything is read; the first one that is not
-    mapped raises ``Unmapped`` naming it.  Physically contiguous pages are
-    read with one ``read_phys`` call."""
+    mapped raises ``Unmapped`` naming it.  Each page-table page is read once
+    and physically contiguous pages with one ``read_phys`` call."""
     if n < 0:
         raise ValueError(f"cannot read a negative length ({n})")
+    tables: dict[int, np.ndarray] = {}
+
+    def entry(table: int, index: int) -> int:
+        if table not in tables:
+            tables[table] = np.frombuffer(read_phys(table, PAGE), dtype="<u8")
+        return int(tables[table][index])
+
     runs: list[list[int]] = []            # [gpa, length] of physically contiguous pieces
     end = va + n
     while va < end:
         length = min(end, (va | (PAGE - 1)) + 1) - va
-        gpa = translate(read_phys, cr3, va)
+        gpa = _walk(entry, cr3, va)
         if runs and runs[-1][0] + runs[-1][1] == gpa:
             runs[-1][1] += length
         else:
