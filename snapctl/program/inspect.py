@@ -14,9 +14,10 @@ file contents by hash (``get_file(hash) -> bytes``):
   the shared objects the program mapped, at their load addresses.
 - ``write_core`` writes an ELF core file gdb can open with the program.
 
-``read_phys`` is called once per page-table page and once per run of
-physically contiguous pages; when it is costly (``Store.read`` merges the
-checkpoint's page maps on every call), pass one over a materialized image::
+``translate`` reads the four entries it walks; the others call ``read_phys``
+once per page-table page and once per run of physically contiguous pages.
+When a call is costly (``Store.read`` merges the checkpoint's page maps each
+time) and much is read, pass one over a materialized image::
 
     img = np.empty((store.page_count, 4096), np.uint8); store.materialize(ckpt, img)
     read_phys = lambda gpa, n: img.reshape(-1)[gpa:gpa + n].tobytes()
