@@ -2,7 +2,9 @@
 
 No KVM needed. The tree under test has a root with files, directories and
 crafted symlinks, and beside it an OUTSIDE directory holding a secret that no
-guest path may ever read.
+guest path may ever read. The property test draws random paths; on a failure
+hypothesis prints the seed (rerun with ``--hypothesis-seed=N``) and a
+``@reproduce_failure`` blob.
 """
 
 from __future__ import annotations
@@ -360,6 +362,13 @@ def test_proc_self_exe(sb: Sandbox, tree: Tree):
     assert err(sb.open, b"/proc/self/exe", cwd=b"/", flags=O_DIRECTORY) == errno.ENOTDIR
 
 
+def test_proc_self_exe_is_the_binary_opened_at_construction(sb: Sandbox, tree: Tree):
+    replacement = tree.base / "new.bin"
+    replacement.write_bytes(b"a different program\n")
+    os.replace(replacement, tree.exe)  # like Linux: /proc/self/exe stays the binary that was started
+    assert sb.open(b"/proc/self/exe", cwd=b"/").data == EXE_CONTENT
+
+
 def test_rest_of_proc_is_enoent(sb: Sandbox):
     for path in (b"/proc/cpuinfo", b"/proc/self/fd/0", b"/proc/self/environ", b"/proc/1/status", b"/proc/self/root",
                  b"/proc/self/root/etc/passwd", b"/proc/thread-self", b"/proc/self/exe/x/.."):
@@ -377,10 +386,13 @@ def test_with_host_root_never_reads_host_proc_or_sys(tmp_path: Path):
     exe = tmp_path / "prog"
     exe.write_bytes(EXE_CONTENT)
     guest_tmp = os.fsencode(tmp_path)
+    paths = [b"/proc/self/environ", b"/proc/1/cmdline", b"/proc/self/root/etc/hostname", b"/proc/mounts",
+             guest_tmp + b"/to_status", guest_tmp + b"/to_proc/self/environ", guest_tmp + b"/to_proc",
+             guest_tmp + b"/../../proc/version", b"/dev/stdin"]
+    if os.path.ismount("/sys"):
+        paths += [b"/sys", b"/sys/kernel"]
     with Sandbox("/", str(exe), "/bin/prog") as host:
-        for path in (b"/proc/self/environ", b"/proc/1/cmdline", b"/proc/self/root/etc/hostname", b"/proc/mounts",
-                     guest_tmp + b"/to_status", guest_tmp + b"/to_proc/self/environ", guest_tmp + b"/to_proc",
-                     guest_tmp + b"/../../proc/version", b"/sys/kernel", b"/sys", b"/dev/stdin"):
+        for path in paths:
             assert err(host.open, path, cwd=b"/") in (errno.ENOENT, errno.ELOOP)
             assert err(host.stat, path, cwd=b"/") in (errno.ENOENT, errno.ELOOP)
         assert err(host.stat, guest_tmp + b"/to_proc/self", cwd=b"/", follow=False) == errno.ENOENT
@@ -456,6 +468,29 @@ def test_device_nodes_on_disk(sb: Sandbox, tree: Tree):
     assert S.S_ISCHR(sb.stat(b"/dev/mem", cwd=b"/").st_mode)
     masked = sb.open(b"/etc/masked", cwd=b"/", flags=O_WRONLY)
     assert (masked.kind, masked.guest_path) == ("null", b"/dev/null")
+
+
+def test_concurrent_calls(sb: Sandbox):
+    expected = {b"/etc/passwd": b"root:x:0:0:inside the root\n", b"/chain7": b"sub file\n",
+                b"/proc/self/exe": EXE_CONTENT, b"sub/deep/er/leaf": b"leaf\n"}
+    failures: list[object] = []
+
+    def work() -> None:
+        try:
+            for _ in range(100):
+                for path, data in expected.items():
+                    assert sb.open(path, cwd=b"/").data == data
+                assert sb.realpath(b"sub_link/deep", cwd=b"/") == b"/sub/deep"
+                assert err(sb.open, b"/loop1", cwd=b"/") == errno.ELOOP
+        except BaseException as e:  # report it from the main thread
+            failures.append(e)
+
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert failures == []
 
 
 # ---- guest ABI encodings against a real C program -------------------------------------------------------------
