@@ -49,7 +49,7 @@ Threat model: what is guaranteed
   ENOENT, so the host's /proc is never read.
 * No write ever reaches the host. Host objects are only ever opened
   ``O_PATH`` (resolution, stat) and then re-opened ``O_RDONLY`` through
-  ``/proc/self/fd`` (regular files and directories only). Write-ish opens
+  snapctl's own ``/proc/self/fd/N`` (regular files and directories only). Write-ish opens
   (``O_WRONLY``, ``O_RDWR``, ``O_CREAT``, ``O_TRUNC``, ``O_APPEND``,
   ``O_TMPFILE``) fail with EROFS (EISDIR on a directory, EEXIST for
   ``O_CREAT | O_EXCL`` on an existing entry, as on a read-only mount), except on
@@ -73,6 +73,9 @@ Known differences from Linux
   PATH_MAX, and a directory renamed on the host is not followed.
 * ``O_APPEND`` and ``O_CREAT`` are refused with EROFS even on a read-only open
   of an existing file (Linux allows both on a read-only mount).
+* ``/dev/stdin``, ``/dev/fd/N`` and the like are not the guest's own fds: they
+  are whatever the root holds (with ``--root /``, symlinks to magic links:
+  ELOOP).
 
 Failures raise ``OSError(errno, strerror, guest_path)`` with a Linux errno;
 ``ValueError`` means a caller bug (a relative cwd, a NUL byte in a path).
@@ -267,7 +270,11 @@ class Sandbox:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (self._root_stat.st_dev, self._root_stat.st_ino):
                 raise OSError(errno.EPERM, f"openat2(2) RESOLVE_IN_ROOT let '..' leave the root {root!r}")
-            os.readlink(_fd_path(fd))
+            try:
+                os.readlink(_fd_path(fd))
+            except OSError as e:
+                raise OSError(e.errno, f"snapctl needs the host's /proc (it reads {_fd_path(fd)}): "
+                                       f"{e.strerror}") from e
         finally:
             os.close(fd)
 
