@@ -415,6 +415,7 @@ def pause_curve(quick: bool) -> list[dict]:
 BENCHES = {
     "harvest_scaling": harvest_scaling, "downtime": downtime, "write_throughput": write_throughput,
     "restore": restore_cost, "peers": peers, "guest_slowdown": guest_slowdown, "checkpoint_rate": checkpoint_rate,
+    "program": lambda quick: __import__("snapctl.bench_program", fromlist=["program"]).program(quick),
 }
 
 
@@ -453,6 +454,8 @@ def _add_verdicts(r: dict) -> None:
         r["met"] = _meets(r["ratio"], goal)
     if "ratio_vs_decompress" in r:
         r["met_vs_decompress"] = _meets(r["ratio_vs_decompress"], r.get("goal_vs_decompress", ""))
+    if "syscall_ratio" in r:
+        r["syscall_met"] = _meets(r["syscall_ratio"], r.get("syscall_goal", ""))
 
 
 def verdict_rows(results: dict) -> list[tuple[str, object, str, object]]:
@@ -465,6 +468,8 @@ def verdict_rows(results: dict) -> list[tuple[str, object, str, object]]:
         if "ratio_vs_decompress" in r:
             rows.append((f"{name} vs decompression", r["ratio_vs_decompress"],
                          r.get("goal_vs_decompress"), r.get("met_vs_decompress")))
+        if "syscall_ratio" in r:
+            rows.append((f"{name} syscall round trip", r["syscall_ratio"], r.get("syscall_goal"), r.get("syscall_met")))
     return rows
 
 

@@ -73,6 +73,7 @@ class RunSummary:
     raw_bytes: int = 0
     stored_bytes: int = 0
     pauses_ms: list[float] = field(default_factory=list)
+    dirty_pages: list[int] = field(default_factory=list)   #: per checkpoint, in order
 
     def as_dict(self) -> dict:
         p = self.pauses_ms
@@ -367,6 +368,7 @@ class Checkpointer:
         s.checkpoints.append(ckpt)
         n = int(stats.get("dirty_pages", cap.pages.size))
         s.pages += n
+        s.dirty_pages.append(n)
         s.raw_bytes += n * PAGE
         s.stored_bytes += int(stats.get("stored_bytes", 0))
         s.pauses_ms.append(cap.timings.get("downtime_ms", 0.0))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,13 +62,14 @@ class ProgramRun:
     syscalls: int = 0
     unimplemented: dict = field(default_factory=dict)
     restored_from: int | None = None
+    run_seconds: float = 0.0         #: from the program's (re)start to its exit or the last checkpoint
 
     def as_dict(self) -> dict:
         d = self.summary.as_dict()
         d.update({"program": self.spec.path, "argv": self.spec.argv, "exit_status": self.exit_status,
                   "signal": self.signal, "fault": self.report, "syscalls": self.syscalls,
                   "unimplemented_syscalls": self.unimplemented,
-                  "running": self.exit_status is None})
+                  "running": self.exit_status is None, "run_seconds": round(self.run_seconds, 3)})
         if self.restored_from is not None:
             d["restored_from"] = self.restored_from
         return d
@@ -81,8 +83,9 @@ def _stdin_for(spec: ProgramSpec, pos: int = 0):
     return f
 
 
-def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> None:
-    """Start the program and take the scheduled checkpoints; a final one when it exits."""
+def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> float:
+    """Start the program and take the scheduled checkpoints; a final one when it exits.
+    Returns the seconds the program ran (from its start to its last checkpoint)."""
     writer = cp.background_writer()
 
     def take(trigger: str, *, last: bool = False) -> None:
@@ -99,19 +102,21 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
         return "exit" if m.finished else "sync" if held else "async"
 
     taken = 0
+    t0 = time.perf_counter()
     try:
         if sched.stop_after is not None:
             m.pause_at_step(driver.step(0) + sched.stop_after)
             m.start()
             m.wait_parked(timeout=None)
+            t1 = time.perf_counter()
             take("exit" if m.finished else "sync", last=True)
-            return
+            return t1 - t0
         every = sched.every_syscalls
         interval = None if every else (sched.interval_ms or DEFAULT_INTERVAL_MS) / 1e3
         if every and sched.count != 0:
             m.pause_at_step(driver.step(0) + every)
         if sched.count == 0:
-            return
+            return 0.0
         m.start()
         while True:
             if every:
@@ -125,9 +130,10 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
             last = trigger == "exit" or (sched.count is not None and taken >= sched.count)
             if every and not last:
                 m.pause_at_step(driver.step(0) + every)   # before capture() resumes the program
+            t1 = time.perf_counter()
             take(trigger, last=last)
             if last:
-                return
+                return t1 - t0
     finally:
         try:
             m.pause()
@@ -136,15 +142,17 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
         writer.close()
 
 
-def _result(driver: ProgramGuest, summary: RunSummary, spec: ProgramSpec, restored_from=None) -> ProgramRun:
+def _result(driver: ProgramGuest, summary: RunSummary, spec: ProgramSpec, seconds: float,
+            restored_from=None) -> ProgramRun:
     k = driver.kernel
     ex = k.exited or {}
     return ProgramRun(summary, spec, ex.get("status") if k.exited else None, ex.get("signal"), ex.get("report"),
-                      k.count, dict(k.unimplemented), restored_from)
+                      k.count, dict(k.unimplemented), restored_from, seconds)
 
 
 def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, mem_size: int = 256 << 20,
-                tracking: str = "ring", kvm_path: str = "/dev/kvm", on_checkpoint=None) -> ProgramRun:
+                tracking: str = "ring", kvm_path: str = "/dev/kvm", on_checkpoint=None,
+                live_output: bool = True) -> ProgramRun:
     """Load ``spec``'s program into a new VM, checkpoint 0 before its first instruction,
     then run it under ``sched`` into a new store."""
     sched.validate()
@@ -152,7 +160,7 @@ def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, m
         exe = f.read()
     stdin = _stdin_for(spec)
     try:
-        driver = ProgramGuest.new(spec, exe, stdin=stdin)
+        driver = ProgramGuest.new(spec, exe, stdin=stdin, live_output=live_output)
         cfg = MachineConfig(guest="program", mem_size=mem_size, vcpus=1, tracking=tracking, program=spec.to_dict())
         with Machine(cfg, kvm_path=kvm_path, driver=driver) as m:
             cfg.program = spec.to_dict()       # now with the binary's hash
@@ -160,8 +168,8 @@ def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, m
             with Store.create(store_path, cfg.to_dict()) as store:
                 cp = Checkpointer(m, store, None, on_checkpoint)
                 cp.base()
-                _loop(m, cp, driver, sched)
-                return _result(driver, cp.summary, spec)
+                seconds = _loop(m, cp, driver, sched)
+                return _result(driver, cp.summary, spec, seconds)
     finally:
         stdin.close()
 
@@ -214,8 +222,8 @@ def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path
         with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver) as m:
             driver.restore()
             cp = Checkpointer(m, store, ckpt, on_checkpoint)
-            _loop(m, cp, driver, sched)
-            return _result(driver, cp.summary, spec, ckpt)
+            seconds = _loop(m, cp, driver, sched)
+            return _result(driver, cp.summary, spec, seconds, ckpt)
     finally:
         stdin.close()
 

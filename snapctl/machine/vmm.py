@@ -129,6 +129,10 @@ class _Runner:
     exits: int = 0
     ring_full: int = 0
     finished: bool = False
+    io: object = None  # the vCPU's kvm_run port-I/O exit view (one ctypes object, reused)
+
+    def __post_init__(self) -> None:
+        self.io = self.vcpu.run_struct.exit.io
 
 
 class Machine:
@@ -266,25 +270,11 @@ class Machine:
         v.thread_ident = threading.get_ident()
         try:
             while True:
-                with self._cond:
-                    if self._pause_req or r.hold or self._stopping:
-                        if r.pending_io and not self._stopping:
-                            # Finish the OUT (RIP past it) so captured state is clean.
-                            v.complete_pending_io()
-                            r.pending_io = False
-                        r.parked = True
-                        self._cond.notify_all()
-                        while (self._pause_req or r.hold) and not self._stopping:
-                            # resume() clears `parked`; if a new pause came before we woke,
-                            # say so again or that pause() would wait forever.
-                            if not r.parked:
-                                r.parked = True
-                                self._cond.notify_all()
-                            self._cond.wait()
-                        if self._stopping:
-                            return
-                        r.parked = False
-                        v.run_struct.immediate_exit = 0
+                # Unlocked fast path: a pause sets _pause_req under the lock *before* it kicks, and
+                # the kick's immediate_exit makes the KVM_RUN below return at once, so a flag
+                # read stale here is seen on the next turn; nothing is lost.
+                if (self._pause_req or r.hold or self._stopping) and not self._park(r):
+                    return
                 reason = v.run()
                 r.exits += 1
                 r.pending_io = False
@@ -314,8 +304,32 @@ class Machine:
                 r.exited = True
                 self._cond.notify_all()
 
+    def _park(self, r: _Runner) -> bool:
+        """Park the vCPU while paused or holding; False when the machine is stopping."""
+        v = r.vcpu
+        with self._cond:
+            if self._pause_req or r.hold or self._stopping:
+                if r.pending_io and not self._stopping:
+                    # Finish the OUT (RIP past it) so captured state is clean.
+                    v.complete_pending_io()
+                    r.pending_io = False
+                r.parked = True
+                self._cond.notify_all()
+                while (self._pause_req or r.hold) and not self._stopping:
+                    # resume() clears `parked`; if a new pause came before we woke,
+                    # say so again or that pause() would wait forever.
+                    if not r.parked:
+                        r.parked = True
+                        self._cond.notify_all()
+                    self._cond.wait()
+                if self._stopping:
+                    return False
+                r.parked = False
+                v.run_struct.immediate_exit = 0
+        return True
+
     def _on_io(self, r: _Runner) -> None:
-        io = r.vcpu.run_struct.exit.io
+        io = r.io
         r.pending_io = True
         if self.driver is not None:
             verdict = self.driver.on_io(r.index, io)
@@ -339,6 +353,8 @@ class Machine:
         r.yields += 1
         if self.on_yield is not None:
             self.on_yield(r.index, step)
+        if r.step_target is None:   # read without the lock: targets are set while parked or
+            return                  # before a wait; one missed here is seen at the next yield
         with self._cond:
             if r.step_target is not None and step >= r.step_target:
                 r.step_target = None

@@ -174,6 +174,18 @@ class Log:
         return [json.loads(line) for line in blob.splitlines() if line.strip()]
 
 
+def _table() -> dict:
+    """The system-call table (imported on first use: the syscalls modules import this one)."""
+    global _TABLE
+    if _TABLE is None:
+        from .syscalls import TABLE
+        _TABLE = TABLE
+    return _TABLE
+
+
+_TABLE: dict | None = None
+
+
 class Kernel:
     """One program's system-call personality (see the module docstring)."""
 
@@ -289,8 +301,7 @@ class Kernel:
     # -- dispatch -----------------------------------------------------------------------
     def syscall(self, nr: int, args: tuple[int, ...]) -> int:
         """Service one system call; returns the value for RAX (negative errno on failure)."""
-        from .syscalls import TABLE
-        entry = TABLE.get(nr)
+        entry = _table().get(nr)
         try:
             if entry is None:
                 name = f"syscall_{nr}"
