@@ -417,6 +417,7 @@ class Sandbox:
         return self._virtual_proc(loc, path, follow=follow, must_dir=must_dir)
 
     def _virtual_proc(self, loc: list[bytes], path: bytes, *, follow: bool, must_dir: bool) -> _Node:
+        """The node of /proc, /proc/self or /proc/self/exe (``loc``: its components)."""
         root_ino = self._root_stat.st_ino
         if loc == [b"proc"]:
             entries = [(_PROC_INO, DT_DIR, b"."), (root_ino, DT_DIR, b".."), (_SELF_INO, DT_DIR, b"self")]
