@@ -509,12 +509,29 @@ def diff(a: str = typer.Argument(..., help="Checkpoint id or tag."),
          b: str = typer.Argument(..., help="Checkpoint id or tag."),
          store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """The guest pages whose content differs between two checkpoints."""
+    from .checkpoint.program import is_program_store
+
     with _open(store) as st:
-        pages = st.diff(_resolve(st, a), _resolve(st, b)).tolist()
+        ia, ib = _resolve(st, a), _resolve(st, b)
+        pages = st.diff(ia, ib).tolist()
+        virt = None
+        if is_program_store(st):   # the program's own addresses, through b's page tables
+            from .checkpoint.program import virtual_pages
+
+            virt = virtual_pages(st, ib, pages)
     if as_json:
-        _print_json({"pages": [p * 4096 for p in pages]})
+        d = {"pages": [p * 4096 for p in pages]}
+        if virt is not None:
+            d["virtual"] = {f"{p * 4096:#x}": f"{va:#x}" for p, va in virt.items()}
+        _print_json(d)
         return
     out.print(f"{len(pages)} pages differ")
+    if virt is not None:
+        vas = sorted(virt.values())
+        out.print(f"{len(vas)} of them mapped in the program at {ib} (virtual addresses):")
+        for r in _ranges([va // 4096 for va in vas]):
+            print(r)
+        out.print("guest-physical:")
     for r in _ranges(pages):
         print(r)
 
@@ -645,6 +662,7 @@ def guests(as_json: bool = JsonOpt) -> None:
     for r in rows:
         t.add_row(r["name"], r["summary"], ", ".join(f"{p['name']}={p['default']}" for p in r["params"]) or "-")
     out.print(t)
+    out.print("Or your own Linux program as the guest: snapctl run --program PATH [-- ARG...] (docs/programs.md).")
 
 
 @app.command()

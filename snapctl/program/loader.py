@@ -32,7 +32,7 @@ AT = dict(NULL=0, PHDR=3, PHENT=4, PHNUM=5, PAGESZ=6, BASE=7, FLAGS=8, ENTRY=9, 
           EGID=14, PLATFORM=15, HWCAP=16, CLKTCK=17, SECURE=23, RANDOM=25, HWCAP2=26, EXECFN=31, MINSIGSTKSZ=51)
 
 
-class LoadError(Exception):
+class LoadError(ValueError):
     """The file cannot be run as a program here (one line, names the file and the reason)."""
 
 
