@@ -267,6 +267,39 @@ def _expected_refs(cat: Catalog, maps: dict, live_packs=None) -> dict[int, int]:
     return dict(zip(u.tolist(), n.tolist()))
 
 
+#: State names whose checkpoint's *descendants* need them too (docs/store-format.md):
+#: a removed checkpoint's ``stream/`` states (what happened during its interval) are put in
+#: front of its nearest kept descendant's own, and its ``inherited/`` states (content later
+#: checkpoints refer to) are copied there.
+STREAM_PREFIX, INHERITED_PREFIX = "stream/", "inherited/"
+
+
+def _fold_states(conn, parents: dict, new_parent: dict) -> None:
+    for c, a in sorted(new_parent.items()):
+        chain, p = [], parents[c]
+        while p != a:
+            chain.append(p)
+            p = parents[p]
+        if not chain:
+            continue
+        chain.reverse()
+        own = dict(conn.execute("SELECT name, data FROM states WHERE ckpt = ? AND (name LIKE 'stream/%' "
+                                "OR name LIKE 'inherited/%')", (c,)))
+        folded: dict[str, bytes] = {}
+        for r in chain:
+            for name, data in conn.execute("SELECT name, data FROM states WHERE ckpt = ? AND (name LIKE "
+                                           "'stream/%' OR name LIKE 'inherited/%') ORDER BY name", (r,)):
+                if name.startswith(STREAM_PREFIX):
+                    folded[name] = folded.get(name, b"") + bytes(data)
+                elif name not in own:
+                    folded.setdefault(name, bytes(data))
+        for name, data in folded.items():
+            if name.startswith(STREAM_PREFIX):
+                data += bytes(own.get(name, b""))
+            conn.execute("INSERT OR REPLACE INTO states(ckpt, name, hash, data) VALUES (?, ?, ?, ?)",
+                         (c, name, codec.content_hash(data), data))
+
+
 def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
           keep_tagged: bool = True, dry_run: bool = False) -> PruneReport:
     """Remove every checkpoint not kept.  Kept: the base (the tree root,
@@ -326,6 +359,7 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
             maps.pop(c, None)
         conn.executemany("UPDATE checkpoints SET parent = ? WHERE id = ?",
                          [(a, c) for c, a in new_parent.items()])
+        _fold_states(conn, parents, new_parent)
         gone = _ids(removed)
         for table, col in (("maps", "ckpt"), ("states", "ckpt"), ("tags", "ckpt"),
                            ("checkpoints", "id")):

@@ -24,7 +24,7 @@ from .mm import PTE_ADDR, AddressSpace, Frames
 MASK64 = (1 << 64) - 1
 STATE = "program"
 LOG, STDOUT, STDERR = "stream/log", "stream/stdout", "stream/stderr"
-FILE_PREFIX = "file/"
+FILE_PREFIX = "inherited/file/"
 #: CPU exceptions -> (signal number, signal name, what happened)
 SIGNALS = {0: (8, "SIGFPE", "divide error"), 1: (5, "SIGTRAP", "debug"), 3: (5, "SIGTRAP", "breakpoint"),
            4: (11, "SIGSEGV", "overflow"), 5: (11, "SIGSEGV", "bound range"), 6: (4, "SIGILL", "invalid opcode"),
