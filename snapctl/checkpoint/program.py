@@ -23,7 +23,7 @@ from storage import Store
 
 from ..machine import Machine, MachineConfig, MachineError, VcpuState
 from ..program import FILE_PREFIX, LOG, STATE, STDERR, STDOUT, Log, ProgramGuest, ProgramSpec
-from .engine import PAGE, Checkpointer, RunSummary, Schedule, capture, load_machine, prepare_new_store, vcpu_state_name
+from .engine import PAGE, Checkpointer, RunSummary, capture, load_machine, prepare_new_store, vcpu_state_name
 
 DEFAULT_INTERVAL_MS = 100.0
 

@@ -45,3 +45,6 @@ class GuestDriver(Protocol):
 
     def save(self) -> dict[str, bytes]:
         """Named state the driver keeps outside guest memory, for a checkpoint (machine paused)."""
+
+    def close(self) -> None:
+        """Release what the driver holds (the machine is closing; its vCPU threads have ended)."""

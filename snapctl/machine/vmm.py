@@ -256,6 +256,8 @@ class Machine:
         for r in self._runners:
             if r.thread is not None and r.thread is not threading.current_thread():
                 r.thread.join()
+        if self.driver is not None:
+            self.driver.close()
         if self.tracker is not None:
             self.tracker.close()
         if self.vm is not None:

@@ -136,7 +136,8 @@ class ProgramGuest:
             except OSError as e:
                 raise loader.LoadError(f"{self.spec.path}: its interpreter {info.interp} cannot be opened under "
                                        f"--root {self.spec.root} ({os.strerror(e.errno or 0)}); "
-                                       "a dynamically linked program needs --root / (or a root holding its libraries)")
+                                       "a dynamically linked program needs --root / (or a root holding its libraries)"
+                                       ) from None
             if opened.kind != "file":
                 raise loader.LoadError(f"{self.spec.path}: its interpreter {info.interp} is not a file")
             interp = (opened.guest_path.decode(), self.files.add(opened.data), opened.data)
@@ -184,6 +185,10 @@ class ProgramGuest:
 
     def step(self, vcpu: int) -> int:
         return self.kernel.count
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.sandbox.close()
 
     def save(self) -> dict[str, bytes]:
         k = self.kernel

@@ -87,7 +87,7 @@ def _prot(flags: int) -> int:
 def map_image(mm: AddressSpace, info: ElfInfo, data: bytes, bias: int, name: str, h: str) -> int:
     """Map every PT_LOAD at ``bias``; returns the end of the highest segment (for brk)."""
     end = 0
-    for vaddr, off, filesz, memsz, flags in info.loads:
+    for vaddr, off, _filesz, memsz, flags in info.loads:
         start, stop = page_down(bias + vaddr), page_up(bias + vaddr + memsz)
         mm.map(Vma(start, stop, _prot(flags), MAP_PRIVATE, name, h, page_down(off)))
         end = max(end, bias + vaddr + memsz)

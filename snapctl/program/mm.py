@@ -186,10 +186,8 @@ class AddressSpace:
                 e = int(ents[idx])
                 va = base | (idx << (12 + 9 * level))
                 if level == 0:
-                    self.pt[va >> PAGE_SHIFT] = e
-                elif e & PTE_P and (e & PTE_US):
-                    walk((e & PTE_ADDR) >> PAGE_SHIFT, level - 1, va)
-                elif e & PTE_P:  # the VMM's supervisor area: tables are not US
+                    self.pt[va >> PAGE_SHIFT] = e   # leaves, PROT_NONE ones (frame kept) included
+                elif e & PTE_P:
                     walk((e & PTE_ADDR) >> PAGE_SHIFT, level - 1, va)
 
         for idx in np.flatnonzero(q[self.pml4 * 512:(self.pml4 + 1) * 512]).tolist():

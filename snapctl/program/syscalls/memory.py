@@ -11,7 +11,7 @@ import errno
 
 import numpy as np
 
-from ..mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_TOP, Vma, page_down, page_up
+from ..mm import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, USER_TOP, Vma, page_up
 from . import s32, syscall
 
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
@@ -177,6 +177,3 @@ def mincore(k, addr, length, vec):
     k.mm.write(vec, bytes([1]) * n)
     return 0
 
-
-def page_bounds(va: int, n: int) -> tuple[int, int]:
-    return page_down(va), page_up(va + n)
