@@ -25,7 +25,7 @@ import struct
 import numpy as np
 
 from ..kvm import structs as S
-from .mm import PROT_EXEC, PROT_READ, AddressSpace, Vma
+from .mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, Vma
 
 KBASE = 0xFFFF_FFFF_8000_0000
 K_GDT = KBASE
@@ -62,7 +62,8 @@ def _exception_stubs() -> bytes:
 
 def build_kernel_area(aspace: AddressSpace) -> None:
     """Map and fill the supervisor area and the trampoline page."""
-    aspace.map_pages(KBASE, K_PAGES, PROT_READ | 2, user=False)
+    aspace.map_pages(KBASE, K_PAGES, PROT_READ | PROT_WRITE, user=False)   # NX: data and stack
+    aspace.map_pages(K_CODE, 1, PROT_READ | PROT_EXEC, user=False)          # the stubs: RX
     gdt = [0, 0x00AF9B000000FFFF, 0x00CF93000000FFFF, 0x00CFF3000000FFFF, 0x00AFFB000000FFFF]
     tss_limit = 0x68 + 32
     gdt += [(tss_limit & 0xFFFF) | ((K_TSS & 0xFFFFFF) << 16) | (0x8B << 40) | (((K_TSS >> 24) & 0xFF) << 56),
