@@ -75,9 +75,23 @@ class ProgramRun:
         return d
 
 
+class _NoStdin:
+    """snapctl itself has no stdin (fd 0 closed): the program reads end-of-file."""
+
+    def read(self, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
 def _stdin_for(spec: ProgramSpec, pos: int = 0):
+    """The program's fd 0: ``--stdin FILE`` (from ``pos`` on a restore), else snapctl's own stdin."""
     if spec.stdin is None:
-        return os.fdopen(os.dup(0), "rb", buffering=0)
+        try:
+            return os.fdopen(os.dup(0), "rb", buffering=0)
+        except OSError:
+            return _NoStdin()
     f = open(spec.stdin, "rb")
     f.seek(pos)
     return f
