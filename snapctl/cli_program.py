@@ -38,7 +38,8 @@ def spec_from_args(program: str, args: list[str], root: Optional[str], env: list
     exe = "/" + rel if not rel.startswith("..") and rel != "." else host
     return ProgramSpec(path=host, exe=exe.replace("//", "/"), argv=[argv0 or program, *args], env=list(env),
                        root=root, stdin=os.path.abspath(stdin) if stdin else None,
-                       ids={"pid": 1000, "uid": os.getuid(), "gid": os.getgid()})
+                       ids={"pid": 1000, "uid": os.getuid(), "gid": os.getgid()},
+                       cpu=min(os.sched_getaffinity(0)))
 
 
 def render_run(result, as_json: bool, title: str) -> int:

@@ -97,6 +97,20 @@ def _stdin_for(spec: ProgramSpec, pos: int = 0):
     return f
 
 
+def start_pinned(m, cpu: int | None) -> None:
+    """Start the machine with its vCPU thread on host CPU ``cpu`` (threads inherit the
+    affinity of the thread that creates them); unpinned if that CPU is not ours to use."""
+    if cpu is None or cpu not in os.sched_getaffinity(0):
+        m.start()
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        m.start()
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> float:
     """Start the program and take the scheduled checkpoints; a final one when it exits.
     Returns the seconds the program ran (from its start to its last checkpoint)."""
@@ -120,7 +134,7 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
     try:
         if sched.stop_after is not None:
             m.pause_at_step(driver.step(0) + sched.stop_after)
-            m.start()
+            start_pinned(m, driver.spec.cpu)
             m.wait_parked(timeout=None)
             t1 = time.perf_counter()
             take("exit" if m.finished else "sync", last=True)
@@ -131,7 +145,7 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
             m.pause_at_step(driver.step(0) + every)
         if sched.count == 0:
             return 0.0
-        m.start()
+        start_pinned(m, driver.spec.cpu)
         while True:
             if every:
                 m.wait_parked(timeout=None)
@@ -294,10 +308,12 @@ def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/
         driver.restore()
         driver.kernel.log.replay(entries)
         t_count = int(tstate["syscalls"])
-        if trigger != "exit":
-            m.pause_at_step(t_count)
-        m.start()
-        m.wait_parked(timeout=timeout)
+        if t_count > int(sstate["syscalls"]) or trigger == "exit":
+            # an async target kicked before any further system call has nothing to run
+            if trigger != "exit":
+                m.pause_at_step(t_count)
+            start_pinned(m, spec.cpu)
+            m.wait_parked(timeout=timeout)
         k = driver.kernel
         diffs: list[str] = []
         if driver.fault and driver.fault.startswith("replay diverged"):
@@ -335,6 +351,10 @@ def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/
             for key in sorted(set(mine) | set(theirs)):
                 if mine.get(key) != theirs.get(key):
                     diffs.append(f"program state field {key!r} differs")
+        if spec.cpu is not None and spec.cpu not in os.sched_getaffinity(0):
+            note = (note + "; " if note else "") + (
+                f"the recording ran on host CPU {spec.cpu}, which this replay may not use: `cpuid` is not "
+                "trapped here, so what the program reads from it (the APIC id in leaf 1) can differ")
         match = not diffs and not pages and not regs
         return ProgramReplay(source, target, match, trigger, k.count, t_count, compared, pages, regs, diffs, note)
 

@@ -47,6 +47,10 @@ class ProgramSpec:
     stdin: str | None = None       #: host file for fd 0 (None: snapctl's own stdin)
     hash: str = ""                 #: sha256 of the binary
     ids: dict = field(default_factory=lambda: {"pid": 1000, "uid": 0, "gid": 0})
+    #: host CPU the program's vCPU runs on: `cpuid` is not trapped on this platform, and
+    #: libc keeps what it returned (leaf 1 holds the CPU's APIC id), so a replay or restore
+    #: runs on the same CPU as the recording (docs/programs.md)
+    cpu: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
