@@ -97,11 +97,27 @@ class Frames:
         self.free.extend(int(f) for f in frames)
 
     def state(self) -> dict:
-        return {"next": self.next, "free": self.free}
+        """The allocator as JSON; the free list as runs [first, count, step] (step +-1), in order:
+        a big munmap frees thousands of consecutive frames, and every checkpoint carries this."""
+        runs: list[list[int]] = []
+        for f in self.free:
+            if runs:
+                first, count, step = runs[-1]
+                if count == 1 and abs(f - first) == 1:
+                    runs[-1] = [first, 2, f - first]
+                    continue
+                if count > 1 and f == first + count * step:
+                    runs[-1][1] += 1
+                    continue
+            runs.append([f, 1, 1])
+        return {"next": self.next, "free_runs": runs}
 
     @classmethod
     def from_state(cls, npages: int, d: dict) -> "Frames":
-        return cls(npages, int(d["next"]), [int(x) for x in d["free"]])
+        free = [first + i * step for first, count, step in d["free_runs"] for i in range(count)]
+        if not 1 <= int(d["next"]) <= npages or any(not 1 <= f < npages for f in free):
+            raise ValueError("frame allocator state does not fit guest RAM")
+        return cls(npages, int(d["next"]), free)
 
 
 @dataclass
@@ -268,11 +284,16 @@ class AddressSpace:
             self._zap(frames[down])
 
     def _zap(self, frames: np.ndarray) -> None:
-        """Make KVM drop its translations of these frames (see the module docstring)."""
+        """Make KVM drop its translations of these frames (see the module docstring): one
+        mprotect pair per run of consecutive frames."""
         host = self.memory.host_addr
-        for f in np.unique(frames).tolist():
-            addr = host + f * PAGE
-            if _libc.mprotect(addr, PAGE, mmap.PROT_READ) or _libc.mprotect(addr, PAGE, mmap.PROT_READ | mmap.PROT_WRITE):
+        f = np.unique(frames)
+        if not f.size:
+            return
+        cuts = np.flatnonzero(np.diff(f) != 1) + 1
+        for run in np.split(f, cuts):
+            addr, size = host + int(run[0]) * PAGE, int(run.size) * PAGE
+            if _libc.mprotect(addr, size, mmap.PROT_READ) or _libc.mprotect(addr, size, mmap.PROT_READ | mmap.PROT_WRITE):
                 raise OSError(ctypes.get_errno(), "mprotect of guest RAM failed")
 
     # -- VMAs --------------------------------------------------------------------------
