@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import Result, ok, snapctl
 
 GCC = "gcc"
@@ -138,6 +137,18 @@ def show(store: Path, ckpt) -> dict:
 def output(store: Path, ckpt, *, stderr: bool = False) -> bytes:
     args = ["output", ckpt] + (["--stderr"] if stderr else [])
     return ok(*args, store=store).raw
+
+
+def stored_output(store: Path, ckpt: int, *, stderr: bool = False) -> bytes:
+    """What ``output ID`` prints, read in-process through the store API (no CLI start-up):
+    for models that need it at many checkpoints. ``output`` itself is tested through the CLI."""
+    from snapctl.checkpoint.program import program_output
+    from storage import Store
+    st = Store.open(str(store), readonly=True)
+    try:
+        return program_output(st, ckpt, stderr=stderr)
+    finally:
+        st.close()
 
 
 def snapctl_lines(err: str) -> list[str]:

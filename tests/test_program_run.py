@@ -12,15 +12,22 @@ import hashlib
 import json
 import os
 import random
-import re
 import time
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import ok, snapctl
-from program_helpers import (busybox, cc, checkpoints, native, output, program_stderr, run_program,  # noqa: F401
-                             show, snapctl_lines)
+from program_helpers import (
+    checkpoints,
+    compile_c,
+    native,
+    output,
+    program_stderr,
+    run_program,
+    show,
+)
+
+pytest_plugins = ("program_helpers",)     # the cc and busybox fixtures
 
 pytestmark = pytest.mark.kvm
 
@@ -381,7 +388,6 @@ def test_run_non_elf_program_is_one_error_line(tmp_path):
 
 @pytest.mark.kvm
 def test_dynamic_program_without_its_loader_says_use_root_slash(tmp_path):
-    from program_helpers import compile_c
     d = tmp_path / "bin"
     d.mkdir()
     prog = compile_c(d, "dyn", "#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n", static=False)
@@ -411,28 +417,3 @@ def test_output_of_a_builtin_guest_store_is_one_line(tmp_path):
     assert r.raw == b""
     _one_error_line(r)
 
-
-# -- CPUID: what the guest may see ----------------------------------------------------------
-
-CPUID_C = r"""
-#include <stdio.h>
-#include <cpuid.h>
-int main(void) {
-    unsigned a, b, c, d;
-    __cpuid(1, a, b, c, d);
-    printf("rdrand %u\n", (c >> 30) & 1);
-    __cpuid_count(7, 0, a, b, c, d);
-    printf("rdseed %u\n", (b >> 18) & 1);
-    return 0;
-}
-"""
-
-
-@pytest.mark.kvm
-def test_guest_cpuid_hides_rdrand_and_rdseed(cc, tmp_path):
-    """platform.guest_cpuid hides RDRAND/RDSEED because their results cannot be recorded:
-    the program itself must see the bits clear (glibc and OpenSSL use them when set)."""
-    prog = cc("cpuid_rng", CPUID_C)
-    r = run_program(prog, root=prog.parent, mem="64M", store=tmp_path / "s.db")
-    assert r.code == 0, r.err
-    assert r.out == "rdrand 0\nrdseed 0\n", f"the guest sees RDRAND/RDSEED: {r.out!r}"
