@@ -12,12 +12,16 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import ok, snapctl
-from program_helpers import (
+
+pytest.register_assert_rewrite("program_helpers")   # before its import: it is also a plugin (fixtures)
+
+from cli_helpers import ok, snapctl  # noqa: E402
+from program_helpers import (  # noqa: E402
     checkpoints,
     native,
     output,
@@ -89,6 +93,13 @@ def test_every_syscalls_checkpoints_at_multiples_and_exit(cc, tmp_path, every):
     mid = middle[len(middle) // 2]
     s = show(store, mid["id"])
     assert s["step"] == mid["step"] == s["program"]["syscalls"] and s["program"]["exited"] is False
+    # checkpoint 0 holds the program before its first instruction: rip is the ELF entry point
+    if every == 1:
+        hdr = prog.read_bytes()[:64]
+        assert hdr[:4] == b"\x7fELF" and struct.unpack_from("<H", hdr, 16)[0] == 2    # ET_EXEC: no load bias
+        base = show(store, 0)
+        assert base["vcpus"][0]["rip"] == struct.unpack_from("<Q", hdr, 24)[0]
+        assert base["program"]["syscalls"] == 0 and base["program"]["output_bytes"] == {"stdout": 0, "stderr": 0}
 
 
 @pytest.mark.kvm
@@ -105,10 +116,17 @@ def test_checkpoints_limit_stops_early_and_the_store_resumes(cc, tmp_path):
     assert [c["step"] for c in cks] == [0, 4, 8, 12]
     assert show(store, 3)["program"]["exited"] is False
     ok("verify", store=store)
-    rest = _restore(store, 3)
+    # --steps: exactly 5 more system calls, one checkpoint, still resumable
+    part = _restore(store, 3, "--steps", "5")
+    assert part.code == 0, part.err
+    new = [c for c in checkpoints(store) if c["parent"] == 3]
+    assert len(new) == 1 and new[0]["step"] == 12 + 5, new
+    assert nat.out.startswith(output(store, 3) + part.raw)
+    rest = _restore(store, new[0]["id"])
     assert rest.code == nat.code == 5, rest.err
-    assert output(store, 3) + rest.raw == nat.out
-    assert output(store, 3, stderr=True) + program_stderr(rest.err).encode() == nat.err
+    assert output(store, new[0]["id"]) + rest.raw == nat.out
+    assert output(store, 3) + part.raw + rest.raw == nat.out
+    assert stored_output(store, 3, stderr=True) + (program_stderr(part.err) + program_stderr(rest.err)).encode() == nat.err
 
 
 # -- 7. restore == the uninterrupted run -----------------------------------------------------
@@ -178,6 +196,46 @@ def test_restore_c_program_from_middle_checkpoints_equals_native(cc, tmp_path):
     assert r.code == 5 and r.raw == nat.out, r.err
     sync = _ids(checkpoints(store), "sync")
     _check_restores(store, nat, sync[len(sync) // 5:], rng, k=3)
+
+
+STDIN_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    unsigned char buf[300];
+    unsigned long long h = 1469598103934665603ULL, total = 0;
+    ssize_t n;
+    int chunks = 0;
+    while ((n = read(0, buf, sizeof buf)) > 0) {
+        for (ssize_t i = 0; i < n; i++) h = (h ^ buf[i]) * 1099511628211ULL;
+        total += n;
+        char line[96];
+        int len = snprintf(line, sizeof line, "chunk %d %zd %016llx\n", chunks++, n, h);
+        write(1, line, len);
+    }
+    printf("total %llu\n", total);
+    return chunks % 100;
+}
+"""
+
+
+@pytest.mark.kvm
+def test_restore_continues_reading_stdin_where_the_checkpoint_was(cc, tmp_path):
+    rng = seeded("stdin data and checkpoint")
+    prog = cc("stdin_reader", STDIN_C)
+    data = tmp_path / "input.bin"
+    data.write_bytes(bytes(rng.randrange(256) for _ in range(30000)))
+    nat = native([prog], stdin=data)
+    assert b"total 30000\n" in nat.out
+    store = tmp_path / "s.db"
+    r = run_program(prog, root=prog.parent, stdin=data, mem="64M", store=store, opts=("--every-syscalls", "16"))
+    assert r.code == nat.code and r.raw == nat.out, r.err
+    sync = _ids(checkpoints(store), "sync")
+    c = rng.choice(sync[2:-1])
+    print(f"restoring {c} of {sync}")
+    rest = _restore(store, c)
+    assert rest.code == nat.code, rest.err
+    assert output(store, c) + rest.raw == nat.out
 
 
 # -- 8. replay -------------------------------------------------------------------------------

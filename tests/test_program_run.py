@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import ok, snapctl
-from program_helpers import (
+
+pytest.register_assert_rewrite("program_helpers")   # before its import: it is also a plugin (fixtures)
+
+from cli_helpers import ok, snapctl  # noqa: E402
+from program_helpers import (  # noqa: E402
     checkpoints,
     compile_c,
     native,

@@ -18,7 +18,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from program_helpers import native, program_stderr, run_program, tree_digest
+
+pytest.register_assert_rewrite("program_helpers")   # before its import: it is also a plugin (fixtures)
+
+from program_helpers import native, program_stderr, run_program, tree_digest  # noqa: E402
 
 pytest_plugins = ("program_helpers",)     # the cc fixture
 
