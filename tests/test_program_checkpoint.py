@@ -80,7 +80,8 @@ def test_every_syscalls_checkpoints_at_multiples_and_exit(cc, tmp_path, every):
     r = run_program(prog, "12", root=prog.parent, mem="64M", store=store, opts=("--every-syscalls", str(every)))
     assert r.code == nat.code == 5, r.err
     assert r.raw == nat.out
-    cks = checkpoints(store)
+    cks = checkpoints(store, cli=True)
+    assert [{k: c[k] for k in ("id", "parent", "step", "trigger")} for c in cks] == checkpoints(store)
     assert cks[0]["id"] == 0 and cks[0]["trigger"] == "base" and cks[0]["step"] == 0 and cks[0]["parent"] is None
     assert cks[-1]["trigger"] == "exit"
     total = cks[-1]["step"]                                  # the exit: every system call made
@@ -394,8 +395,7 @@ def test_restore_and_replay_from_base_see_the_recorded_cpus_cpuid(cc, tmp_path):
     store = tmp_path / "s.db"
     with _pinned({rec}):
         r = run_program(prog, root=prog.parent, mem="64M", store=store, opts=("--every-syscalls", "2"))
-        nat = native([prog])
-    assert r.code == 0 and r.raw == nat.out, r.err        # the guest reads the host CPU's own leaf 1
+    assert r.code == 0 and r.out.startswith("apic ") and r.out.endswith("tick\n" * 3), r.err
     first_sync = _ids(checkpoints(store), "sync")[0]
     for attempt in range(2):
         rest = _restore(store, 0)
