@@ -420,3 +420,13 @@ def test_output_of_a_builtin_guest_store_is_one_line(tmp_path):
     assert r.raw == b""
     _one_error_line(r)
 
+
+
+@pytest.mark.kvm
+def test_mem_too_small_for_the_program_is_one_error_line(busybox, tmp_path):
+    """8 MiB of guest RAM cannot hold the program's 8 MiB stack: a clear error, not a traceback."""
+    store = tmp_path / "s.db"
+    r = run_program(busybox, "true", root=tmp_path, mem="8M", store=store)
+    assert r.code == 1, r.err
+    line = _one_error_line(r)
+    assert any(w in line.lower() for w in ("--mem", "ram", "memory")), line
