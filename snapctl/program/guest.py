@@ -19,7 +19,7 @@ from ..machine.driver import IoVerdict
 from ..machine.vmm import MachineError
 from . import fs, loader, platform
 from .kernel import FileCache, Kernel, Output, ProgramExit, ReplayDivergence
-from .mm import PTE_ADDR, AddressSpace, Frames
+from .mm import PTE_ADDR, AddressSpace, Frames, OutOfMemory
 
 MASK64 = (1 << 64) - 1
 STATE = "program"
@@ -146,8 +146,12 @@ class ProgramGuest:
                 raise loader.LoadError(f"{self.spec.path}: its interpreter {info.interp} is not a file")
             interp = (opened.guest_path.decode(), self.files.add(opened.data), opened.data)
         cpuid = platform.guest_cpuid(machine.system.supported_cpuid())
-        done = loader.load(k.mm, exe, interp, argv=self.spec.argv, env=self.spec.env, random16=os.urandom(16),
-                           hwcap=platform.hwcap(cpuid), ids=self.spec.ids)
+        try:
+            done = loader.load(k.mm, exe, interp, argv=self.spec.argv, env=self.spec.env,
+                               random16=os.urandom(16), hwcap=platform.hwcap(cpuid), ids=self.spec.ids)
+        except OutOfMemory as e:
+            raise loader.LoadError(f"{self.spec.path}: --mem {machine.memory.size >> 20} MiB is too small to load "
+                                   f"it ({e}); give more --mem") from None
         k.brk_start = k.brk_cur = done.brk
         k.images, k.auxv = done.images, done.auxv
         platform.setup_vcpu(self.vcpu, cpuid, k.mm.pml4, done.entry, done.sp)
