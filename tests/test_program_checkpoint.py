@@ -146,6 +146,10 @@ def _check_restores(store: Path, nat, cands: list[int], rng, k: int = 2) -> None
         assert before_out + r.raw == nat.out, f"restore {c}: output {c} + restore stdout != native stdout"
         assert before_err + program_stderr(r.err).encode() == nat.err, f"restore {c}: stderr differs"
         results[c] = r
+        if c == picks[0]:   # the restore's exit checkpoint: its output is the whole run's, along the branch
+            end = checkpoints(store)[-1]
+            assert end["trigger"] == "exit"
+            assert output(store, end["id"]) == nat.out
     again, first = _restore(store, picks[0]), results[picks[0]]
     assert (again.code, again.raw, program_stderr(again.err)) == (first.code, first.raw, program_stderr(first.err))
 

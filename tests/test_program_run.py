@@ -308,7 +308,7 @@ def test_fault_ends_the_program_with_128_plus_signal(cc, tmp_path, mode):
     nat = native([prog, mode])
     assert nat.code == -sig, f"native run ended with {nat.code}"
     store = tmp_path / "s.db"
-    r = run_program(prog, mode, root=prog.parent, store=store)
+    r = run_program(prog, mode, root=prog.parent, store=store, opts=("--every-syscalls", "3"))
     assert r.code == 128 + sig, f"expected exit {128 + sig}, got {r.code}: {r.err}"
     assert r.raw == nat.out == b"before the fault\n"
     assert "Traceback" not in r.err
@@ -323,6 +323,14 @@ def test_fault_ends_the_program_with_128_plus_signal(cc, tmp_path, mode):
     info = show(store, last["id"])["program"]
     assert info["exited"] is True
     assert info["exit_status"] == 128 + sig and info["signal"] == sig
+    if mode == "null":
+        # from the last checkpoint before the fault: a restore faults the same way, a replay matches
+        before = [c for c in checkpoints(store) if c["trigger"] == "sync"][-1]["id"]
+        rest = snapctl("restore", before, "--store", store)
+        assert rest.code == 139 and rest.raw == nat.out[len(output(store, before)):], rest.err
+        assert [ln for ln in rest.err.splitlines() if name in ln] == mentions
+        rep = snapctl("replay", before, "--to", last["id"], "--store", store)
+        assert rep.code == 0 and ": match" in rep.out, rep.out + rep.err
 
 
 # -- 5. unsupported system calls -------------------------------------------------------------
