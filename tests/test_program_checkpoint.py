@@ -132,7 +132,7 @@ def test_checkpoints_limit_stops_early_and_the_store_resumes(cc, tmp_path):
 
 # -- 7. restore == the uninterrupted run -----------------------------------------------------
 
-def _check_restores(store: Path, nat, cands: list[int], rng, k: int = 2) -> None:
+def _check_restores(store: Path, nat, cands: list[int], rng, k: int = 2, replay_branch: bool = False) -> None:
     """Restore ``k`` random checkpoints of ``cands``: what the program had written by then
     (``output``) followed by what the restore writes is the native run's, and so is the exit
     status. The first one is restored twice: the same bytes both times."""
@@ -150,6 +150,9 @@ def _check_restores(store: Path, nat, cands: list[int], rng, k: int = 2) -> None
             end = checkpoints(store)[-1]
             assert end["trigger"] == "exit"
             assert output(store, end["id"]) == nat.out
+            if replay_branch:   # the restore's branch replays like the original recording
+                rep = _replay(store, c, end["id"])
+                assert rep.code == 0 and ": match" in rep.out, rep.out + rep.err
     again, first = _restore(store, picks[0]), results[picks[0]]
     assert (again.code, again.raw, program_stderr(again.err)) == (first.code, first.raw, program_stderr(first.err))
 
@@ -200,7 +203,7 @@ def test_restore_c_program_from_middle_checkpoints_equals_native(cc, tmp_path):
     r = run_program(prog, "40", root=prog.parent, mem="64M", store=store, opts=("--every-syscalls", "3"))
     assert r.code == 5 and r.raw == nat.out, r.err
     sync = _ids(checkpoints(store), "sync")
-    _check_restores(store, nat, sync[len(sync) // 5:], rng, k=3)
+    _check_restores(store, nat, sync[len(sync) // 5:], rng, k=3, replay_branch=True)
 
 
 STDIN_C = r"""
