@@ -256,17 +256,20 @@ WORLD_C = r"""
 #include <sys/random.h>
 int main(void) {
     int fd = open("/data.bin", O_RDONLY);
-    if (fd < 0) { perror("open"); return 1; }
+    int ur = open("/dev/urandom", O_RDONLY), null = open("/dev/null", O_WRONLY);
+    if (fd < 0 || ur < 0 || null < 0) { perror("open"); return 1; }
     for (int i = 0; i < 8; i++) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        unsigned char r[8], d[64];
+        unsigned char r[8], d[64], u[4];
         getrandom(r, sizeof r, 0);
         ssize_t n = read(fd, d, sizeof d);
         unsigned s = 0;
         for (ssize_t j = 0; j < n; j++) s = s * 33 + d[j];
-        printf("%d clock %lld.%09ld random %02x%02x%02x%02x%02x%02x%02x%02x file %zd %08x\n", i,
-               (long long)ts.tv_sec, ts.tv_nsec, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], n, s);
+        ssize_t un = read(ur, u, sizeof u), wn = write(null, d, 16);
+        printf("%d clock %lld.%09ld random %02x%02x%02x%02x%02x%02x%02x%02x file %zd %08x urandom %zd %02x%02x%02x%02x "
+               "null %zd\n", i, (long long)ts.tv_sec, ts.tv_nsec, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], n, s,
+               un, u[0], u[1], u[2], u[3], wn);
         fflush(stdout);
     }
     close(fd);
@@ -283,11 +286,19 @@ def world_run(cc, tmp_path_factory):
     prog = cc("world", WORLD_C)
     root = tmp_path / "root"
     root.mkdir()
-    (root / "data.bin").write_bytes(os.urandom(700))
+    data = os.urandom(700)
+    (root / "data.bin").write_bytes(data)
     store = tmp_path / "s.db"
     r = run_program(prog, root=root, mem="64M", store=store, opts=("--every-syscalls", "1"))
     assert r.code == 0, r.err
-    assert len(r.out.splitlines()) == 8
+    lines = r.out.splitlines()
+    assert len(lines) == 8
+    for i, line in enumerate(lines):      # the file's bytes, hashed the program's way
+        chunk = data[64 * i:64 * i + 64]
+        h = 0
+        for byte in chunk:
+            h = (h * 33 + byte) & 0xFFFFFFFF
+        assert f" file {len(chunk)} {h:08x} urandom 4 " in line and line.endswith(" null 16"), line
     return store, checkpoints(store), r.raw
 
 
