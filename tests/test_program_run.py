@@ -279,6 +279,31 @@ def test_python3_with_root_slash_prints_what_native_prints(tmp_path):
     assert r.raw == nat.out
 
 
+@pytest.mark.kvm
+def test_python3_restores_and_replays_from_the_middle(tmp_path):
+    """A dynamically linked program (ld.so, libc, libpython mapped from files the store
+    snapshotted) continues from a middle checkpoint exactly as the native run goes on."""
+    py = "/usr/bin/python3"
+    code = ("import hashlib\n"
+            "for i in range(30): print(i, hashlib.md5(str(i).encode()).hexdigest(), flush=True)\n"
+            "raise SystemExit(9)")
+    nat = native([py, "-c", code])
+    assert nat.code == 9 and nat.out.count(b"\n") == 30, nat.err
+    store = tmp_path / "s.db"
+    r = run_program(py, "-c", code, root="/", store=store, opts=("--every-syscalls", "100"))
+    assert r.code == 9 and r.raw == nat.out, r.err
+    sync = [c["id"] for c in checkpoints(store) if c["trigger"] == "sync"]
+    assert len(sync) >= 4, sync
+    rng = random.Random(seed := int.from_bytes(os.urandom(4), "little"))
+    print(f"checkpoint choice seed {seed}")
+    c = rng.choice(sync[len(sync) // 2:])
+    rest = snapctl("restore", c, "--store", store)
+    assert rest.code == 9, rest.err
+    assert output(store, c) + rest.raw == nat.out
+    rep = snapctl("replay", c, "--store", store)
+    assert rep.code == 0 and ": match" in rep.out, rep.out + rep.err
+
+
 # -- 4. faults -------------------------------------------------------------------------------
 
 FAULT_C = r"""
