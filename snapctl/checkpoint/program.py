@@ -23,6 +23,7 @@ from storage import Store
 
 from ..machine import Machine, MachineConfig, MachineError, VcpuState
 from ..program import FILE_PREFIX, LOG, STATE, STDERR, STDOUT, Log, ProgramGuest, ProgramSpec
+from ..program.kernel import check_state
 from .engine import PAGE, Checkpointer, RunSummary, capture, load_machine, prepare_new_store, vcpu_state_name
 
 DEFAULT_INTERVAL_MS = 100.0
@@ -218,9 +219,10 @@ def program_state(store: Store, ckpt: int) -> dict:
         state = json.loads(store.state(ckpt, STATE))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {ckpt}: program state is not valid JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {ckpt}: program state is not an object")
-    return state
+    try:
+        return check_state(state)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {ckpt}: {e}") from None
 
 
 def file_loader(store: Store, ckpts: list[int]):

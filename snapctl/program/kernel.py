@@ -32,7 +32,7 @@ from .mm import AddressSpace, Fault, OutOfMemory
 MASK64 = (1 << 64) - 1
 #: fds a program may hold
 MAX_FDS = 1024
-STATE_VERSION = 1
+STATE_VERSION = 2   # 2: the frame free list as runs
 
 
 class ReplayDivergence(Exception):
@@ -186,6 +186,28 @@ def _table() -> dict:
 _TABLE: dict | None = None
 
 
+#: what a stored program state must hold, and of which type (a store may come from anyone)
+_STATE_FIELDS = {"syscalls": int, "brk": list, "mmap_top": int, "cwd": str, "vmas": list, "frames": dict,
+                 "pml4": int, "fds": dict, "ofds": list, "files": list, "auxv": list, "argv": list, "env": list,
+                 "exe_path": str, "output": dict, "stdin_pos": int, "unimplemented": dict, "ids": dict,
+                 "sigactions": dict, "robust_list": int, "tid_address": int}
+
+
+def check_state(d) -> dict:
+    """``d`` if it is a program state this snapctl reads; ValueError naming what is wrong otherwise."""
+    if not isinstance(d, dict):
+        raise ValueError("program state is not an object")
+    if d.get("version") != STATE_VERSION:
+        raise ValueError(f"program state version {d.get('version')!r} is not the {STATE_VERSION} this snapctl "
+                         "reads (the store was written by another snapctl)")
+    for name, kind in _STATE_FIELDS.items():
+        if not isinstance(d.get(name), kind) or isinstance(d.get(name), bool):
+            raise ValueError(f"program state field {name!r} is missing or not a {kind.__name__}")
+    if d["exited"] is not None and not isinstance(d["exited"], dict):
+        raise ValueError("program state field 'exited' is not an object")
+    return d
+
+
 class Kernel:
     """One program's system-call personality (see the module docstring)."""
 
@@ -279,8 +301,7 @@ class Kernel:
         }
 
     def load_state(self, d: dict) -> None:
-        if d.get("version") != STATE_VERSION:
-            raise ValueError(f"program state version {d.get('version')!r} is not {STATE_VERSION}")
+        check_state(d)
         self.count = int(d["syscalls"])
         self.exited = d["exited"]
         self.brk_start, self.brk_cur = (int(x) for x in d["brk"])
