@@ -239,7 +239,7 @@ def run(
         raise typer.BadParameter("arguments, --root, --env, --stdin, --argv0 and --every-syscalls go with --program",
                                  param_hint="--program")
     checkpoints = 10 if checkpoints is None else checkpoints
-    mem = mem or "64M"
+    mem = "64M" if mem is None else mem
     sched = _schedule(checkpoints, every_steps, interval)
     cfg = MachineConfig(guest=guest, mem_size=_number(mem, "--mem", allow_zero=False), vcpus=vcpus,
                         seed=_number(seed, "--seed"), steps_per_yield=_number(steps_per_yield, "--steps-per-yield"),
@@ -278,7 +278,7 @@ def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, in
     sched = _program_schedule(checkpoints, every_syscalls, interval)
     spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
     path = _store_path(store)
-    res = run_program(path, spec, sched, mem_size=_number(mem or "256M", "--mem", allow_zero=False),
+    res = run_program(path, spec, sched, mem_size=_number("256M" if mem is None else mem, "--mem", allow_zero=False),
                       tracking=tracking, kvm_path=_kvm())
     raise typer.Exit(P.render_run(res, as_json, f"run {os.path.basename(spec.path)} into {path}"))
 
