@@ -20,10 +20,11 @@ from itertools import repeat
 import numpy as np
 import xxhash
 
-from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, PAGE_SIZE, ZERO_HASH,
-                    _decompress, check63, content_hash)
+from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, MASK63, PAGE_SIZE,
+                    ZERO_HASH, _decompress, check63, content_hash)
 from . import pageloops
 from .errors import CorruptionError
+from .validate import MAX_BLOB_ID, MAX_CHECKPOINT_ID, MAX_PACK_BLOBS, MAX_PACK_BYTES
 
 _HEAD = np.dtype("<i8")
 _VALID_CODEC = np.zeros(256, bool)
@@ -68,10 +69,17 @@ def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
     pid, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc = row
     info = PackInfo(pid, ckpt, first, n, size, crc)
     try:
-        if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
-            raise ValueError("metadata column is not a blob")
         if not 0 < pid < MAX_PACK_ID:
             raise ValueError(f"pack id {pid} out of range")
+        for name, v, hi in (("ckpt", ckpt, MAX_CHECKPOINT_ID - 1), ("first", first, MAX_BLOB_ID - 1),
+                            ("n", n, MAX_PACK_BLOBS), ("size", size, MAX_PACK_BYTES),
+                            ("mchk", mchk, MASK63), ("crc", crc, MASK63)):
+            if type(v) is not int or not 0 <= v <= hi:
+                raise ValueError(f"packs.{name} is not an integer in 0..{hi} ({v!r:.40})")
+        if first + n > MAX_BLOB_ID:
+            raise ValueError(f"blob ids beyond the limit {MAX_BLOB_ID}")
+        if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
+            raise ValueError("metadata column is not a blob")
         if pack_meta_check(pid, first, n, codecs, bases, hashes, ends, crcs) != mchk:
             raise ValueError("metadata fail their check value")
         if (len(codecs), len(bases), len(hashes), len(ends), len(crcs)) != \
@@ -82,11 +90,16 @@ def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
         start = np.concatenate(([0], end[:-1]))
         if (end < start).any() or end[-1] != size:
             raise ValueError("blob offsets are not increasing up to the pack size")
-        arrays = (np.frombuffer(codecs, np.uint8), np.frombuffer(bases, "<i8").astype(np.int64),
+        base = np.frombuffer(bases, "<i8")
+        if ((base < 0) | (base >= first + np.arange(n))).any():
+            raise ValueError("a delta base is not an older blob")
+        arrays = (np.frombuffer(codecs, np.uint8), base.astype(np.int64),
                   np.frombuffer(hashes, np.uint8).reshape(n, 16), start, end,
                   np.frombuffer(crcs, "<u8").astype(np.uint64))
     except ValueError as exc:
-        return PackInfo(pid, ckpt, first, n, size, crc, damaged=str(exc)), None
+        # only plain ints in a damaged pack's info: reports and prune add them up
+        ints = [v if type(v) is int and 0 <= v < MAX_PACK_BYTES else 0 for v in (ckpt, first, n, size)]
+        return PackInfo(pid, *ints, crc=0, damaged=str(exc)), None
     return info, arrays
 
 

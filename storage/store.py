@@ -40,11 +40,11 @@ from typing import Iterable
 
 import numpy as np
 
-from . import codec, pageloops, schema
+from . import codec, pageloops, schema, validate
 from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, content_hash
 from .errors import (CorruptionError, InvalidArgumentError, StoreError,
                      UnknownCheckpointError)
-from .packs import Catalog, PackInfo, blob_crc, decode_into, pack_meta_check
+from .packs import MAX_PACK_ID, Catalog, PackInfo, blob_crc, decode_into, pack_meta_check
 
 _PACK_Q = struct.Struct("<q").pack
 _VIEW_CACHE_SIZE = 4
@@ -131,10 +131,9 @@ class _DictCache:
 def generation(conn, filename: str) -> int:
     """The store's prune generation (meta), or CorruptionError if damaged."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-    try:
-        return int(row[0])
-    except (TypeError, ValueError):
-        raise CorruptionError(f"{filename}: meta table damaged (no generation)") from None
+    if row is None:
+        raise CorruptionError(f"{filename}: meta table damaged (no generation)")
+    return validate.meta_int({"generation": row[0]}, "generation", filename)
 
 
 def parse_map(row, page_count: int, reading: int | None = None):
@@ -142,14 +141,15 @@ def parse_map(row, page_count: int, reading: int | None = None):
     row raises ``CorruptionError`` naming the checkpoint being read."""
     ckpt, n, pages, blobs, chk = row
     who = ckpt if reading is None else reading
-    ok = (isinstance(pages, bytes) and isinstance(blobs, bytes) and isinstance(n, int)
+    ok = (type(ckpt) is int and 0 <= ckpt < validate.MAX_CHECKPOINT_ID
+          and isinstance(pages, bytes) and isinstance(blobs, bytes) and type(n) is int
           and len(pages) == len(blobs) == 8 * n
           and codec.check63(_PACK_Q(ckpt), pages, blobs) == chk)
     if ok:
         p = np.frombuffer(pages, "<i8").astype(np.int64)
         b = np.frombuffer(blobs, "<i8").astype(np.int64)
         ok = not n or (p[0] >= 0 and p[-1] < page_count and bool((np.diff(p) > 0).all())
-                       and bool((b >= 0).all()))
+                       and bool((b >= 0).all()) and int(b.max()) < validate.MAX_BLOB_ID)
     if not ok:
         raise CorruptionError(f"checkpoint {who}: the page map of checkpoint {ckpt} is damaged",
                               checkpoint=who)
@@ -172,20 +172,15 @@ class Store:
         self._rconn = rconn
         self._wlock = threading.RLock()
         self._rlock = threading.RLock()
-        try:
-            self.config: dict = json.loads(meta["config"])
-            mem = self.config["mem_size"]
-            if not isinstance(mem, int) or mem <= 0 or mem % PAGE_SIZE:
-                raise ValueError(f"mem_size {mem!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptionError(f"{path}: stored configuration is damaged ({exc})") from None
-        self.page_count: int = mem // PAGE_SIZE
-        self.schema_version = int(meta["schema_version"])
+        self.config: dict = validate.config(meta, path)
+        self.page_count: int = self.config["mem_size"] // PAGE_SIZE
+        self.schema_version = validate.meta_int(meta, "schema_version", path)
         self._views: collections.OrderedDict[int, _View] = collections.OrderedDict()
         self._cat_lock = threading.RLock()
         self._cat: Catalog | None = None
         self._hidx: tuple = (None, {})       # ((generation, max_pack), hash -> blob id)
         self._dicts: tuple = (None, None)    # (generation, _DictCache)
+        self._verified: set[int] = set()     # blobs seen to decode to their hash (or written here)
         self._closed = False
         self._wal = None
         self._wal_commits = self._wal_bytes = 0    # since the last WAL copy was started
@@ -210,9 +205,11 @@ class Store:
         if not isinstance(config, dict):
             raise InvalidArgumentError("config must be a dict")
         mem = config.get("mem_size")
-        if not isinstance(mem, int) or isinstance(mem, bool) or mem <= 0 or mem % PAGE_SIZE:
+        if not isinstance(mem, int) or isinstance(mem, bool) or mem <= 0 or mem % PAGE_SIZE \
+                or mem > validate.MAX_MEM_SIZE:
             raise InvalidArgumentError(
-                f"config['mem_size'] must be a positive multiple of {PAGE_SIZE}, got {mem!r}")
+                f"config['mem_size'] must be a positive multiple of {PAGE_SIZE} up to "
+                f"{validate.MAX_MEM_SIZE >> 30} GiB, got {mem!r}")
         try:
             json.dumps(config)
         except (TypeError, ValueError) as exc:
@@ -374,21 +371,17 @@ class Store:
 
     @staticmethod
     def _parents(conn) -> dict[int, int | None]:
-        return dict(conn.execute("SELECT id, parent FROM checkpoints"))
+        """id -> parent, checked: parents exist and are older, one root."""
+        return validate.tree(conn.execute("SELECT id, parent FROM checkpoints"))
 
     def _path_in(self, conn, ckpt: int) -> list[int]:
         parents = self._parents(conn)
         ckpt = self._check_id(ckpt, parents)
         path = []
         node: int | None = ckpt
-        while node is not None:
+        while node is not None:          # parents are older (validate.tree): this ends
             path.append(node)
-            parent = parents[node]
-            if parent is not None and (parent not in parents or not parent < node):
-                raise CorruptionError(f"checkpoint {ckpt}: checkpoint {node} names parent "
-                                      f"{parent}, which is missing or not older (damaged tree)",
-                                      checkpoint=ckpt)
-            node = parent
+            node = parents[node]
         path.reverse()
         return path
 
@@ -422,20 +415,15 @@ class Store:
             sql += " WHERE id = ?"
             args = (int(ckpt),)
         tags = collections.defaultdict(list)
-        for name, c in conn.execute("SELECT name, ckpt FROM tags ORDER BY name"):
+        for name, c in sorted(validate.tags(conn.execute("SELECT name, ckpt FROM tags")).items()):
             tags[c].append(name)
         out = []
         for r in conn.execute(sql + " ORDER BY id", args):
-            try:
-                if not isinstance(r[7], bytes) or len(r[7]) != 16:
-                    raise ValueError("digest is not 16 bytes")
-                out.append(CheckpointInfo(
-                    id=r[0], parent=r[1], created=r[2], trigger=r[3], step=r[4],
-                    meta=json.loads(r[5]), stats=json.loads(r[6]), tags=tags.get(r[0], []),
-                    digest=codec.digest_hex(codec.digest_from_bytes(r[7]))))
-            except (TypeError, ValueError) as exc:     # JSONDecodeError is a ValueError
-                raise CorruptionError(f"checkpoint {r[0]}: its row is damaged ({exc})",
-                                      checkpoint=r[0]) from None
+            cid, parent, created, trigger, step, meta, stats, digest = validate.checkpoint_row(r)
+            out.append(CheckpointInfo(
+                id=cid, parent=parent, created=created, trigger=trigger, step=step,
+                meta=meta, stats=stats, tags=tags.get(cid, []),
+                digest=codec.digest_hex(codec.digest_from_bytes(digest))))
         return out
 
     def resolve(self, ref: int | str) -> int:
@@ -443,10 +431,10 @@ class Store:
         with self._read() as conn:
             parents = self._parents(conn)
             if isinstance(ref, str) and not ref.isdigit():
-                row = conn.execute("SELECT ckpt FROM tags WHERE name = ?", (ref,)).fetchone()
+                row = conn.execute("SELECT name, ckpt FROM tags WHERE name = ?", (ref,)).fetchone()
                 if row is None:
                     raise UnknownCheckpointError(f"no checkpoint or tag named {ref!r}")
-                return row[0]
+                return validate.tags([row], parents)[ref]
             if isinstance(ref, str):
                 ref = int(ref)
             return self._check_id(ref, parents)
@@ -492,6 +480,7 @@ class Store:
                                (ckpt, name)).fetchone()
         if row is None:
             raise StoreError(f"checkpoint {ckpt} has no state named {name!r}")
+        validate.state_data(ckpt, name, row[1])
         if not isinstance(row[1], bytes) or content_hash(row[1]) != row[0]:
             raise CorruptionError(f"checkpoint {ckpt}: state {name!r} does not match its hash",
                                   checkpoint=ckpt)
@@ -500,8 +489,8 @@ class Store:
     def state_names(self, ckpt: int) -> list[str]:
         with self._read() as conn:
             ckpt = self._check_id(ckpt, self._parents(conn))
-            return [r[0] for r in conn.execute(
-                "SELECT name FROM states WHERE ckpt = ? ORDER BY name", (ckpt,))]
+            return [validate.text(r[0], f"checkpoint {ckpt}", "states.name") for r in conn.execute(
+                "SELECT name FROM states WHERE ckpt = ? ORDER BY name LIMIT 100000", (ckpt,))]
 
     # --- writing -------------------------------------------------------------
 
@@ -601,6 +590,30 @@ class Store:
                 self._hidx = ((cat.generation, cat.max_pack), idx)
             return idx
 
+    def _verify_blobs(self, conn, cat: Catalog, blobs: np.ndarray) -> np.ndarray:
+        """Mask of ``blobs`` (known, > 0) that decode to their content hash:
+        blobs this Store wrote or decoded before pass at once, the others are
+        decoded now (once)."""
+        with self._cat_lock:
+            ok = np.fromiter(map(self._verified.__contains__, blobs.tolist()), bool, len(blobs))
+        todo = np.unique(blobs[~ok])
+        if not len(todo):
+            return ok
+        good = np.ones(len(todo), bool)
+        buf = np.empty(len(todo) * PAGE_SIZE, np.uint8)
+        try:
+            decode_into(conn, cat, todo, np.arange(len(todo)) * PAGE_SIZE, buf)
+        except CorruptionError:
+            one = np.empty(PAGE_SIZE, np.uint8)
+            for i, b in enumerate(todo.tolist()):
+                try:
+                    decode_into(conn, cat, np.array([b]), np.zeros(1, np.int64), one)
+                except CorruptionError:
+                    good[i] = False
+        with self._cat_lock:
+            self._verified.update(todo[good].tolist())
+        return ok | np.isin(blobs, todo[good])
+
     def _dict_cache(self, cat: Catalog) -> "_DictCache":
         gen, d = self._dicts
         return d if gen == cat.generation and d is not None else _DictCache()
@@ -612,6 +625,7 @@ class Store:
             cur = self._cat if self._cat is not None and self._cat.generation == cat.generation \
                 else cat
             missing = [k for k in kept if k[0].id not in cur.packs]   # a reader may have them
+            self._verified.update(new_index.values())
             new_cat = cur.with_packs(missing) if missing else cur
             self._cat = new_cat
             key, idx = self._hidx
@@ -664,11 +678,16 @@ class Store:
             ckpt = path[-1]
             cat = self._catalog(conn)
             view = self._view(conn, path)
-            self._fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero)
+            self._fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero,
+                       verified=self._mark_verified)
+
+    def _mark_verified(self, blobs: np.ndarray) -> None:
+        with self._cat_lock:
+            self._verified.update(blobs.tolist())
 
     @staticmethod
     def _fill(conn, cat: Catalog, img: np.ndarray, flat: np.ndarray, ckpt: int, lo: int,
-              zero_rest: bool = True) -> None:
+              zero_rest: bool = True, verified=None) -> None:
         """Decode the image ``img`` (blob id per page, pages ``lo``..) into
         ``flat`` (pages x 4096), zero pages included."""
         nz = np.flatnonzero(img)
@@ -676,6 +695,8 @@ class Store:
         ub, first = np.unique(blobs, return_index=True)
         fpages = nz[first]
         decode_into(conn, cat, ub, fpages * PAGE_SIZE, flat, ckpt=ckpt, pages=fpages + lo)
+        if verified is not None:
+            verified(ub)
         if len(ub) != len(nz):                    # pages sharing a content
             src = fpages[np.searchsorted(ub, blobs)]
             dup = src != nz
@@ -951,12 +972,13 @@ class CheckpointWriter:
             self._parent = st._check_id(self._parent, parents)
         meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
                                  "('next_checkpoint_id', 'next_blob_id')"))
-        try:
-            self.id = int(meta["next_checkpoint_id"])
-            next_blob = int(meta.get("next_blob_id", 1))
-        except (KeyError, TypeError, ValueError):
-            raise CorruptionError(f"{st.filename}: meta table damaged "
-                                  "(next checkpoint or blob id)") from None
+        self.id = validate.meta_int(meta, "next_checkpoint_id", st.filename,
+                                    hi=validate.MAX_CHECKPOINT_ID - 1)
+        next_blob = validate.meta_int(meta, "next_blob_id", st.filename, default=1,
+                                      hi=validate.MAX_BLOB_ID)
+        if parents and self.id <= max(parents):
+            raise CorruptionError(f"{st.filename}: stored meta.next_checkpoint_id {self.id} is "
+                                  f"not above the newest checkpoint {max(parents)}")
         self._t0 = time.perf_counter()
         cat = self._cat = st._catalog(conn)
         if self._parent is None:
@@ -971,8 +993,11 @@ class CheckpointWriter:
             "SELECT coalesce(max(first + n), 1), coalesce(max(id), 0) FROM packs").fetchone()
         # Blob ids are never reused (a kept high-water mark): a dropped or
         # pruned pack's ids may still key another Store object's caches.
-        self._first_blob = self._next_blob = max(int(top_blob), cat.n, next_blob)
-        self._next_pack = int(top_pack) + 1
+        top_blob = validate.integer(top_blob, st.filename, "packs.first + packs.n", 1,
+                                    validate.MAX_BLOB_ID)
+        self._first_blob = self._next_blob = max(top_blob, cat.n, next_blob)
+        self._next_pack = validate.integer(top_pack, st.filename, "packs.id", 0,
+                                           MAX_PACK_ID - 2) + 1
         self._index = st._hash_index(cat)         # content hash -> blob id, store-wide
         self._new_index: dict[bytes, int] = {}    # ... for blobs of this checkpoint
         self._new_hashes: list[bytes] = []        # by blob id - first_blob
@@ -1075,6 +1100,13 @@ class CheckpointWriter:
             dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
                                          & ~cat.known(cat.base[ids[k]]))
             ids[k[dead]] = 0
+            # Never reuse a stored blob this Store has not seen decode to its
+            # content hash: a forged blob can declare the hash of a page the
+            # guest writes later and hold other bytes (checked once per blob).
+            k = k[~dead]
+            if len(k):
+                self._drain()                      # one thread on the connection at a time
+                ids[k[~self._store._verify_blobs(self._conn, cat, ids[k])]] = 0
         fresh_a = np.flatnonzero(ids == 0)
         new_k = fresh_a                              # first row of each new content
         if len(fresh_a):
@@ -1083,6 +1115,9 @@ class CheckpointWriter:
             fresh = fresh_a.tolist()
             fh = hashes if len(fresh) == len(hashes) else [hashes[k] for k in fresh]
             first = self._next_blob
+            if first + len(fh) > validate.MAX_BLOB_ID:
+                raise StoreError(f"{self._store.filename}: the store has used up its blob ids "
+                                 f"(limit {validate.MAX_BLOB_ID}); start a new store")
             got = dict(zip(fh, range(first, first + len(fh))))
             if len(got) == len(fh):                  # all distinct: the common case
                 uniq = fh
