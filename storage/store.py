@@ -40,7 +40,7 @@ from typing import Iterable
 
 import numpy as np
 
-from . import codec, pageloops, schema, validate
+from . import codec, lock, pageloops, schema, validate
 from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, content_hash
 from .errors import (CorruptionError, InvalidArgumentError, StoreError,
                      UnknownCheckpointError)
@@ -165,8 +165,9 @@ class Store:
 
     def __init__(self, path: str, wconn: sqlite3.Connection | None,
                  rconn: sqlite3.Connection, meta: dict[str, str],
-                 synchronous: str = "FULL") -> None:
+                 synchronous: str = "FULL", lock_key: tuple | None = None) -> None:
         self.filename = path
+        self._lock_key = lock_key            # storage.lock: this process's hold on the file
         self._sync = synchronous
         self._wconn = wconn
         self._rconn = rconn
@@ -224,37 +225,55 @@ class Store:
         if os.path.lexists(path):
             raise StoreError(f"{path}: already exists; refusing to overwrite")
         directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.creating-{os.getpid()}")
+        name_max = _name_max(directory)
+        if len(os.fsencode(os.path.basename(path))) + len("-wal") > name_max:
+            raise StoreError(f"{path}: file name too long for a store (at most "
+                             f"{name_max - len('-wal')} bytes: SQLite adds -wal and -shm)")
+        # A short name of our own (the target's name may be near NAME_MAX).
+        tmp = os.path.join(directory, f".snapctl-creating-{os.getpid()}-{os.urandom(4).hex()}")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             raise StoreError(f"{path}: directory {directory} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store ({exc.strerror})") from None
+        # The writer's lock (storage.lock) is taken on the new inode before it
+        # has a name, so the store is never visible unlocked while we live.
+        key = None
         try:
             os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        try:
-            conn = schema.connect(tmp, readonly=False, synchronous=sync)
-            try:
-                schema.initialise(conn, config)
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
+            lock.lock_file(fd, path)
+            key = lock.attach(path, fd, locked=True)
+            with sqlite_errors(path):
+                conn = schema.connect(tmp, readonly=False, synchronous=sync)
+                try:
+                    schema.initialise(conn, config)
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    conn.close()
             try:
                 os.link(tmp, path)  # atomic, and fails rather than overwrite
             except FileExistsError:
                 raise StoreError(f"{path}: already exists; refusing to overwrite") from None
+        except BaseException:
+            if key is not None:
+                lock.detach(key)
+            else:
+                os.close(fd)
+            raise
         finally:
             Store.remove(tmp)
         try:
-            wconn = schema.connect(path, readonly=False, synchronous=sync)
-            _chmod_sidecars(path)
-            meta = schema.read_meta(wconn, path)
-            rconn = schema.connect(path, readonly=False, synchronous=sync)
+            with sqlite_errors(path):
+                wconn = schema.connect(path, readonly=False, synchronous=sync)
+                _chmod_sidecars(path)
+                meta = schema.read_meta(wconn, path)
+                rconn = schema.connect(path, readonly=False, synchronous=sync)
         except BaseException:
             Store.remove(path)
+            lock.detach(key)
             raise
-        return cls(path, wconn, rconn, meta, sync)
+        return cls(path, wconn, rconn, meta, sync, lock_key=key)
 
     @staticmethod
     def remove(path) -> None:
@@ -273,18 +292,24 @@ class Store:
         path = os.fspath(path)
         sync = schema.check_synchronous(synchronous)
         schema.check_header(path)
-        with sqlite_errors(path):
-            rconn = schema.connect(path, readonly=readonly, synchronous=sync)
-            try:
-                meta = schema.read_meta(rconn, path)
-                wconn = None if readonly else schema.connect(path, readonly=False,
-                                                             synchronous=sync)
-            except BaseException:
-                rconn.close()
-                raise
-        if wconn is not None:
-            _chmod_sidecars(path)
-        return cls(path, wconn, rconn, meta, sync)
+        key = None if readonly else lock.attach(path)
+        try:
+            with sqlite_errors(path):
+                rconn = schema.connect(path, readonly=readonly, synchronous=sync)
+                try:
+                    meta = schema.read_meta(rconn, path)
+                    wconn = None if readonly else schema.connect(path, readonly=False,
+                                                                 synchronous=sync)
+                except BaseException:
+                    rconn.close()
+                    raise
+            if wconn is not None:
+                _chmod_sidecars(path)
+            return cls(path, wconn, rconn, meta, sync, lock_key=key)
+        except BaseException:
+            if key is not None:
+                lock.detach(key)
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -304,6 +329,8 @@ class Store:
                     except sqlite3.Error:
                         pass
                 self._wconn.close()
+            if self._lock_key is not None:
+                lock.detach(self._lock_key)      # after every connection is closed
 
     def __enter__(self) -> "Store":
         return self
@@ -338,6 +365,7 @@ class Store:
             raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock, sqlite_errors(self.filename):
             self._check_open()
+            self._claim()
             self._wal.wait_idle()
             conn = self._wconn
             conn.execute("BEGIN IMMEDIATE")
@@ -366,6 +394,11 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"{self.filename}: store is closed")
+
+    def _claim(self) -> None:
+        """This process becomes the store's one writer (storage.lock)."""
+        if self._lock_key is not None:
+            lock.claim(self._lock_key, self.filename)
 
     # --- the tree ------------------------------------------------------------
 
@@ -784,6 +817,8 @@ class Store:
         if self._wconn is None:
             raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock, sqlite_errors(self.filename):
+            self._check_open()
+            self._claim()
             self._wconn.execute("VACUUM")
 
 
@@ -859,6 +894,13 @@ def sqlite_errors(filename: str):
                 or not isinstance(exc, (sqlite3.OperationalError, sqlite3.DataError))):
             raise CorruptionError(f"{filename}: database damaged ({msg})") from exc
         raise StoreError(f"{filename}: {msg}") from exc
+
+
+def _name_max(directory: str) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 def _chmod_sidecars(path: str) -> None:
@@ -946,6 +988,7 @@ class CheckpointWriter:
         try:
             with sqlite_errors(st.filename):
                 st._check_open()
+                st._claim()
                 st._wal.wait_idle()
                 conn = self._conn = st._wconn
                 conn.execute("BEGIN IMMEDIATE")

@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 from storage import Store
+from storage import lock as store_lock
 
 from ..machine import Machine, MachineConfig, VcpuState
 from ..machine.guests import MB_STOP_AT
@@ -428,19 +429,23 @@ def prepare_new_store(store_path: str) -> None:
 
     A snapctl store with no checkpoint at all is what a run killed before its
     base checkpoint committed leaves behind (creation itself is atomic): it
-    holds no history, so it is replaced. Anything else (a store with
-    checkpoints, a foreign or damaged file, a directory) is never touched."""
+    holds no history, so it is replaced -- but only once its creator is
+    proven dead: a living creator holds the store's writer lock (a second
+    `run` started a moment after the first would otherwise delete the store
+    the first is writing). Anything else (a store with checkpoints, a
+    foreign or damaged file, a directory) is never touched."""
     if not os.path.lexists(store_path):
         return
     if os.path.isfile(store_path) and not os.path.islink(store_path):
-        try:
-            with Store.open(store_path, readonly=True) as st:
-                empty = not st.checkpoints()
-        except Exception:
-            empty = False
-        if empty:
-            Store.remove(store_path)
-            return
+        with store_lock.replacing(store_path):     # StoreBusyError while its writer lives
+            try:
+                with Store.open(store_path, readonly=True) as st:
+                    empty = not st.checkpoints()
+            except Exception:
+                empty = False
+            if empty:
+                Store.remove(store_path)
+                return
     raise StoreExistsError(f"{store_path} already exists; use `snapctl restore ID` to continue it, "
                            "or choose another --store")
 
