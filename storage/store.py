@@ -285,6 +285,14 @@ class Store:
             except FileNotFoundError:
                 pass
 
+    @staticmethod
+    def writable(path) -> bool:
+        """Whether this process can write the store at ``path``: its file
+        and its directory (where SQLite keeps -wal and -shm)."""
+        path = os.fspath(path)
+        return os.access(path, os.W_OK) and os.access(
+            os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK)
+
     @classmethod
     def open(cls, path, *, readonly: bool = False, synchronous: str = "FULL") -> "Store":
         """Open an existing store.  Raises ``NotAStoreError`` /
@@ -292,10 +300,23 @@ class Store:
         path = os.fspath(path)
         sync = schema.check_synchronous(synchronous)
         schema.check_header(path)
+        immutable = False
+        if not readonly and not Store.writable(path):
+            raise StoreError(f"{path}: the store is read-only here (its file or directory is "
+                             "not writable)")
+        if readonly and not Store.writable(path):
+            # Read-only media, a read-only directory or file: SQLite could
+            # neither create -shm nor remove what it created, so read the
+            # file as it is -- unless a -wal holds commits not yet copied in.
+            try:
+                immutable = os.path.getsize(path + "-wal") == 0
+            except OSError:
+                immutable = True
         key = None if readonly else lock.attach(path)
         try:
             with sqlite_errors(path):
-                rconn = schema.connect(path, readonly=readonly, synchronous=sync)
+                rconn = schema.connect(path, readonly=readonly, synchronous=sync,
+                                       immutable=immutable)
                 try:
                     meta = schema.read_meta(rconn, path)
                     wconn = None if readonly else schema.connect(path, readonly=False,
@@ -718,6 +739,29 @@ class Store:
         with self._cat_lock:
             self._verified.update(blobs.tolist())
 
+    def image_chunks(self, ckpt: int, chunk_pages: int = 16384):
+        """The image of ``ckpt`` a chunk at a time, from one snapshot (for
+        writing it out without holding all of it): yields ``(first page,
+        pages, nonzero)`` with ``pages`` a (k, 4096) uint8 array, valid only
+        until the next chunk, and ``nonzero`` the mask of its pages that hold
+        a stored blob (the others are zero and left unset in ``pages``).
+        Use it in a ``with contextlib.closing(...)`` so that leaving early
+        ends the read transaction."""
+        if isinstance(chunk_pages, bool) or not isinstance(chunk_pages, int) or chunk_pages < 1:
+            raise InvalidArgumentError(f"chunk_pages must be an int >= 1, not {chunk_pages!r}")
+        with self._read() as conn:
+            path = self._path_in(conn, ckpt)
+            cat = self._catalog(conn)
+            img = self._view(conn, path).blob
+            buf = np.empty((min(chunk_pages, self.page_count), PAGE_SIZE), np.uint8)
+            for lo in range(0, self.page_count, chunk_pages):
+                part = img[lo:lo + chunk_pages]
+                out = buf[:len(part)]
+                nonzero = part != 0
+                if nonzero.any():
+                    self._fill(conn, cat, part, out, path[-1], lo, zero_rest=False)
+                yield lo, out, nonzero
+
     @staticmethod
     def _fill(conn, cat: Catalog, img: np.ndarray, flat: np.ndarray, ckpt: int, lo: int,
               zero_rest: bool = True, verified=None) -> None:
@@ -775,11 +819,15 @@ class Store:
 
     def diff(self, a: int, b: int) -> np.ndarray:
         """Sorted page numbers whose content differs between images ``a`` and
-        ``b``.  Blobs are unique by content, so this compares ids, not bytes."""
+        ``b``: pages whose blob ids differ and whose blobs' content hashes
+        differ too (a store from elsewhere may hold one content twice)."""
         with self._read() as conn:
             va = self._view(conn, self._path_in(conn, a)).blob
             vb = self._view(conn, self._path_in(conn, b)).blob
-        return np.flatnonzero(va != vb).astype(np.int64)
+            cat = self._catalog(conn)
+        cand = np.flatnonzero(va != vb)
+        same = (cat.hash[va[cand]] == cat.hash[vb[cand]]).all(axis=1)
+        return cand[~same].astype(np.int64)
 
     def history(self, page: int) -> list[tuple[int, str]]:
         """``(checkpoint, content hash hex)`` for every checkpoint that stored

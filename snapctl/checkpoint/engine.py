@@ -229,6 +229,28 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
     return Capture(pages, dest, vcpus, steps, trigger, timings, buffer, early)
 
 
+def checked_info(info):
+    """A stored checkpoint's snapctl fields, type-checked (the store checked its
+    own): ``step``, ``meta.steps`` and the numeric stats the CLI shows. A forged
+    value is a ValueError naming it."""
+    where = f"checkpoint {info.id}: stored"
+    if type(info.step) is not int:
+        raise ValueError(f"{where} step is not an integer ({info.step!r:.40})")
+    steps = info.meta.get("steps", [info.step])
+    if not isinstance(steps, list) or not 1 <= len(steps) <= 64 or not all(
+            type(x) is int and 0 <= x < 1 << 64 for x in steps):
+        raise ValueError(f"{where} meta.steps is not a list of 1 to 64 step counts ({steps!r:.40})")
+    for k, v in info.stats.items():
+        if k in _NUMERIC_STATS and (type(v) not in (int, float) or v != v or abs(v) == float("inf")):
+            raise ValueError(f"{where} stats.{k} is not a number ({v!r:.40})")
+    return info
+
+
+#: Statistics the CLI formats as numbers (the store's own and the pipeline's).
+_NUMERIC_STATS = {"pages", "zero_pages", "unchanged_pages", "dedup_pages", "new_blobs", "delta_blobs",
+                  "raw_blobs", "stored_bytes", "raw_bytes", "packs", "write_ms", "dirty_pages", "downtime_ms"}
+
+
 def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None) -> tuple[int, dict]:
     """Write a capture as one checkpoint (one transaction). Returns (id, stats)."""
     meta = {"step": cap.steps[0], "steps": cap.steps, "trigger": cap.trigger}
@@ -528,7 +550,7 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
     """
     if target is None:
         target = next_in_branch(store, source)
-    info_s, info_t = store.get(source), store.get(target)
+    info_s, info_t = checked_info(store.get(source)), checked_info(store.get(target))
     t_steps = list(info_t.meta.get("steps") or [info_t.step])
     s_steps = list(info_s.meta.get("steps") or [info_s.step])
     note = ""

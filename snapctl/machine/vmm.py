@@ -96,8 +96,37 @@ class MachineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MachineConfig":
+        """The configuration stored with a store's checkpoints, type-checked
+        field by field (a store may come from anyone): a wrong one is a
+        ValueError naming it. Ranges are checked by :meth:`validate`."""
+        if not isinstance(d, dict):
+            raise ValueError("stored config is not an object")
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("mem_size", "vcpus", "seed", "steps_per_yield", "ring_entries"):
+            if k in kw and type(kw[k]) is not int:
+                raise ValueError(f"stored config: {k} is not an integer ({kw[k]!r:.40})")
+        for k in ("guest", "tracking"):
+            if k in kw and type(kw[k]) is not str:
+                raise ValueError(f"stored config: {k} is not a string ({kw[k]!r:.40})")
+        if "vcpus" in kw and not 1 <= kw["vcpus"] <= L.MAX_VCPUS:
+            raise ValueError(f"stored config: vcpus {kw['vcpus']} is not 1..{L.MAX_VCPUS}")
+        if "tracking" in kw and kw["tracking"] not in TRACKING_MODES:
+            raise ValueError(f"stored config: unknown tracking mode {kw['tracking']!r:.40}")
+        params = kw.get("params", {})
+        if not isinstance(params, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in params.items()):
+            raise ValueError("stored config: params is not an object of integers")
+        if kw.get("guest") == "program":
+            # a program guest (its own engineer's): strings or lists of strings
+            prog = d.get("program")
+            if not isinstance(prog, dict) or not all(
+                    isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                    or type(v) in (int, bool) or v is None for v in prog.values()):
+                raise ValueError("stored config: program is not an object of strings")
+        elif "guest" in kw and kw["guest"] not in G.GUESTS:
+            raise ValueError(f"stored config: unknown guest {kw['guest']!r:.40}")
+        return cls(**kw)
 
 
 @dataclass
