@@ -488,6 +488,10 @@ def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkp
 def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm") -> Machine:
     """A fresh, not yet started machine holding checkpoint ``ckpt`` exactly."""
     config = MachineConfig.from_dict(store.config)
+    info = checked_info(store.get(ckpt))
+    steps = info.meta.get("steps", [info.step])
+    if len(steps) != config.vcpus:
+        raise ValueError(f"checkpoint {ckpt}: {len(steps)} recorded step counts for {config.vcpus} vCPUs")
     names = store.state_names(ckpt)
     states = [VcpuState.from_bytes(store.state(ckpt, vcpu_state_name(i))) for i in range(config.vcpus)
               if vcpu_state_name(i) in names]
@@ -497,6 +501,7 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm") -> Mach
     try:
         # straight into guest RAM (fresh, all zero: zero pages are not touched)
         store.materialize(ckpt, m.memory.pages, out_is_zero=True)
+        m.check_mailboxes(steps)
         m.restore_state(None, states)
     except BaseException:
         m.close()

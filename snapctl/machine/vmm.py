@@ -39,6 +39,8 @@ from .memory import GuestMemory, validate_mem_size
 from .state import VcpuState, capture_vcpu, restore_vcpu
 
 TRACKING_MODES = ("ring", "bitmap", "none")
+#: Longest wait without waking the main thread (so that it answers Ctrl-C).
+_WAIT_SLICE = 0.25
 
 
 class MachineError(Exception):
@@ -404,10 +406,18 @@ class Machine:
 
     def wait_parked(self, timeout: float | None = 60.0) -> None:
         """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
+        done = lambda: all(r.parked for r in self._runners) or self._error  # noqa: E731
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
-                raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
-                                   f"({self._runner_report()})")
+            # In slices: a SIGINT is often delivered to a vCPU thread, and
+            # Python runs its handler only when the main thread wakes up, so
+            # an endless wait would ignore Ctrl-C (a guest that never holds).
+            while not done():
+                left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+                if left <= 0:
+                    raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
+                                       f"({self._runner_report()})")
+                self._cond.wait(left)
             self._check_error()
 
     def _runner_report(self) -> str:
@@ -467,6 +477,29 @@ class Machine:
         for r, st in zip(self._runners, vcpu_states):
             refused += restore_vcpu(r.vcpu, st)
         return refused
+
+    def check_mailboxes(self, steps: list[int]) -> None:
+        """After a restore: each vCPU's mailbox must be the one this config
+        boots (magic, K, data region, parameters) and say the recorded step
+        -- a forged mailbox could otherwise make the guest run past every
+        stop and yield target. Built-in guests only."""
+        cfg = self.config
+        if cfg.guest not in G.GUESTS:
+            return
+        guest = G.get_guest(cfg.guest)
+        for r in self._runners:
+            base, pages = cfg.data_region(r.index)
+            p1, p2 = guest.param_values(cfg.params, pages)
+            want = {G.MB_MAGIC: ("magic", G.MAILBOX_MAGIC), G.MB_K: ("steps per yield", cfg.steps_per_yield),
+                    G.MB_DATA_BASE: ("data base", base), G.MB_DATA_PAGES: ("data pages", pages),
+                    G.MB_PARAM1: ("param1", p1), G.MB_PARAM2: ("param2", p2),
+                    G.MB_STEP: ("step", steps[r.index])}
+            mb = L.mailbox_gpa(r.index)
+            for off, (name, value) in want.items():
+                got = self.memory.read_u64(mb + off)
+                if got != value % (1 << 64):
+                    raise MachineError(f"vCPU {r.index}: the restored mailbox's {name} is {got:#x}, "
+                                       f"expected {value:#x} (the checkpoint is damaged or forged)")
 
     def stats(self) -> dict:
         return {
