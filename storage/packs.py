@@ -179,6 +179,13 @@ class Catalog:
         new.n = max(self.n, top)
         return new
 
+    def why_missing(self, blob: int) -> str:
+        """Why blob ``blob`` is not in the catalogue, when a damaged pack can
+        say: the one whose ids cover it, else the first damaged one."""
+        damaged = sorted((p for p in self.packs.values() if p.damaged), key=lambda p: p.id)
+        pk = next((p for p in damaged if p.first <= blob < p.first + p.n), damaged[0] if damaged else None)
+        return f" (pack {pk.id} is damaged: {pk.damaged})" if pk else ""
+
     def known(self, blobs: np.ndarray) -> np.ndarray:
         """Mask of blob ids (> 0) that exist in an intact pack."""
         ok = (blobs > 0) & (blobs < self.n)
@@ -372,8 +379,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     if not known.all():
         i = int(np.flatnonzero(~known)[0])
         b = int(blobs[i])
-        pk = cat.packs.get(int(cat.pack[b])) if 0 < b < cat.n else None
-        why = f" (in damaged pack {pk.id}: {pk.damaged})" if pk and pk.damaged else ""
+        why = cat.why_missing(b)
         where = ", ".join([f"checkpoint {ckpt}"] * (ckpt is not None)
                           + [f"page {page_of(i)}"] * (page_of(i) is not None)) or "read"
         raise CorruptionError(f"{where}: references missing blob {b}{why}",

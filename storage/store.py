@@ -607,7 +607,8 @@ class Store:
         if not known.all():
             p = int(nz[np.flatnonzero(~known)[0]])
             raise CorruptionError(f"checkpoint {ckpt}, page {p}: references missing blob "
-                                  f"{int(img[p])}", checkpoint=ckpt, page=p, blob=int(img[p]))
+                                  f"{int(img[p])}{cat.why_missing(int(img[p]))}",
+                                  checkpoint=ckpt, page=p, blob=int(img[p]))
         got = codec.sum128(codec.terms(nz, cat.hash[img[nz]]))
         if got != view.digest:
             raise CorruptionError(

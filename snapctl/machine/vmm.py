@@ -39,6 +39,8 @@ from .memory import GuestMemory, validate_mem_size
 from .state import VcpuState, capture_vcpu, restore_vcpu
 
 TRACKING_MODES = ("ring", "bitmap", "none")
+#: ... of which a store's machine can have (`run` takes checkpoints: it tracks).
+STORED_TRACKING_MODES = ("ring", "bitmap")
 #: Longest wait without waking the main thread (so that it answers Ctrl-C).
 _WAIT_SLICE = 0.25
 
@@ -113,7 +115,7 @@ class MachineConfig:
                 raise ValueError(f"stored config: {k} is not a string ({kw[k]!r:.40})")
         if "vcpus" in kw and not 1 <= kw["vcpus"] <= L.MAX_VCPUS:
             raise ValueError(f"stored config: vcpus {kw['vcpus']} is not 1..{L.MAX_VCPUS}")
-        if "tracking" in kw and kw["tracking"] not in TRACKING_MODES:
+        if "tracking" in kw and kw["tracking"] not in STORED_TRACKING_MODES:
             raise ValueError(f"stored config: unknown tracking mode {kw['tracking']!r:.40}")
         params = kw.get("params", {})
         if not isinstance(params, dict) or not all(
