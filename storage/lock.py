@@ -25,11 +25,7 @@ import os
 import threading
 from contextlib import contextmanager
 
-from .errors import StoreError
-
-
-class StoreBusyError(StoreError):
-    """Another process is writing the store (a run or restore)."""
+from .errors import StoreBusyError, StoreError
 
 
 class _Held:

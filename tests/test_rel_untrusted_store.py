@@ -420,3 +420,117 @@ def test_fuzz_stored_rows_and_values(base, tmp_path):
         trials += 1
     print(f"fuzz: {trials} trials, {len(failures)} failures")
     assert not failures, "\n".join(failures)
+
+
+# -- the issue's other items ---------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tmpfs of the given size at tmp_path/mnt (root only; skips elsewhere)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        m = tmp_path / f"mnt{len(mounted)}"
+        m.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(m)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(m)
+        return m
+
+    yield mount
+    for m in reversed(mounted):
+        subprocess.run(["umount", "-l", str(m)], capture_output=True)
+
+
+def test_a_second_writer_process_is_refused_and_a_new_store_is_never_replaced_while_its_creator_lives(tmp_path):
+    """Two `run`s on one path lost a whole run: the second found the first's
+    new store without a checkpoint yet and replaced it. The creator holds the
+    store's writer lock from creation; replacing waits for its death."""
+    from snapctl.checkpoint.engine import StoreExistsError, prepare_new_store  # noqa: F401
+    from storage import Store, StoreBusyError
+
+    path = tmp_path / "s.db"
+    child = subprocess.Popen([sys.executable, "-c", "import sys\nfrom storage import Store\n"
+                              f"st = Store.create({str(path)!r}, {{'mem_size': 1 << 20}})\n"
+                              "print('ready', flush=True)\nsys.stdin.read()\nst.close()\n"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(os.environ))
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        with pytest.raises(StoreBusyError, match="in use"):
+            prepare_new_store(str(path))
+        with Store.open(str(path)) as st:
+            assert st.checkpoints() == []                       # readers are welcome
+            with pytest.raises(StoreBusyError, match="in use"):
+                st.tag(0, "x")
+        r = snapctl("run", "--mem", "8M", "--checkpoints", 1, store=path, timeout=120)
+        one_line_error(r, 1, "in use")
+    finally:
+        child.communicate(b"", timeout=60)
+    assert path.exists()
+    prepare_new_store(str(path))                                # its creator is gone: replaced
+    assert not path.exists()
+
+
+def test_two_runs_on_one_store_path_never_both_succeed(tmp_path):
+    """The issue's reproduction: run B starts while run A writes (or has
+    written) the store: B exits with one line, A keeps every checkpoint."""
+    from rel_helpers import spawn_snapctl, wait_for
+    path = tmp_path / "s.db"
+    a = spawn_snapctl("run", "--seed", 1, "--checkpoints", 6, "--every-steps", 3000, store=path)
+    assert wait_for(lambda: path.exists(), 60)
+    b = snapctl("run", "--seed", 7, "--checkpoints", 3, "--every-steps", 3000, store=path, timeout=120)
+    assert a.wait(timeout=120) == 0, a.stderr.read()
+    one_line_error(b, 1)
+    ids = [c["id"] for c in ok("list", "--json", store=path).json()]
+    assert ids == list(range(7)), ids
+
+
+def test_export_onto_a_full_filesystem_is_one_line_and_leaves_nothing(base, tmpfs):
+    m = tmpfs("1m")
+    r = snapctl("export", 2, m / "out.raw", store=base, timeout=120)
+    one_line_error(r, 1, "no space left")
+    assert os.listdir(m) == []
+
+
+def test_export_never_overwrites_the_store_or_its_sidecars(base, tmp_path):
+    store = copy_store(base, tmp_path / "mix.db")
+    before = data_state(store)
+    for target in (store, Path(str(store) + "-wal"), Path(str(store) + "-shm")):
+        one_line_error(snapctl("export", 2, target, "--force", store=store, timeout=60), 1, "store")
+    link = tmp_path / "hard.db"
+    os.link(store, link)
+    one_line_error(snapctl("export", 2, link, "--force", store=store, timeout=60), 1, "store")
+    assert data_state(store) == before
+
+
+def test_a_store_on_a_read_only_mount_is_read_and_left_alone(base, tmpfs):
+    m = tmpfs("64m")
+    store = copy_store(base, m / "ro.db")
+    subprocess.run(["mount", "-o", "remount,ro", str(m)], check=True)
+    for cmd in (("list",), ("verify",), ("show", 1), ("diff", 0, 2), ("read", 1, "0x200000", 16)):
+        ok(*cmd, store=store, timeout=60)
+    out = m.parent / "ro-export.raw"
+    ok("export", 2, out, store=store, timeout=60)
+    one_line_error(snapctl("tag", 1, "x", store=store, timeout=60), 1, "read-only")
+    assert sorted(os.listdir(m)) == ["ro.db"]
+
+
+def test_run_on_a_tiny_filesystem_is_one_line(tmpfs):
+    m = tmpfs("1200k")
+    r = snapctl("run", "--mem", "8M", "--checkpoints", 2, store=m / "s.db", timeout=120)
+    one_line_error(r, 1)
+    assert not [n for n in os.listdir(m) if n.startswith(".snapctl-creating")]
+
+
+def test_long_store_names_work_or_are_one_line_naming_the_store(tmp_path):
+    for n in (233, 236, 237, 251, 252, 255):
+        path = tmp_path / ("s" * (n - 3) + ".db")
+        r = snapctl("run", "--mem", "8M", "--checkpoints", 0, store=path, timeout=120)
+        if n <= 251:
+            assert r.code == 0, (n, r.err)
+            ok("list", store=path)
+        else:
+            line = one_line_error(r, 1, "too long")
+            assert "creating" not in line
+        assert not [x for x in os.listdir(tmp_path) if x.startswith(".snapctl-creating")]
