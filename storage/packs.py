@@ -23,7 +23,7 @@ import xxhash
 from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, MASK63, PAGE_SIZE,
                     ZERO_HASH, _decompress, check63, content_hash)
 from . import pageloops
-from .errors import CorruptionError
+from .errors import CorruptionError, StoreError
 from .validate import MAX_BLOB_ID, MAX_CHECKPOINT_ID, MAX_PACK_BLOBS, MAX_PACK_BYTES
 
 _HEAD = np.dtype("<i8")
@@ -122,6 +122,13 @@ class Catalog:
         self.hash[0] = np.frombuffer(ZERO_HASH, np.uint8)   # blob 0: the zero page
 
     def _alloc(self, cap: int) -> None:
+        try:
+            self._arrays(cap)
+        except MemoryError:
+            raise StoreError(f"not enough memory for the catalogue of {cap} blob ids "
+                             f"(about {cap * 57 >> 20} MiB)") from None
+
+    def _arrays(self, cap: int) -> None:
         self.pack = np.full(cap, -1, np.int64)
         self.start = np.zeros(cap, np.int64)
         self.end = np.zeros(cap, np.int64)

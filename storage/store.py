@@ -12,7 +12,8 @@ Invariants the code relies on:
   creation order), so the image at N is the page maps of the path base..N
   applied in id order.
 * Blobs are unique by content hash, so two versions hold equal bytes exactly
-  when they name the same blob (or are both zero).  ``diff`` compares ids.
+  when they name the same blob (or are both zero) -- in stores this code
+  wrote; ``diff`` compares content hashes, for stores from elsewhere.
 * A map entry exists only where the page differs from the parent's image
   (writes of unchanged content are dropped); ``history`` is the entries.
 

@@ -297,14 +297,21 @@ def test_a_small_store_claiming_a_large_memory_exports_sparsely(base, tmp_path):
 
 
 def test_diff_compares_contents_not_blob_ids(base, tmp_path):
-    """Two blob ids holding one content (a copied pack): diff lists no page for it."""
+    """Two blob ids holding one content: a pack of the base copied under new
+    blob ids, and checkpoint 2's map pointing pages it inherits unchanged
+    from checkpoint 1 at the copies (same hashes: the digests still hold).
+    diff 1 2 must not list those pages (it compared ids)."""
     store = copy_store(base, tmp_path / "dup.db")
     _python(store, """
 from storage.codec import check63
 from storage.packs import pack_meta_check
+st = Store.open(path, readonly=True)
+with st._read() as c:
+    img1 = st._view(c, st._path_in(c, 1)).blob.copy()
+st.close()
 conn = sqlite3.connect(path, isolation_level=None)
 pid, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc = conn.execute(
-    "SELECT * FROM packs WHERE ckpt = 2 ORDER BY id LIMIT 1").fetchone()
+    "SELECT * FROM packs WHERE ckpt = 0 ORDER BY id LIMIT 1").fetchone()
 new_pid = conn.execute("SELECT max(id) + 1 FROM packs").fetchone()[0]
 new_first = conn.execute("SELECT max(first + n) FROM packs").fetchone()[0]
 conn.execute("INSERT INTO packs VALUES (?, 2, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -313,10 +320,16 @@ conn.execute("INSERT INTO packs VALUES (?, 2, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
 conn.execute("INSERT INTO pack_data SELECT ?, data FROM pack_data WHERE id = ?", (new_pid, pid))
 conn.execute("INSERT INTO refs VALUES (?, 1)", (new_pid,))
 pages, blobs = conn.execute("SELECT pages, blobs FROM maps WHERE ckpt = 2").fetchone()
-b = np.frombuffer(blobs, '<i8').copy()
-b[(b >= first) & (b < first + n)] += new_first - first
-conn.execute("UPDATE maps SET blobs = ?, chk = ? WHERE ckpt = 2",
-             (b.tobytes(), check63(struct.pack('<q', 2), pages, b.tobytes()), ))
+p2, b2 = np.frombuffer(pages, '<i8'), np.frombuffer(blobs, '<i8')
+same = np.flatnonzero((img1 >= first) & (img1 < first + n) & (img1 > 0))
+same = same[~np.isin(same, p2)]
+assert len(same), "no inherited page of the base pack"
+p = np.concatenate([p2, same])
+b = np.concatenate([b2, img1[same] + (new_first - first)])
+o = np.argsort(p)
+pb, bb = p[o].astype('<i8').tobytes(), b[o].astype('<i8').tobytes()
+conn.execute("UPDATE maps SET n = ?, pages = ?, blobs = ?, chk = ? WHERE ckpt = 2",
+             (len(p), pb, bb, check63(struct.pack('<q', 2), pb, bb)))
 conn.close()
 """)
     want = ok("diff", 1, 2, "--json", store=base).json()["pages"]
