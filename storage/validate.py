@@ -63,20 +63,20 @@ def optional_integer(value, where: str, column: str, lo: int = 0, hi: int = (1 <
     return None if value is None else integer(value, where, column, lo, hi)
 
 
-def text(value, where: str, column: str, limit: int = MAX_NAME_CHARS) -> str:
-    if type(value) is not str:
-        raise fail(where, column, "is not text", value)
+def _sized(value, kind: type, what: str, unit: str, where: str, column: str, limit: int):
+    if type(value) is not kind:
+        raise fail(where, column, f"is not {what}", value)
     if len(value) > limit:
-        raise fail(where, column, f"is longer than {limit} characters")
+        raise fail(where, column, f"is longer than {limit} {unit}")
     return value
+
+
+def text(value, where: str, column: str, limit: int = MAX_NAME_CHARS) -> str:
+    return _sized(value, str, "text", "characters", where, column, limit)
 
 
 def blob(value, where: str, column: str, limit: int = MAX_VALUE_BYTES) -> bytes:
-    if type(value) is not bytes:
-        raise fail(where, column, "is not a blob", value)
-    if len(value) > limit:
-        raise fail(where, column, f"is larger than {limit} bytes")
-    return value
+    return _sized(value, bytes, "a blob", "bytes", where, column, limit)
 
 
 def timestamp(value, where: str, column: str) -> float:
