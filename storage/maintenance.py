@@ -44,6 +44,7 @@ class PruneReport:
 
 
 _LIMIT = 20                             # problems listed per kind
+_VERIFY_BLOBS = 8192                    # blobs decoded at a time (32 MiB)
 
 
 def _load_maps(conn, page_count: int, problems: list | None):
@@ -168,9 +169,12 @@ def _verify(store, rep: VerifyReport) -> None:
             if not len(ids):
                 P.append(f"pack {pk.id} (checkpoint {pk.ckpt}): holds no blob")
                 continue
-            buf = np.empty(len(ids) * PAGE_SIZE, np.uint8)
+            # in slices: a pack may claim many blobs, and memory stays bounded
+            buf = np.empty(min(len(ids), _VERIFY_BLOBS) * PAGE_SIZE, np.uint8)
             try:
-                decode_into(conn, cat, ids, np.arange(len(ids)) * PAGE_SIZE, buf)
+                for lo in range(0, len(ids), _VERIFY_BLOBS):
+                    part = ids[lo:lo + _VERIFY_BLOBS]
+                    decode_into(conn, cat, part, np.arange(len(part)) * PAGE_SIZE, buf)
                 continue
             except CorruptionError as exc:
                 first_problem = str(exc)

@@ -213,9 +213,10 @@ class Store:
                 f"config['mem_size'] must be a positive multiple of {PAGE_SIZE} up to "
                 f"{validate.MAX_MEM_SIZE >> 30} GiB, got {mem!r}")
         try:
-            json.dumps(config)
+            text = json.dumps(config)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "config", validate.json_object)
         # Crash-atomic: the schema is written into a temporary file beside the
         # target and linked into place only when complete, so a process killed
         # at any moment leaves either no store or a whole (empty) one at
@@ -514,6 +515,7 @@ class Store:
             raise InvalidArgumentError(
                 f"tag name must be a non-empty string, not all digits, without "
                 f"surrounding spaces: {name!r}")
+        validate.to_store(name, "tag name", validate.text)
         with self._write() as conn:
             ckpt = self._check_id(ckpt, self._parents(conn))
             row = conn.execute("SELECT ckpt FROM tags WHERE name = ?", (name,)).fetchone()
@@ -1022,15 +1024,18 @@ class CheckpointWriter:
         self.digest: str | None = None     # hex, set on commit
         self.stats: dict = {}
         try:
-            json.dumps(meta)
+            text = json.dumps(meta)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"meta is not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "meta", validate.json_object)
         step = meta.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidArgumentError(f"meta['step'] must be an int, not {step!r}")
+        validate.to_store(step, "meta['step']", validate.optional_integer, 0, validate.MAX_STEP)
         trigger = meta.get("trigger", "base" if parent is None else "sync")
         if not isinstance(trigger, str):
             raise InvalidArgumentError(f"meta['trigger'] must be a str, not {trigger!r}")
+        validate.to_store(trigger, "meta['trigger']", validate.text, 64)
 
     def __enter__(self) -> "CheckpointWriter":
         st = self._store
@@ -1434,13 +1439,16 @@ class CheckpointWriter:
             raise InvalidArgumentError(f"state name must be a non-empty string, not {name!r}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(f"state data must be bytes, not {type(data).__name__}")
-        self._states[name] = bytes(data)
+        validate.to_store(name, "state name", validate.text)
+        self._states[name] = validate.to_store(bytes(data), f"state {name!r}", validate.blob,
+                                               validate.MAX_STATE_BYTES)
 
     def set_stats(self, d: dict) -> None:
         try:
-            json.dumps(d)
+            text = json.dumps(dict(self._extra_stats, **d))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"stats are not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "stats", validate.json_object)
         self._extra_stats.update(d)
 
     # -- commit --

@@ -29,7 +29,7 @@ MAX_BLOB_ID = 1 << 25
 #: Checkpoint ids stay below this.
 MAX_CHECKPOINT_ID = 1 << 31
 #: Blobs in one pack, and bytes of one pack's data.
-MAX_PACK_BLOBS = 1 << 20
+MAX_PACK_BLOBS = 1 << 17
 MAX_PACK_BYTES = 1 << 28
 #: One stored value (SQLite's length limit on every connection): the
 #: largest legitimate ones are a page map of 64 GiB (128 MiB) and a pack.
@@ -136,6 +136,16 @@ def _shallow_text(value: str) -> bool:
         elif ch in "]}":
             depth -= 1
     return True
+
+
+def to_store(value, what: str, check, *args):
+    """What the writer is given must pass the check the reader applies:
+    ``check(value, *args)`` failing is an InvalidArgumentError about ``what``."""
+    from .errors import InvalidArgumentError
+    try:
+        return check(value, "", what, *args)
+    except CorruptionError as exc:
+        raise InvalidArgumentError(str(exc).split("stored ", 1)[-1]) from None
 
 
 # --- the stored configuration and meta -----------------------------------------
