@@ -182,7 +182,8 @@ class Store:
         self._cat: Catalog | None = None
         self._hidx: tuple = (None, {})       # ((generation, max_pack), hash -> blob id)
         self._dicts: tuple = (None, None)    # (generation, _DictCache)
-        self._verified: set[int] = set()     # blobs seen to decode to their hash (or written here)
+        # by blob id: seen to decode to its hash, or written here (1 byte an id)
+        self._verified = np.zeros(0, bool)
         self._closed = False
         self._wal = None
         self._wal_commits = self._wal_bytes = 0    # since the last WAL copy was started
@@ -653,7 +654,10 @@ class Store:
         blobs this Store wrote or decoded before pass at once, the others are
         decoded now (once)."""
         with self._cat_lock:
-            ok = np.fromiter(map(self._verified.__contains__, blobs.tolist()), bool, len(blobs))
+            seen = self._verified
+            ok = np.zeros(len(blobs), bool)
+            inside = blobs < len(seen)
+            ok[inside] = seen[blobs[inside]]
         todo = np.unique(blobs[~ok])
         if not len(todo):
             return ok
@@ -668,8 +672,7 @@ class Store:
                     decode_into(conn, cat, np.array([b]), np.zeros(1, np.int64), one)
                 except CorruptionError:
                     good[i] = False
-        with self._cat_lock:
-            self._verified.update(todo[good].tolist())
+        self._mark_verified(todo[good])
         return ok | np.isin(blobs, todo[good])
 
     def _dict_cache(self, cat: Catalog) -> "_DictCache":
@@ -683,7 +686,7 @@ class Store:
             cur = self._cat if self._cat is not None and self._cat.generation == cat.generation \
                 else cat
             missing = [k for k in kept if k[0].id not in cur.packs]   # a reader may have them
-            self._verified.update(new_index.values())
+            self._mark_verified(np.fromiter(new_index.values(), np.int64, len(new_index)))
             new_cat = cur.with_packs(missing) if missing else cur
             self._cat = new_cat
             key, idx = self._hidx
@@ -740,8 +743,15 @@ class Store:
                        verified=self._mark_verified)
 
     def _mark_verified(self, blobs: np.ndarray) -> None:
+        if not len(blobs):
+            return
         with self._cat_lock:
-            self._verified.update(blobs.tolist())
+            top = int(blobs.max()) + 1
+            if top > len(self._verified):
+                grown = np.zeros(max(top, 2 * len(self._verified)), bool)
+                grown[:len(self._verified)] = self._verified
+                self._verified = grown
+            self._verified[blobs] = True
 
     def image_chunks(self, ckpt: int, chunk_pages: int = 16384):
         """The image of ``ckpt`` a chunk at a time, from one snapshot (for
