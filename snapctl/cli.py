@@ -233,7 +233,7 @@ def run(
 @app.command("list")
 def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """List the checkpoints (a tree: each has a parent)."""
-    from .checkpoint.engine import checked_info
+    from .stored import checked_info
 
     with _open(store) as st:
         cks = [checked_info(c) for c in st.checkpoints()]
@@ -258,7 +258,8 @@ def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
 def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Optional[str] = StoreOpt,
          as_json: bool = JsonOpt) -> None:
     """Show one checkpoint: tree position, statistics, vCPU registers."""
-    from .checkpoint.engine import checked_info, vcpu_state_name
+    from .checkpoint.engine import vcpu_state_name
+    from .stored import checked_info
     from .machine import MachineConfig, VcpuState
 
     with _open(store) as st:
