@@ -259,8 +259,8 @@ def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Opt
          as_json: bool = JsonOpt) -> None:
     """Show one checkpoint: tree position, statistics, vCPU registers."""
     from .checkpoint.engine import vcpu_state_name
-    from .stored import checked_info
     from .machine import MachineConfig, VcpuState
+    from .stored import checked_info
 
     with _open(store) as st:
         c = checked_info(st.get(_resolve(st, id)))
