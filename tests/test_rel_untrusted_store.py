@@ -405,8 +405,8 @@ def _mutate(store: Path, rng: random.Random) -> list[str]:
 
 
 _FUZZ_CMDS = [("list",), ("show", "1"), ("verify",), ("diff", "0", "3"), ("read", "2", "0x200000", "32"),
-              ("history", "0x200000"), ("export", "2", "{out}"), ("tag", "1", "fz"), ("prune", "--keep-last", "1"),
-              ("restore", "2", "--steps", "1")]
+              ("history", "0x200000"), ("export", "2", "{out}"), ("replay", "2"), ("tag", "1", "fz"),
+              ("prune", "--keep-last", "1"), ("restore", "2", "--steps", "1")]
 
 
 def test_fuzz_stored_rows_and_values(base, tmp_path):
@@ -424,7 +424,8 @@ def test_fuzz_stored_rows_and_values(base, tmp_path):
         store = copy_store(base, tmp_path / f"fz{trials % 4}.db")
         what = _mutate(store, rng)
         cmds = rng.sample(_FUZZ_CMDS, 3)
-        readers = [c for c in cmds if c[0] in ("list", "show", "verify", "diff", "read", "history", "export")]
+        readers = [c for c in cmds if c[0] in ("list", "show", "verify", "diff", "read", "history", "export",
+                                                "replay")]
         writers = [c for c in cmds if c not in readers]
         found = check_all_commands(store, tmp_path, readers, writers)
         if found:

@@ -25,7 +25,8 @@ MEMORY_LIMIT = 3 << 30
 TIMEOUT = 60
 
 #: Commands that only read: the store's bytes must not change.
-READERS = [("list",), ("show", "1"), ("verify",), ("diff", "0", "2"), ("export", "2", "{out}")]
+READERS = [("list",), ("show", "1"), ("verify",), ("read", "1", "0x200000", "64"), ("diff", "0", "2"),
+           ("history", "0x200000"), ("export", "2", "{out}"), ("replay", "1")]
 #: Commands that write: each on its own copy.
 WRITERS = [("tag", "1", "newtag"), ("prune", "--keep-last", "1"), ("restore", "2", "--steps", "1", "--json")]
 
