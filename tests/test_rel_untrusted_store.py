@@ -548,3 +548,23 @@ def test_long_store_names_work_or_are_one_line_naming_the_store(tmp_path):
             line = one_line_error(r, 1, "too long")
             assert "creating" not in line
         assert not [x for x in os.listdir(tmp_path) if x.startswith(".snapctl-creating")]
+
+
+def test_a_guest_that_never_holds_answers_ctrl_c(tmp_path):
+    """A restored guest that never reaches its hold point (here: one that never
+    yields) must still stop on SIGINT with one line, never hang."""
+    import signal
+    store = tmp_path / "never.db"
+    ok("run", "--mem", "8M", "--checkpoints", 0, "--steps-per-yield", 1 << 62, store=store)
+    p = subprocess.Popen([sys.executable, "-m", "snapctl", "restore", "0", "--checkpoints", "1", "--every-steps", "10",
+                          "--json", "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(timeout=8)                  # the guest runs on: it never yields
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1].decode()
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err)
+    assert "Traceback" not in err, err
