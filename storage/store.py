@@ -419,6 +419,14 @@ class Store:
         if self._closed:
             raise StoreError(f"{self.filename}: store is closed")
 
+    def claim(self) -> None:
+        """Become the store's one writing process now, rather than at the
+        first write (storage.lock): ``StoreBusyError`` if another process
+        writes it. A restore calls this before it starts the guest."""
+        if self._wconn is None:
+            raise StoreError(f"{self.filename}: store is open read-only")
+        self._claim()
+
     def _claim(self) -> None:
         """This process becomes the store's one writer (storage.lock)."""
         if self._lock_key is not None:

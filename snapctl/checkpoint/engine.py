@@ -492,6 +492,7 @@ def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
             kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it."""
     schedule.validate()
+    store.claim()  # another process writing the store: say so before the guest runs
     with load_machine(store, ckpt, kvm_path=kvm_path) as m:
         cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
         return cp.run(schedule)

@@ -121,6 +121,8 @@ def test_a_second_writing_process_is_refused_while_readers_read(two):
             with pytest.raises(StoreBusyError):
                 with st.checkpoint(1, {}):
                     pass
+            with pytest.raises(StoreBusyError):
+                st.claim()
     finally:
         child.communicate(b"", timeout=60)
     with Store.open(two) as st:           # its writer is gone
