@@ -100,7 +100,7 @@ def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  #
     try:
         st = Store.open(path, readonly=False)
     except (PermissionError, StoreError) as e:
-        if write or not os.access(path, os.R_OK) or os.access(path, os.W_OK):
+        if write or not os.access(path, os.R_OK) or Store.writable(path):
             raise
         st = Store.open(path, readonly=True)  # a store we may only read
     try:
@@ -286,8 +286,10 @@ def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, in
 @app.command("list")
 def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """List the checkpoints (a tree: each has a parent)."""
+    from .stored import checked_info
+
     with _open(store) as st:
-        cks = st.checkpoints()
+        cks = [checked_info(c) for c in st.checkpoints()]
     if as_json:
         _print_json([_ckpt_dict(c) for c in cks])
         return
@@ -310,12 +312,13 @@ def show(id: str = typer.Argument(..., help="Checkpoint id or tag."), store: Opt
          as_json: bool = JsonOpt) -> None:
     """Show one checkpoint: tree position, statistics, vCPU registers."""
     from .checkpoint.engine import vcpu_state_name
-    from .machine import VcpuState
+    from .machine import MachineConfig, VcpuState
+    from .stored import checked_info
 
     with _open(store) as st:
-        c = st.get(_resolve(st, id))
+        c = checked_info(st.get(_resolve(st, id)))
         vcpus = []
-        for i in range(int(st.config.get("vcpus", 1))):
+        for i in range(MachineConfig.from_dict(st.config).vcpus):
             name = vcpu_state_name(i)
             if name in st.state_names(c.id):
                 vcpus.append(VcpuState.from_bytes(st.state(c.id, name)).registers())

@@ -7,14 +7,14 @@ versions.  Nothing here knows about KVM.  Format: docs/store-format.md.
 
 from .codec import PAGE_SIZE, ZERO_HASH_HEX
 from .errors import (CorruptionError, InvalidArgumentError, NotAStoreError,
-                     SchemaVersionError, StoreError, UnknownCheckpointError)
+                     SchemaVersionError, StoreBusyError, StoreError, UnknownCheckpointError)
 from .maintenance import PruneReport, VerifyReport
 from .schema import SCHEMA_VERSION
 from .store import CheckpointInfo, CheckpointWriter, Store
 
 __all__ = [
     "Store", "CheckpointWriter", "CheckpointInfo", "VerifyReport", "PruneReport",
-    "StoreError", "InvalidArgumentError", "NotAStoreError", "SchemaVersionError",
+    "StoreError", "StoreBusyError", "InvalidArgumentError", "NotAStoreError", "SchemaVersionError",
     "CorruptionError", "UnknownCheckpointError",
     "PAGE_SIZE", "ZERO_HASH_HEX", "SCHEMA_VERSION",
 ]

@@ -25,6 +25,10 @@ class SchemaVersionError(StoreError):
     """The store was written by a newer snapctl (higher schema version)."""
 
 
+class StoreBusyError(StoreError):
+    """Another process is writing the store (a run or restore): see storage/lock.py."""
+
+
 class UnknownCheckpointError(StoreError, KeyError):
     """No checkpoint (or tag) of that id or name exists in the store."""
 

@@ -9,13 +9,12 @@ the digests it maintained incrementally.
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-from . import codec
+from . import codec, validate
 from .codec import CODEC_LZ4_DELTA, PAGE_SIZE
 from .errors import CorruptionError, InvalidArgumentError
 from .store import generation
@@ -45,6 +44,7 @@ class PruneReport:
 
 
 _LIMIT = 20                             # problems listed per kind
+_VERIFY_BLOBS = 8192                    # blobs decoded at a time (32 MiB)
 
 
 def _load_maps(conn, page_count: int, problems: list | None):
@@ -106,13 +106,16 @@ def _verify(store, rep: VerifyReport) -> None:
         for (msg,) in conn.execute("PRAGMA quick_check"):
             if msg != "ok":
                 P.append(f"database structure: {msg}")
-        parents = dict(conn.execute("SELECT id, parent FROM checkpoints"))
-        digests = dict(conn.execute("SELECT id, digest FROM checkpoints"))
-        for c, meta, stats in conn.execute("SELECT id, meta, stats FROM checkpoints"):
+        parents, digests = {}, {}
+        for row in conn.execute("SELECT id, parent, created, trigger, step, meta, stats, digest "
+                                "FROM checkpoints"):
             try:
-                json.loads(meta), json.loads(stats)
-            except (TypeError, ValueError) as exc:
-                P.append(f"checkpoint {c}: its row is damaged ({exc})")
+                c = validate.integer(row[0], "checkpoint", "checkpoints.id", 0,
+                                     validate.MAX_CHECKPOINT_ID - 1)
+                parents[c], digests[c] = row[1] if row[1] is None or type(row[1]) is int else -1, row[7]
+                validate.checkpoint_row(row)
+            except CorruptionError as exc:
+                P.append(f"{exc}")
         gen = generation(conn, store.filename)
 
         # Tree links: one root, parents exist and are older.
@@ -166,9 +169,12 @@ def _verify(store, rep: VerifyReport) -> None:
             if not len(ids):
                 P.append(f"pack {pk.id} (checkpoint {pk.ckpt}): holds no blob")
                 continue
-            buf = np.empty(len(ids) * PAGE_SIZE, np.uint8)
+            # in slices: a pack may claim many blobs, and memory stays bounded
+            buf = np.empty(min(len(ids), _VERIFY_BLOBS) * PAGE_SIZE, np.uint8)
             try:
-                decode_into(conn, cat, ids, np.arange(len(ids)) * PAGE_SIZE, buf)
+                for lo in range(0, len(ids), _VERIFY_BLOBS):
+                    part = ids[lo:lo + _VERIFY_BLOBS]
+                    decode_into(conn, cat, part, np.arange(len(part)) * PAGE_SIZE, buf)
                 continue
             except CorruptionError as exc:
                 first_problem = str(exc)
@@ -198,7 +204,12 @@ def _verify(store, rep: VerifyReport) -> None:
 
         # Reference counts: map entries + delta bases, per pack.
         expect = _expected_refs(cat, maps)
-        got = dict(conn.execute("SELECT pack, n FROM refs"))
+        got = {}
+        for pid, n in conn.execute("SELECT pack, n FROM refs"):
+            if type(n) is int:
+                got[pid] = n
+            else:
+                P.append(f"pack {pid}: stored refs.n is not an integer ({n!r:.40})")
         for pid in sorted(set(got) | set(cat.packs)):
             if pid not in cat.packs:
                 P.append(f"pack {pid}: reference count of a missing pack")
@@ -233,6 +244,7 @@ def _verify(store, rep: VerifyReport) -> None:
 
         n_states = 0
         for c, name, hsh, data in conn.execute("SELECT ckpt, name, hash, data FROM states"):
+            name = name if isinstance(name, str) else repr(name)[:40]
             n_states += 1
             if c not in parents:
                 P.append(f"checkpoint {c}: state {name!r} of an unknown checkpoint")
@@ -240,7 +252,7 @@ def _verify(store, rep: VerifyReport) -> None:
                 P.append(f"checkpoint {c}: state {name!r} does not match its hash")
         for name, c in conn.execute("SELECT name, ckpt FROM tags"):
             if c not in parents:
-                P.append(f"tag {name!r}: names unknown checkpoint {c}")
+                P.append(f"tag {name!r:.60}: names unknown checkpoint {c!r:.40}")
 
     rep.checked = dict(checkpoints=len(parents), maps=len(maps),
                        map_entries=int(sum(len(p) for p, _ in maps.values())),
@@ -313,10 +325,10 @@ def prune(store, *, keep_last: int | None = None, keep_ids: Iterable[int] = (),
         raise InvalidArgumentError(f"keep_last must be None or an int >= 0, not {keep_last!r}")
     keep_ids = list(keep_ids)
     with store._write() as conn:
-        parents = dict(conn.execute("SELECT id, parent FROM checkpoints"))
+        parents = store._parents(conn)          # checked: parents exist and are older
         for k in keep_ids:
             store._check_id(k, parents)
-        tags = dict(conn.execute("SELECT name, ckpt FROM tags"))
+        tags = validate.tags(conn.execute("SELECT name, ckpt FROM tags"), parents)
         ids = sorted(parents)
         keep = {c for c, p in parents.items() if p is None}
         if keep_last:

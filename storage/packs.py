@@ -20,10 +20,11 @@ from itertools import repeat
 import numpy as np
 import xxhash
 
-from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, PAGE_SIZE, ZERO_HASH,
-                    _decompress, check63, content_hash)
+from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, MASK63, PAGE_SIZE,
+                    ZERO_HASH, _decompress, check63, content_hash)
 from . import pageloops
-from .errors import CorruptionError
+from .errors import CorruptionError, StoreError
+from .validate import MAX_BLOB_ID, MAX_CHECKPOINT_ID, MAX_PACK_BLOBS, MAX_PACK_BYTES
 
 _HEAD = np.dtype("<i8")
 _VALID_CODEC = np.zeros(256, bool)
@@ -68,10 +69,17 @@ def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
     pid, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc = row
     info = PackInfo(pid, ckpt, first, n, size, crc)
     try:
-        if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
-            raise ValueError("metadata column is not a blob")
         if not 0 < pid < MAX_PACK_ID:
             raise ValueError(f"pack id {pid} out of range")
+        for name, v, hi in (("ckpt", ckpt, MAX_CHECKPOINT_ID - 1), ("first", first, MAX_BLOB_ID - 1),
+                            ("n", n, MAX_PACK_BLOBS), ("size", size, MAX_PACK_BYTES),
+                            ("mchk", mchk, MASK63), ("crc", crc, MASK63)):
+            if type(v) is not int or not 0 <= v <= hi:
+                raise ValueError(f"packs.{name} is not an integer in 0..{hi} ({v!r:.40})")
+        if first + n > MAX_BLOB_ID:
+            raise ValueError(f"blob ids beyond the limit {MAX_BLOB_ID}")
+        if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
+            raise ValueError("metadata column is not a blob")
         if pack_meta_check(pid, first, n, codecs, bases, hashes, ends, crcs) != mchk:
             raise ValueError("metadata fail their check value")
         if (len(codecs), len(bases), len(hashes), len(ends), len(crcs)) != \
@@ -82,11 +90,16 @@ def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
         start = np.concatenate(([0], end[:-1]))
         if (end < start).any() or end[-1] != size:
             raise ValueError("blob offsets are not increasing up to the pack size")
-        arrays = (np.frombuffer(codecs, np.uint8), np.frombuffer(bases, "<i8").astype(np.int64),
+        base = np.frombuffer(bases, "<i8")
+        if ((base < 0) | (base >= first + np.arange(n))).any():
+            raise ValueError("a delta base is not an older blob")
+        arrays = (np.frombuffer(codecs, np.uint8), base.astype(np.int64),
                   np.frombuffer(hashes, np.uint8).reshape(n, 16), start, end,
                   np.frombuffer(crcs, "<u8").astype(np.uint64))
     except ValueError as exc:
-        return PackInfo(pid, ckpt, first, n, size, crc, damaged=str(exc)), None
+        # only plain ints in a damaged pack's info: reports and prune add them up
+        ints = [v if type(v) is int and 0 <= v < MAX_PACK_BYTES else 0 for v in (ckpt, first, n, size)]
+        return PackInfo(pid, *ints, crc=0, damaged=str(exc)), None
     return info, arrays
 
 
@@ -109,6 +122,13 @@ class Catalog:
         self.hash[0] = np.frombuffer(ZERO_HASH, np.uint8)   # blob 0: the zero page
 
     def _alloc(self, cap: int) -> None:
+        try:
+            self._arrays(cap)
+        except MemoryError:
+            raise StoreError(f"not enough memory for the catalogue of {cap} blob ids "
+                             f"(about {cap * 57 >> 20} MiB)") from None
+
+    def _arrays(self, cap: int) -> None:
         self.pack = np.full(cap, -1, np.int64)
         self.start = np.zeros(cap, np.int64)
         self.end = np.zeros(cap, np.int64)
@@ -165,6 +185,13 @@ class Catalog:
             new.pack[sl] = np.where(arrays[0] == CODEC_FREED, -1, info.id)
         new.n = max(self.n, top)
         return new
+
+    def why_missing(self, blob: int) -> str:
+        """Why blob ``blob`` is not in the catalogue, when a damaged pack can
+        say: the one whose ids cover it, else the first damaged one."""
+        damaged = sorted((p for p in self.packs.values() if p.damaged), key=lambda p: p.id)
+        pk = next((p for p in damaged if p.first <= blob < p.first + p.n), damaged[0] if damaged else None)
+        return f" (pack {pk.id} is damaged: {pk.damaged})" if pk else ""
 
     def known(self, blobs: np.ndarray) -> np.ndarray:
         """Mask of blob ids (> 0) that exist in an intact pack."""
@@ -359,8 +386,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     if not known.all():
         i = int(np.flatnonzero(~known)[0])
         b = int(blobs[i])
-        pk = cat.packs.get(int(cat.pack[b])) if 0 < b < cat.n else None
-        why = f" (in damaged pack {pk.id}: {pk.damaged})" if pk and pk.damaged else ""
+        why = cat.why_missing(b)
         where = ", ".join([f"checkpoint {ckpt}"] * (ckpt is not None)
                           + [f"page {page_of(i)}"] * (page_of(i) is not None)) or "read"
         raise CorruptionError(f"{where}: references missing blob {b}{why}",

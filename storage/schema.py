@@ -17,6 +17,7 @@ import struct
 
 import sqlite_utils
 
+from . import validate
 from .errors import NotAStoreError, SchemaVersionError, StoreError
 
 #: Bump on any incompatible change to the tables below.
@@ -118,13 +119,24 @@ def check_header(path: str) -> None:
             f"reads ({SCHEMA_VERSION}); it has no migration yet: re-create the store")
 
 
-def connect(path: str, *, readonly: bool, synchronous: str) -> sqlite3.Connection:
+def connect(path: str, *, readonly: bool, synchronous: str,
+            immutable: bool = False) -> sqlite3.Connection:
+    """A connection set up to read a store that anyone may have made: the
+    schema's own SQL is not trusted (no functions with side effects from
+    it), DEFENSIVE where Python exposes it, and no stored value may be
+    larger than validate.MAX_VALUE_BYTES.  ``immutable``: read-only media
+    (no -wal/-shm is created, no lock taken)."""
     if readonly:
-        uri = "file:" + _quote(os.path.abspath(path)) + "?mode=ro"
+        uri = "file:" + _quote(os.path.abspath(path)) + ("?immutable=1" if immutable else "?mode=ro")
         conn = sqlite3.connect(uri, uri=True, isolation_level=None,
                                check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA trusted_schema=OFF")
+    if hasattr(sqlite3, "SQLITE_DBCONFIG_DEFENSIVE") and hasattr(conn, "setconfig"):
+        conn.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)     # Python >= 3.12
+    if hasattr(conn, "setlimit"):
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, validate.MAX_VALUE_BYTES)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     if not readonly:
         conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -146,6 +158,21 @@ def check_synchronous(value: str) -> str:
     return mode
 
 
+def create_tables(conn: sqlite3.Connection) -> None:
+    """Every table of the store, on ``conn`` (inside the caller's transaction)."""
+    db = sqlite_utils.Database(conn)
+    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
+    db["checkpoints"].create(
+        {"id": int, "parent": int, "created": float, "trigger": str,
+         "step": int, "meta": str, "stats": str, "digest": bytes},
+        pk="id", not_null={"created", "trigger", "meta", "stats", "digest"})
+    db["tags"].create({"name": str, "ckpt": int}, pk="name", not_null={"ckpt"})
+    db["states"].create({"ckpt": int, "name": str, "hash": bytes, "data": bytes},
+                        pk=("ckpt", "name"), not_null={"hash", "data"})
+    for ddl in (PACKS_DDL, PACK_DATA_DDL, REFS_DDL, MAPS_DDL):
+        conn.execute(ddl)
+
+
 def initialise(conn: sqlite3.Connection, config: dict) -> None:
     """Create every table of a new store in one transaction."""
     conn.execute(f"PRAGMA page_size={DB_PAGE_SIZE}")
@@ -155,16 +182,7 @@ def initialise(conn: sqlite3.Connection, config: dict) -> None:
     db = sqlite_utils.Database(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
-        db["checkpoints"].create(
-            {"id": int, "parent": int, "created": float, "trigger": str,
-             "step": int, "meta": str, "stats": str, "digest": bytes},
-            pk="id", not_null={"created", "trigger", "meta", "stats", "digest"})
-        db["tags"].create({"name": str, "ckpt": int}, pk="name", not_null={"ckpt"})
-        db["states"].create({"ckpt": int, "name": str, "hash": bytes, "data": bytes},
-                            pk=("ckpt", "name"), not_null={"hash", "data"})
-        for ddl in (PACKS_DDL, PACK_DATA_DDL, REFS_DDL, MAPS_DDL):
-            conn.execute(ddl)
+        create_tables(conn)
         db["meta"].insert_all([
             {"key": "format", "value": FORMAT_NAME},
             {"key": "schema_version", "value": str(SCHEMA_VERSION)},
@@ -184,14 +202,19 @@ def initialise(conn: sqlite3.Connection, config: dict) -> None:
 
 
 def read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
+    """The ``meta`` table, after the schema has been checked (validate.schema)."""
+    validate.schema(conn, path)
     try:
-        rows = conn.execute("SELECT key, value FROM meta").fetchall()
+        rows = conn.execute("SELECT key, value FROM meta LIMIT 1000").fetchall()
     except sqlite3.DatabaseError as exc:
         raise NotAStoreError(f"{path}: not a snapctl store ({exc})") from None
-    meta = dict(rows)
+    meta = {}
+    for key, value in rows:
+        meta[validate.text(key, path, "meta.key")] = validate.text(
+            value, path, f"meta.{key}", validate.MAX_JSON_BYTES)
     if meta.get("format") != FORMAT_NAME:
         raise NotAStoreError(f"{path}: meta table does not name a snapctl store")
-    version = int(meta.get("schema_version", "0"))
+    version = validate.meta_int(meta, "schema_version", path)
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{path}: store schema version {version} is newer than this "

@@ -12,7 +12,8 @@ Invariants the code relies on:
   creation order), so the image at N is the page maps of the path base..N
   applied in id order.
 * Blobs are unique by content hash, so two versions hold equal bytes exactly
-  when they name the same blob (or are both zero).  ``diff`` compares ids.
+  when they name the same blob (or are both zero) -- in stores this code
+  wrote; ``diff`` compares content hashes, for stores from elsewhere.
 * A map entry exists only where the page differs from the parent's image
   (writes of unchanged content are dropped); ``history`` is the entries.
 
@@ -40,11 +41,11 @@ from typing import Iterable
 
 import numpy as np
 
-from . import codec, pageloops, schema
+from . import codec, lock, pageloops, schema, validate
 from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, content_hash
 from .errors import (CorruptionError, InvalidArgumentError, StoreError,
                      UnknownCheckpointError)
-from .packs import Catalog, PackInfo, blob_crc, decode_into, pack_meta_check
+from .packs import MAX_PACK_ID, Catalog, PackInfo, blob_crc, decode_into, pack_meta_check
 
 _PACK_Q = struct.Struct("<q").pack
 _VIEW_CACHE_SIZE = 4
@@ -131,10 +132,9 @@ class _DictCache:
 def generation(conn, filename: str) -> int:
     """The store's prune generation (meta), or CorruptionError if damaged."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-    try:
-        return int(row[0])
-    except (TypeError, ValueError):
-        raise CorruptionError(f"{filename}: meta table damaged (no generation)") from None
+    if row is None:
+        raise CorruptionError(f"{filename}: meta table damaged (no generation)")
+    return validate.meta_int({"generation": row[0]}, "generation", filename)
 
 
 def parse_map(row, page_count: int, reading: int | None = None):
@@ -142,14 +142,15 @@ def parse_map(row, page_count: int, reading: int | None = None):
     row raises ``CorruptionError`` naming the checkpoint being read."""
     ckpt, n, pages, blobs, chk = row
     who = ckpt if reading is None else reading
-    ok = (isinstance(pages, bytes) and isinstance(blobs, bytes) and isinstance(n, int)
+    ok = (type(ckpt) is int and 0 <= ckpt < validate.MAX_CHECKPOINT_ID
+          and isinstance(pages, bytes) and isinstance(blobs, bytes) and type(n) is int
           and len(pages) == len(blobs) == 8 * n
           and codec.check63(_PACK_Q(ckpt), pages, blobs) == chk)
     if ok:
         p = np.frombuffer(pages, "<i8").astype(np.int64)
         b = np.frombuffer(blobs, "<i8").astype(np.int64)
         ok = not n or (p[0] >= 0 and p[-1] < page_count and bool((np.diff(p) > 0).all())
-                       and bool((b >= 0).all()))
+                       and bool((b >= 0).all()) and int(b.max()) < validate.MAX_BLOB_ID)
     if not ok:
         raise CorruptionError(f"checkpoint {who}: the page map of checkpoint {ckpt} is damaged",
                               checkpoint=who)
@@ -165,27 +166,24 @@ class Store:
 
     def __init__(self, path: str, wconn: sqlite3.Connection | None,
                  rconn: sqlite3.Connection, meta: dict[str, str],
-                 synchronous: str = "FULL") -> None:
+                 synchronous: str = "FULL", lock_key: tuple | None = None) -> None:
         self.filename = path
+        self._lock_key = lock_key            # storage.lock: this process's hold on the file
         self._sync = synchronous
         self._wconn = wconn
         self._rconn = rconn
         self._wlock = threading.RLock()
         self._rlock = threading.RLock()
-        try:
-            self.config: dict = json.loads(meta["config"])
-            mem = self.config["mem_size"]
-            if not isinstance(mem, int) or mem <= 0 or mem % PAGE_SIZE:
-                raise ValueError(f"mem_size {mem!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptionError(f"{path}: stored configuration is damaged ({exc})") from None
-        self.page_count: int = mem // PAGE_SIZE
-        self.schema_version = int(meta["schema_version"])
+        self.config: dict = validate.config(meta, path)
+        self.page_count: int = self.config["mem_size"] // PAGE_SIZE
+        self.schema_version = validate.meta_int(meta, "schema_version", path)
         self._views: collections.OrderedDict[int, _View] = collections.OrderedDict()
         self._cat_lock = threading.RLock()
         self._cat: Catalog | None = None
         self._hidx: tuple = (None, {})       # ((generation, max_pack), hash -> blob id)
         self._dicts: tuple = (None, None)    # (generation, _DictCache)
+        # by blob id: seen to decode to its hash, or written here (1 byte an id)
+        self._verified = np.zeros(0, bool)
         self._closed = False
         self._wal = None
         self._wal_commits = self._wal_bytes = 0    # since the last WAL copy was started
@@ -210,13 +208,16 @@ class Store:
         if not isinstance(config, dict):
             raise InvalidArgumentError("config must be a dict")
         mem = config.get("mem_size")
-        if not isinstance(mem, int) or isinstance(mem, bool) or mem <= 0 or mem % PAGE_SIZE:
+        if not isinstance(mem, int) or isinstance(mem, bool) or mem <= 0 or mem % PAGE_SIZE \
+                or mem > validate.MAX_MEM_SIZE:
             raise InvalidArgumentError(
-                f"config['mem_size'] must be a positive multiple of {PAGE_SIZE}, got {mem!r}")
+                f"config['mem_size'] must be a positive multiple of {PAGE_SIZE} up to "
+                f"{validate.MAX_MEM_SIZE >> 30} GiB, got {mem!r}")
         try:
-            json.dumps(config)
+            text = json.dumps(config)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"config is not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "config", validate.json_object)
         # Crash-atomic: the schema is written into a temporary file beside the
         # target and linked into place only when complete, so a process killed
         # at any moment leaves either no store or a whole (empty) one at
@@ -227,37 +228,55 @@ class Store:
         if os.path.lexists(path):
             raise StoreError(f"{path}: already exists; refusing to overwrite")
         directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.creating-{os.getpid()}")
+        name_max = _name_max(directory)
+        if len(os.fsencode(os.path.basename(path))) + len("-wal") > name_max:
+            raise StoreError(f"{path}: file name too long for a store (at most "
+                             f"{name_max - len('-wal')} bytes: SQLite adds -wal and -shm)")
+        # A short name of our own (the target's name may be near NAME_MAX).
+        tmp = os.path.join(directory, f".snapctl-creating-{os.getpid()}-{os.urandom(4).hex()}")
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
             raise StoreError(f"{path}: directory {directory} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the store ({exc.strerror})") from None
+        # The writer's lock (storage.lock) is taken on the new inode before it
+        # has a name, so the store is never visible unlocked while we live.
+        key = None
         try:
             os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
-        try:
-            conn = schema.connect(tmp, readonly=False, synchronous=sync)
-            try:
-                schema.initialise(conn, config)
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                conn.close()
+            lock.lock_file(fd, path)
+            key = lock.attach(path, fd, locked=True)
+            with sqlite_errors(path):
+                conn = schema.connect(tmp, readonly=False, synchronous=sync)
+                try:
+                    schema.initialise(conn, config)
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                finally:
+                    conn.close()
             try:
                 os.link(tmp, path)  # atomic, and fails rather than overwrite
             except FileExistsError:
                 raise StoreError(f"{path}: already exists; refusing to overwrite") from None
+        except BaseException:
+            if key is not None:
+                lock.detach(key)
+            else:
+                os.close(fd)
+            raise
         finally:
             Store.remove(tmp)
         try:
-            wconn = schema.connect(path, readonly=False, synchronous=sync)
-            _chmod_sidecars(path)
-            meta = schema.read_meta(wconn, path)
-            rconn = schema.connect(path, readonly=False, synchronous=sync)
+            with sqlite_errors(path):
+                wconn = schema.connect(path, readonly=False, synchronous=sync)
+                _chmod_sidecars(path)
+                meta = schema.read_meta(wconn, path)
+                rconn = schema.connect(path, readonly=False, synchronous=sync)
         except BaseException:
             Store.remove(path)
+            lock.detach(key)
             raise
-        return cls(path, wconn, rconn, meta, sync)
+        return cls(path, wconn, rconn, meta, sync, lock_key=key)
 
     @staticmethod
     def remove(path) -> None:
@@ -269,6 +288,14 @@ class Store:
             except FileNotFoundError:
                 pass
 
+    @staticmethod
+    def writable(path) -> bool:
+        """Whether this process can write the store at ``path``: its file
+        and its directory (where SQLite keeps -wal and -shm)."""
+        path = os.fspath(path)
+        return os.access(path, os.W_OK) and os.access(
+            os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK)
+
     @classmethod
     def open(cls, path, *, readonly: bool = False, synchronous: str = "FULL") -> "Store":
         """Open an existing store.  Raises ``NotAStoreError`` /
@@ -276,18 +303,37 @@ class Store:
         path = os.fspath(path)
         sync = schema.check_synchronous(synchronous)
         schema.check_header(path)
-        with sqlite_errors(path):
-            rconn = schema.connect(path, readonly=readonly, synchronous=sync)
+        immutable = False
+        if not readonly and not Store.writable(path):
+            raise StoreError(f"{path}: the store is read-only here (its file or directory is "
+                             "not writable)")
+        if readonly and not Store.writable(path):
+            # Read-only media, a read-only directory or file: SQLite could
+            # neither create -shm nor remove what it created, so read the
+            # file as it is -- unless a -wal holds commits not yet copied in.
             try:
-                meta = schema.read_meta(rconn, path)
-                wconn = None if readonly else schema.connect(path, readonly=False,
-                                                             synchronous=sync)
-            except BaseException:
-                rconn.close()
-                raise
-        if wconn is not None:
-            _chmod_sidecars(path)
-        return cls(path, wconn, rconn, meta, sync)
+                immutable = os.path.getsize(path + "-wal") == 0
+            except OSError:
+                immutable = True
+        key = None if readonly else lock.attach(path)
+        try:
+            with sqlite_errors(path):
+                rconn = schema.connect(path, readonly=readonly, synchronous=sync,
+                                       immutable=immutable)
+                try:
+                    meta = schema.read_meta(rconn, path)
+                    wconn = None if readonly else schema.connect(path, readonly=False,
+                                                                 synchronous=sync)
+                except BaseException:
+                    rconn.close()
+                    raise
+            if wconn is not None:
+                _chmod_sidecars(path)
+            return cls(path, wconn, rconn, meta, sync, lock_key=key)
+        except BaseException:
+            if key is not None:
+                lock.detach(key)
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -307,6 +353,8 @@ class Store:
                     except sqlite3.Error:
                         pass
                 self._wconn.close()
+            if self._lock_key is not None:
+                lock.detach(self._lock_key)      # after every connection is closed
 
     def __enter__(self) -> "Store":
         return self
@@ -341,6 +389,7 @@ class Store:
             raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock, sqlite_errors(self.filename):
             self._check_open()
+            self._claim()
             self._wal.wait_idle()
             conn = self._wconn
             conn.execute("BEGIN IMMEDIATE")
@@ -370,25 +419,34 @@ class Store:
         if self._closed:
             raise StoreError(f"{self.filename}: store is closed")
 
+    def claim(self) -> None:
+        """Become the store's one writing process now, rather than at the
+        first write (storage.lock): ``StoreBusyError`` if another process
+        writes it. A restore calls this before it starts the guest."""
+        if self._wconn is None:
+            raise StoreError(f"{self.filename}: store is open read-only")
+        self._claim()
+
+    def _claim(self) -> None:
+        """This process becomes the store's one writer (storage.lock)."""
+        if self._lock_key is not None:
+            lock.claim(self._lock_key, self.filename)
+
     # --- the tree ------------------------------------------------------------
 
     @staticmethod
     def _parents(conn) -> dict[int, int | None]:
-        return dict(conn.execute("SELECT id, parent FROM checkpoints"))
+        """id -> parent, checked: parents exist and are older, one root."""
+        return validate.tree(conn.execute("SELECT id, parent FROM checkpoints"))
 
     def _path_in(self, conn, ckpt: int) -> list[int]:
         parents = self._parents(conn)
         ckpt = self._check_id(ckpt, parents)
         path = []
         node: int | None = ckpt
-        while node is not None:
+        while node is not None:          # parents are older (validate.tree): this ends
             path.append(node)
-            parent = parents[node]
-            if parent is not None and (parent not in parents or not parent < node):
-                raise CorruptionError(f"checkpoint {ckpt}: checkpoint {node} names parent "
-                                      f"{parent}, which is missing or not older (damaged tree)",
-                                      checkpoint=ckpt)
-            node = parent
+            node = parents[node]
         path.reverse()
         return path
 
@@ -422,20 +480,15 @@ class Store:
             sql += " WHERE id = ?"
             args = (int(ckpt),)
         tags = collections.defaultdict(list)
-        for name, c in conn.execute("SELECT name, ckpt FROM tags ORDER BY name"):
+        for name, c in sorted(validate.tags(conn.execute("SELECT name, ckpt FROM tags")).items()):
             tags[c].append(name)
         out = []
         for r in conn.execute(sql + " ORDER BY id", args):
-            try:
-                if not isinstance(r[7], bytes) or len(r[7]) != 16:
-                    raise ValueError("digest is not 16 bytes")
-                out.append(CheckpointInfo(
-                    id=r[0], parent=r[1], created=r[2], trigger=r[3], step=r[4],
-                    meta=json.loads(r[5]), stats=json.loads(r[6]), tags=tags.get(r[0], []),
-                    digest=codec.digest_hex(codec.digest_from_bytes(r[7]))))
-            except (TypeError, ValueError) as exc:     # JSONDecodeError is a ValueError
-                raise CorruptionError(f"checkpoint {r[0]}: its row is damaged ({exc})",
-                                      checkpoint=r[0]) from None
+            cid, parent, created, trigger, step, meta, stats, digest = validate.checkpoint_row(r)
+            out.append(CheckpointInfo(
+                id=cid, parent=parent, created=created, trigger=trigger, step=step,
+                meta=meta, stats=stats, tags=tags.get(cid, []),
+                digest=codec.digest_hex(codec.digest_from_bytes(digest))))
         return out
 
     def resolve(self, ref: int | str) -> int:
@@ -443,10 +496,10 @@ class Store:
         with self._read() as conn:
             parents = self._parents(conn)
             if isinstance(ref, str) and not ref.isdigit():
-                row = conn.execute("SELECT ckpt FROM tags WHERE name = ?", (ref,)).fetchone()
+                row = conn.execute("SELECT name, ckpt FROM tags WHERE name = ?", (ref,)).fetchone()
                 if row is None:
                     raise UnknownCheckpointError(f"no checkpoint or tag named {ref!r}")
-                return row[0]
+                return validate.tags([row], parents)[ref]
             if isinstance(ref, str):
                 ref = int(ref)
             return self._check_id(ref, parents)
@@ -471,6 +524,7 @@ class Store:
             raise InvalidArgumentError(
                 f"tag name must be a non-empty string, not all digits, without "
                 f"surrounding spaces: {name!r}")
+        validate.to_store(name, "tag name", validate.text)
         with self._write() as conn:
             ckpt = self._check_id(ckpt, self._parents(conn))
             row = conn.execute("SELECT ckpt FROM tags WHERE name = ?", (name,)).fetchone()
@@ -492,6 +546,7 @@ class Store:
                                (ckpt, name)).fetchone()
         if row is None:
             raise StoreError(f"checkpoint {ckpt} has no state named {name!r}")
+        validate.state_data(ckpt, name, row[1])
         if not isinstance(row[1], bytes) or content_hash(row[1]) != row[0]:
             raise CorruptionError(f"checkpoint {ckpt}: state {name!r} does not match its hash",
                                   checkpoint=ckpt)
@@ -500,8 +555,8 @@ class Store:
     def state_names(self, ckpt: int) -> list[str]:
         with self._read() as conn:
             ckpt = self._check_id(ckpt, self._parents(conn))
-            return [r[0] for r in conn.execute(
-                "SELECT name FROM states WHERE ckpt = ? ORDER BY name", (ckpt,))]
+            return [validate.text(r[0], f"checkpoint {ckpt}", "states.name") for r in conn.execute(
+                "SELECT name FROM states WHERE ckpt = ? ORDER BY name LIMIT 100000", (ckpt,))]
 
     # --- writing -------------------------------------------------------------
 
@@ -564,7 +619,8 @@ class Store:
         if not known.all():
             p = int(nz[np.flatnonzero(~known)[0]])
             raise CorruptionError(f"checkpoint {ckpt}, page {p}: references missing blob "
-                                  f"{int(img[p])}", checkpoint=ckpt, page=p, blob=int(img[p]))
+                                  f"{int(img[p])}{cat.why_missing(int(img[p]))}",
+                                  checkpoint=ckpt, page=p, blob=int(img[p]))
         got = codec.sum128(codec.terms(nz, cat.hash[img[nz]]))
         if got != view.digest:
             raise CorruptionError(
@@ -601,6 +657,32 @@ class Store:
                 self._hidx = ((cat.generation, cat.max_pack), idx)
             return idx
 
+    def _verify_blobs(self, conn, cat: Catalog, blobs: np.ndarray) -> np.ndarray:
+        """Mask of ``blobs`` (known, > 0) that decode to their content hash:
+        blobs this Store wrote or decoded before pass at once, the others are
+        decoded now (once)."""
+        with self._cat_lock:
+            seen = self._verified
+            ok = np.zeros(len(blobs), bool)
+            inside = blobs < len(seen)
+            ok[inside] = seen[blobs[inside]]
+        todo = np.unique(blobs[~ok])
+        if not len(todo):
+            return ok
+        good = np.ones(len(todo), bool)
+        buf = np.empty(len(todo) * PAGE_SIZE, np.uint8)
+        try:
+            decode_into(conn, cat, todo, np.arange(len(todo)) * PAGE_SIZE, buf)
+        except CorruptionError:
+            one = np.empty(PAGE_SIZE, np.uint8)
+            for i, b in enumerate(todo.tolist()):
+                try:
+                    decode_into(conn, cat, np.array([b]), np.zeros(1, np.int64), one)
+                except CorruptionError:
+                    good[i] = False
+        self._mark_verified(todo[good])
+        return ok | np.isin(blobs, todo[good])
+
     def _dict_cache(self, cat: Catalog) -> "_DictCache":
         gen, d = self._dicts
         return d if gen == cat.generation and d is not None else _DictCache()
@@ -612,6 +694,7 @@ class Store:
             cur = self._cat if self._cat is not None and self._cat.generation == cat.generation \
                 else cat
             missing = [k for k in kept if k[0].id not in cur.packs]   # a reader may have them
+            self._mark_verified(np.fromiter(new_index.values(), np.int64, len(new_index)))
             new_cat = cur.with_packs(missing) if missing else cur
             self._cat = new_cat
             key, idx = self._hidx
@@ -664,11 +747,46 @@ class Store:
             ckpt = path[-1]
             cat = self._catalog(conn)
             view = self._view(conn, path)
-            self._fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero)
+            self._fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero,
+                       verified=self._mark_verified)
+
+    def _mark_verified(self, blobs: np.ndarray) -> None:
+        if not len(blobs):
+            return
+        with self._cat_lock:
+            top = int(blobs.max()) + 1
+            if top > len(self._verified):
+                grown = np.zeros(max(top, 2 * len(self._verified)), bool)
+                grown[:len(self._verified)] = self._verified
+                self._verified = grown
+            self._verified[blobs] = True
+
+    def image_chunks(self, ckpt: int, chunk_pages: int = 16384):
+        """The image of ``ckpt`` a chunk at a time, from one snapshot (for
+        writing it out without holding all of it): yields ``(first page,
+        pages, nonzero)`` with ``pages`` a (k, 4096) uint8 array, valid only
+        until the next chunk, and ``nonzero`` the mask of its pages that hold
+        a stored blob (the others are zero and left unset in ``pages``).
+        Use it in a ``with contextlib.closing(...)`` so that leaving early
+        ends the read transaction."""
+        if isinstance(chunk_pages, bool) or not isinstance(chunk_pages, int) or chunk_pages < 1:
+            raise InvalidArgumentError(f"chunk_pages must be an int >= 1, not {chunk_pages!r}")
+        with self._read() as conn:
+            path = self._path_in(conn, ckpt)
+            cat = self._catalog(conn)
+            img = self._view(conn, path).blob
+            buf = np.empty((min(chunk_pages, self.page_count), PAGE_SIZE), np.uint8)
+            for lo in range(0, self.page_count, chunk_pages):
+                part = img[lo:lo + chunk_pages]
+                out = buf[:len(part)]
+                nonzero = part != 0
+                if nonzero.any():
+                    self._fill(conn, cat, part, out, path[-1], lo, zero_rest=False)
+                yield lo, out, nonzero
 
     @staticmethod
     def _fill(conn, cat: Catalog, img: np.ndarray, flat: np.ndarray, ckpt: int, lo: int,
-              zero_rest: bool = True) -> None:
+              zero_rest: bool = True, verified=None) -> None:
         """Decode the image ``img`` (blob id per page, pages ``lo``..) into
         ``flat`` (pages x 4096), zero pages included."""
         nz = np.flatnonzero(img)
@@ -676,6 +794,8 @@ class Store:
         ub, first = np.unique(blobs, return_index=True)
         fpages = nz[first]
         decode_into(conn, cat, ub, fpages * PAGE_SIZE, flat, ckpt=ckpt, pages=fpages + lo)
+        if verified is not None:
+            verified(ub)
         if len(ub) != len(nz):                    # pages sharing a content
             src = fpages[np.searchsorted(ub, blobs)]
             dup = src != nz
@@ -721,11 +841,15 @@ class Store:
 
     def diff(self, a: int, b: int) -> np.ndarray:
         """Sorted page numbers whose content differs between images ``a`` and
-        ``b``.  Blobs are unique by content, so this compares ids, not bytes."""
+        ``b``: pages whose blob ids differ and whose blobs' content hashes
+        differ too (a store from elsewhere may hold one content twice)."""
         with self._read() as conn:
             va = self._view(conn, self._path_in(conn, a)).blob
             vb = self._view(conn, self._path_in(conn, b)).blob
-        return np.flatnonzero(va != vb).astype(np.int64)
+            cat = self._catalog(conn)
+        cand = np.flatnonzero(va != vb)
+        same = (cat.hash[va[cand]] == cat.hash[vb[cand]]).all(axis=1)
+        return cand[~same].astype(np.int64)
 
     def history(self, page: int) -> list[tuple[int, str]]:
         """``(checkpoint, content hash hex)`` for every checkpoint that stored
@@ -763,6 +887,8 @@ class Store:
         if self._wconn is None:
             raise StoreError(f"{self.filename}: store is open read-only")
         with self._wlock, sqlite_errors(self.filename):
+            self._check_open()
+            self._claim()
             self._wconn.execute("VACUUM")
 
 
@@ -840,6 +966,13 @@ def sqlite_errors(filename: str):
         raise StoreError(f"{filename}: {msg}") from exc
 
 
+def _name_max(directory: str) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _chmod_sidecars(path: str) -> None:
     for suffix in ("-wal", "-shm"):
         try:
@@ -909,15 +1042,18 @@ class CheckpointWriter:
         self.digest: str | None = None     # hex, set on commit
         self.stats: dict = {}
         try:
-            json.dumps(meta)
+            text = json.dumps(meta)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"meta is not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "meta", validate.json_object)
         step = meta.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidArgumentError(f"meta['step'] must be an int, not {step!r}")
+        validate.to_store(step, "meta['step']", validate.optional_integer, 0, validate.MAX_STEP)
         trigger = meta.get("trigger", "base" if parent is None else "sync")
         if not isinstance(trigger, str):
             raise InvalidArgumentError(f"meta['trigger'] must be a str, not {trigger!r}")
+        validate.to_store(trigger, "meta['trigger']", validate.text, 64)
 
     def __enter__(self) -> "CheckpointWriter":
         st = self._store
@@ -925,6 +1061,7 @@ class CheckpointWriter:
         try:
             with sqlite_errors(st.filename):
                 st._check_open()
+                st._claim()
                 st._wal.wait_idle()
                 conn = self._conn = st._wconn
                 conn.execute("BEGIN IMMEDIATE")
@@ -951,12 +1088,13 @@ class CheckpointWriter:
             self._parent = st._check_id(self._parent, parents)
         meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
                                  "('next_checkpoint_id', 'next_blob_id')"))
-        try:
-            self.id = int(meta["next_checkpoint_id"])
-            next_blob = int(meta.get("next_blob_id", 1))
-        except (KeyError, TypeError, ValueError):
-            raise CorruptionError(f"{st.filename}: meta table damaged "
-                                  "(next checkpoint or blob id)") from None
+        self.id = validate.meta_int(meta, "next_checkpoint_id", st.filename,
+                                    hi=validate.MAX_CHECKPOINT_ID - 1)
+        next_blob = validate.meta_int(meta, "next_blob_id", st.filename, default=1,
+                                      hi=validate.MAX_BLOB_ID)
+        if parents and self.id <= max(parents):
+            raise CorruptionError(f"{st.filename}: stored meta.next_checkpoint_id {self.id} is "
+                                  f"not above the newest checkpoint {max(parents)}")
         self._t0 = time.perf_counter()
         cat = self._cat = st._catalog(conn)
         if self._parent is None:
@@ -971,8 +1109,11 @@ class CheckpointWriter:
             "SELECT coalesce(max(first + n), 1), coalesce(max(id), 0) FROM packs").fetchone()
         # Blob ids are never reused (a kept high-water mark): a dropped or
         # pruned pack's ids may still key another Store object's caches.
-        self._first_blob = self._next_blob = max(int(top_blob), cat.n, next_blob)
-        self._next_pack = int(top_pack) + 1
+        top_blob = validate.integer(top_blob, st.filename, "packs.first + packs.n", 1,
+                                    validate.MAX_BLOB_ID)
+        self._first_blob = self._next_blob = max(top_blob, cat.n, next_blob)
+        self._next_pack = validate.integer(top_pack, st.filename, "packs.id", 0,
+                                           MAX_PACK_ID - 2) + 1
         self._index = st._hash_index(cat)         # content hash -> blob id, store-wide
         self._new_index: dict[bytes, int] = {}    # ... for blobs of this checkpoint
         self._new_hashes: list[bytes] = []        # by blob id - first_blob
@@ -1075,6 +1216,13 @@ class CheckpointWriter:
             dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
                                          & ~cat.known(cat.base[ids[k]]))
             ids[k[dead]] = 0
+            # Never reuse a stored blob this Store has not seen decode to its
+            # content hash: a forged blob can declare the hash of a page the
+            # guest writes later and hold other bytes (checked once per blob).
+            k = k[~dead]
+            if len(k):
+                self._drain()                      # one thread on the connection at a time
+                ids[k[~self._store._verify_blobs(self._conn, cat, ids[k])]] = 0
         fresh_a = np.flatnonzero(ids == 0)
         new_k = fresh_a                              # first row of each new content
         if len(fresh_a):
@@ -1083,6 +1231,9 @@ class CheckpointWriter:
             fresh = fresh_a.tolist()
             fh = hashes if len(fresh) == len(hashes) else [hashes[k] for k in fresh]
             first = self._next_blob
+            if first + len(fh) > validate.MAX_BLOB_ID:
+                raise StoreError(f"{self._store.filename}: the store has used up its blob ids "
+                                 f"(limit {validate.MAX_BLOB_ID}); start a new store")
             got = dict(zip(fh, range(first, first + len(fh))))
             if len(got) == len(fh):                  # all distinct: the common case
                 uniq = fh
@@ -1306,13 +1457,16 @@ class CheckpointWriter:
             raise InvalidArgumentError(f"state name must be a non-empty string, not {name!r}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError(f"state data must be bytes, not {type(data).__name__}")
-        self._states[name] = bytes(data)
+        validate.to_store(name, "state name", validate.text)
+        self._states[name] = validate.to_store(bytes(data), f"state {name!r}", validate.blob,
+                                               validate.MAX_STATE_BYTES)
 
     def set_stats(self, d: dict) -> None:
         try:
-            json.dumps(d)
+            text = json.dumps(dict(self._extra_stats, **d))
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"stats are not JSON-serialisable: {exc}") from None
+        validate.to_store(text, "stats", validate.json_object)
         self._extra_stats.update(d)
 
     # -- commit --

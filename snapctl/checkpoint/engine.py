@@ -22,8 +22,10 @@ from typing import Callable
 import numpy as np
 
 from storage import Store
+from storage import lock as store_lock
 
 from ..machine import Machine, MachineConfig, VcpuState
+from ..stored import checked_info
 from ..machine.guests import MB_STOP_AT
 
 PAGE = 4096
@@ -453,19 +455,23 @@ def prepare_new_store(store_path: str) -> None:
 
     A snapctl store with no checkpoint at all is what a run killed before its
     base checkpoint committed leaves behind (creation itself is atomic): it
-    holds no history, so it is replaced. Anything else (a store with
-    checkpoints, a foreign or damaged file, a directory) is never touched."""
+    holds no history, so it is replaced -- but only once its creator is
+    proven dead: a living creator holds the store's writer lock (a second
+    `run` started a moment after the first would otherwise delete the store
+    the first is writing). Anything else (a store with checkpoints, a
+    foreign or damaged file, a directory) is never touched."""
     if not os.path.lexists(store_path):
         return
     if os.path.isfile(store_path) and not os.path.islink(store_path):
-        try:
-            with Store.open(store_path, readonly=True) as st:
-                empty = not st.checkpoints()
-        except Exception:
-            empty = False
-        if empty:
-            Store.remove(store_path)
-            return
+        with store_lock.replacing(store_path):     # StoreBusyError while its writer lives
+            try:
+                with Store.open(store_path, readonly=True) as st:
+                    empty = not st.checkpoints()
+            except Exception:
+                empty = False
+            if empty:
+                Store.remove(store_path)
+                return
     raise StoreExistsError(f"{store_path} already exists; use `snapctl restore ID` to continue it, "
                            "or choose another --store")
 
@@ -487,6 +493,10 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
     """A fresh, not yet started machine holding checkpoint ``ckpt`` exactly (a program
     guest's ``driver`` then rebuilds its own state from the restored memory)."""
     config = MachineConfig.from_dict(store.config)
+    info = checked_info(store.get(ckpt))
+    steps = info.meta.get("steps", [info.step])
+    if len(steps) != config.vcpus:
+        raise ValueError(f"checkpoint {ckpt}: {len(steps)} recorded step counts for {config.vcpus} vCPUs")
     names = store.state_names(ckpt)
     states = [VcpuState.from_bytes(store.state(ckpt, vcpu_state_name(i))) for i in range(config.vcpus)
               if vcpu_state_name(i) in names]
@@ -496,6 +506,7 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
     try:
         # straight into guest RAM (fresh, all zero: zero pages are not touched)
         store.materialize(ckpt, m.memory.pages, out_is_zero=True)
+        m.check_mailboxes(steps)
         m.restore_state(None, states)
     except BaseException:
         m.close()
@@ -507,6 +518,7 @@ def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
             kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it."""
     schedule.validate()
+    store.claim()  # another process writing the store: say so before the guest runs
     with load_machine(store, ckpt, kvm_path=kvm_path) as m:
         cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
         return cp.run(schedule)
@@ -549,7 +561,7 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
     """
     if target is None:
         target = next_in_branch(store, source)
-    info_s, info_t = store.get(source), store.get(target)
+    info_s, info_t = checked_info(store.get(source)), checked_info(store.get(target))
     t_steps = list(info_t.meta.get("steps") or [info_t.step])
     s_steps = list(info_s.meta.get("steps") or [info_s.step])
     note = ""

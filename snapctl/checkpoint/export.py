@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -12,6 +13,28 @@ from storage import Store
 PAGE = 4096
 
 
+def _is_store_file(store: Store, out_path: str) -> bool:
+    """Whether ``out_path`` names the store or one of its SQLite sidecars
+    (by name through symlinks, or as the same file through a hard link)."""
+    real = os.path.realpath(out_path)
+    base = os.path.realpath(store.filename)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if real == base + suffix:
+            return True
+        try:
+            if os.path.samefile(out_path, store.filename + suffix):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def export_raw(store: Store, ckpt: int, out_path: str, *, force: bool = False) -> int:
     """Write guest memory at ``ckpt`` to ``out_path``: byte i = guest-physical byte i.
 
@@ -19,9 +42,15 @@ def export_raw(store: Store, ckpt: int, out_path: str, *, force: bool = False) -
     guest memory can hold secrets) and renamed into place, so a failure leaves
     nothing behind and an existing file is never half-overwritten. Without
     ``force`` an existing path (file or symlink) is refused; with it the path
-    is replaced, never written through. Returns the bytes written.
+    is replaced, never written through -- but never the store itself or its
+    -wal/-shm. Only pages that hold data are written (with ``pwrite``, never
+    through a mapping, so a full disk is an ``OSError``, not SIGBUS): the
+    zero pages are holes, and the file is sparse. Returns the image size.
     """
     out_path = os.fspath(out_path)
+    if _is_store_file(store, out_path):
+        raise FileExistsError(f"{out_path} is the store {store.filename} (or one of its files); "
+                              "refusing to export onto it")
     if os.path.lexists(out_path) and not force:
         kind = "a symlink" if os.path.islink(out_path) else "a file"
         raise FileExistsError(f"{out_path} already exists ({kind}); use --force to replace it")
@@ -33,12 +62,23 @@ def export_raw(store: Store, ckpt: int, out_path: str, *, force: bool = False) -
     size = store.page_count * PAGE
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snapctl-export-")  # created 0600
     try:
-        os.ftruncate(fd, size)
-        image = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(store.page_count, PAGE))
-        store.materialize(ckpt, image)
-        image.flush()
-        del image
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, size)                     # a hole: allocates nothing
+            with contextlib.closing(store.image_chunks(ckpt)) as chunks:
+                for lo, pages, nonzero in chunks:
+                    idx = np.flatnonzero(nonzero)
+                    if not len(idx):
+                        continue
+                    cuts = np.flatnonzero(np.diff(idx) != 1) + 1
+                    for run in np.split(idx, cuts):
+                        a, b = int(run[0]), int(run[-1]) + 1
+                        _pwrite_all(fd, memoryview(pages[a:b]).cast("B"), (lo + a) * PAGE)
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise OSError(f"{out_path}: cannot write the export ({exc.strerror}); "
+                          "nothing was written") from None
         os.close(fd)
         fd = -1
         os.replace(tmp, out_path)

@@ -7,6 +7,7 @@ serialisation for the store.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field
 
@@ -61,23 +62,58 @@ class VcpuState:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "VcpuState":
-        if blob[:8] != _MAGIC:
+        """Parse a stored state; every size is checked against the blob and
+        the kernel structs, so a damaged or forged one is a ValueError
+        naming the field, never a struct.error or a huge allocation."""
+        if not isinstance(blob, (bytes, bytearray)) or blob[:8] != _MAGIC:
             raise ValueError("not a snapctl vCPU state blob")
+        if len(blob) < 16:
+            raise ValueError("vCPU state: truncated header")
         version, n = struct.unpack_from("<II", blob, 8)
         if version > _VERSION:
             raise ValueError(f"vCPU state version {version} is newer than this snapctl ({_VERSION})")
+        if n > _MAX_FIELDS:
+            raise ValueError(f"vCPU state: {n} fields (at most {_MAX_FIELDS})")
         pos, f = 16, {}
         for _ in range(n):
-            (ln,) = struct.unpack_from("<B", blob, pos)
-            name = blob[pos + 1:pos + 1 + ln].decode()
+            if pos + 1 > len(blob):
+                raise ValueError("vCPU state: truncated (field name)")
+            ln = blob[pos]
+            name = blob[pos + 1:pos + 1 + ln].decode("ascii", "replace")
             pos += 1 + ln
+            if pos + 4 > len(blob):
+                raise ValueError(f"vCPU state: truncated (field {name!r:.40})")
             (dl,) = struct.unpack_from("<I", blob, pos)
-            f[name] = blob[pos + 4:pos + 4 + dl]
+            if pos + 4 + dl > len(blob):
+                raise ValueError(f"vCPU state: field {name!r:.40} runs past the end")
+            f[name] = bytes(blob[pos + 4:pos + 4 + dl])
             pos += 4 + dl
+        for name, size in _FIXED.items():
+            if name in f and len(f[name]) != size:
+                raise ValueError(f"vCPU state: field {name!r} is {len(f[name])} bytes, not {size}")
+        for name in ("regs", "sregs", "xsave", "events", "mp_state", "msrs"):
+            if name not in f:
+                raise ValueError(f"vCPU state: no field {name!r}")
+        if len(f["msrs"]) % 12:
+            raise ValueError(f"vCPU state: field 'msrs' is {len(f['msrs'])} bytes, not a multiple of 12")
+        if len(f["xsave"]) > _MAX_XSAVE:
+            raise ValueError(f"vCPU state: field 'xsave' is larger than {_MAX_XSAVE} bytes")
+        cpuid = f.get("cpuid", b"")
+        if cpuid:
+            entry = ctypes.sizeof(S.KvmCpuidEntry2)
+            if len(cpuid) < 8 or len(cpuid) != 8 + entry * struct.unpack_from("<I", cpuid)[0]:
+                raise ValueError("vCPU state: field 'cpuid' does not hold its entry count")
         msrs = {k: v for k, v in struct.iter_unpack("<IQ", f["msrs"])}
         return cls(regs=f["regs"], sregs=f["sregs"], xsave=f["xsave"], xcrs=f.get("xcrs"),
                    debugregs=f.get("debugregs"), events=f["events"], mp_state=struct.unpack("<I", f["mp_state"])[0],
-                   msrs=msrs, cpuid=f.get("cpuid", b""))
+                   msrs=msrs, cpuid=cpuid)
+
+
+_MAX_FIELDS = 64
+_MAX_XSAVE = 1 << 20
+_FIXED = {"regs": ctypes.sizeof(S.KvmRegs), "sregs": ctypes.sizeof(S.KvmSregs),
+          "events": ctypes.sizeof(S.KvmVcpuEvents), "mp_state": 4,
+          "xcrs": ctypes.sizeof(S.KvmXcrs), "debugregs": ctypes.sizeof(S.KvmDebugregs)}
 
 
 def capture_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:

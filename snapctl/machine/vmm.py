@@ -40,8 +40,12 @@ from .memory import GuestMemory, validate_mem_size
 from .state import VcpuState, capture_vcpu, restore_vcpu
 
 TRACKING_MODES = ("ring", "bitmap", "none")
+#: ... of which a store's machine can have (`run` takes checkpoints: it tracks).
+STORED_TRACKING_MODES = ("ring", "bitmap")
 #: ``MachineConfig.guest`` of a guest brought by a :class:`GuestDriver` (a user's program).
 DRIVEN_GUEST = "program"
+#: Longest wait without waking the main thread (so that it answers Ctrl-C).
+_WAIT_SLICE = 0.25
 
 
 class MachineError(Exception):
@@ -111,8 +115,35 @@ class MachineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MachineConfig":
+        """The configuration stored with a store's checkpoints, type-checked
+        field by field (a store may come from anyone): a wrong one is a
+        ValueError naming it. Ranges are checked by :meth:`validate`."""
+        if not isinstance(d, dict):
+            raise ValueError("stored config is not an object")
         names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("mem_size", "vcpus", "seed", "steps_per_yield", "ring_entries"):
+            if k in kw and type(kw[k]) is not int:
+                raise ValueError(f"stored config: {k} is not an integer ({kw[k]!r:.40})")
+        for k in ("guest", "tracking"):
+            if k in kw and type(kw[k]) is not str:
+                raise ValueError(f"stored config: {k} is not a string ({kw[k]!r:.40})")
+        if "vcpus" in kw and not 1 <= kw["vcpus"] <= L.MAX_VCPUS:
+            raise ValueError(f"stored config: vcpus {kw['vcpus']} is not 1..{L.MAX_VCPUS}")
+        if "tracking" in kw and kw["tracking"] not in STORED_TRACKING_MODES:
+            raise ValueError(f"stored config: unknown tracking mode {kw['tracking']!r:.40}")
+        params = kw.get("params", {})
+        if not isinstance(params, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in params.items()):
+            raise ValueError("stored config: params is not an object of integers")
+        if kw.get("guest") == DRIVEN_GUEST:
+            # what the program layer needs: an object here, its fields checked by that layer
+            # (snapctl.program.ProgramSpec.from_dict) before anything uses them
+            if not isinstance(d.get("program"), dict):
+                raise ValueError("stored config: program is not an object")
+        elif "guest" in kw and kw["guest"] not in G.GUESTS:
+            raise ValueError(f"stored config: unknown guest {kw['guest']!r:.40}")
+        return cls(**kw)
 
 
 @dataclass
@@ -432,10 +463,18 @@ class Machine:
 
     def wait_parked(self, timeout: float | None = 60.0) -> None:
         """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
+        done = lambda: all(r.parked for r in self._runners) or self._error  # noqa: E731
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout):
-                raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
-                                   f"({self._runner_report()})")
+            # In slices: a SIGINT is often delivered to a vCPU thread, and
+            # Python runs its handler only when the main thread wakes up, so
+            # an endless wait would ignore Ctrl-C (a guest that never holds).
+            while not done():
+                left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+                if left <= 0:
+                    raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
+                                       f"({self._runner_report()})")
+                self._cond.wait(left)
             self._check_error()
 
     def _runner_report(self) -> str:
@@ -528,6 +567,29 @@ class Machine:
         for r, st in zip(self._runners, vcpu_states):
             refused += restore_vcpu(r.vcpu, st)
         return refused
+
+    def check_mailboxes(self, steps: list[int]) -> None:
+        """After a restore: each vCPU's mailbox must be the one this config
+        boots (magic, K, data region, parameters) and say the recorded step
+        -- a forged mailbox could otherwise make the guest run past every
+        stop and yield target. Built-in guests only."""
+        cfg = self.config
+        if cfg.guest not in G.GUESTS:
+            return
+        guest = G.get_guest(cfg.guest)
+        for r in self._runners:
+            base, pages = cfg.data_region(r.index)
+            p1, p2 = guest.param_values(cfg.params, pages)
+            want = {G.MB_MAGIC: ("magic", G.MAILBOX_MAGIC), G.MB_K: ("steps per yield", cfg.steps_per_yield),
+                    G.MB_DATA_BASE: ("data base", base), G.MB_DATA_PAGES: ("data pages", pages),
+                    G.MB_PARAM1: ("param1", p1), G.MB_PARAM2: ("param2", p2),
+                    G.MB_STEP: ("step", steps[r.index])}
+            mb = L.mailbox_gpa(r.index)
+            for off, (name, value) in want.items():
+                got = self.memory.read_u64(mb + off)
+                if got != value % (1 << 64):
+                    raise MachineError(f"vCPU {r.index}: the restored mailbox's {name} is {got:#x}, "
+                                       f"expected {value:#x} (the checkpoint is damaged or forged)")
 
     def stats(self) -> dict:
         return {

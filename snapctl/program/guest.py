@@ -61,9 +61,16 @@ class ProgramSpec:
             raise ValueError("program description is not a dict")
         names = set(cls.__dataclass_fields__)
         spec = cls(**{k: v for k, v in d.items() if k in names})
-        if not (isinstance(spec.path, str) and isinstance(spec.exe, str) and isinstance(spec.argv, list)
-                and all(isinstance(a, str) for a in spec.argv + spec.env)):
-            raise ValueError("program description has fields of the wrong type")
+        strs = lambda v: isinstance(v, list) and len(v) <= 1 << 16 and all(isinstance(x, str) for x in v)  # noqa: E731
+        checks = {"path": isinstance(spec.path, str), "exe": isinstance(spec.exe, str), "argv": strs(spec.argv),
+                  "env": strs(spec.env), "root": isinstance(spec.root, str),
+                  "stdin": spec.stdin is None or isinstance(spec.stdin, str), "hash": isinstance(spec.hash, str),
+                  "ids": isinstance(spec.ids, dict) and set(spec.ids) == {"pid", "uid", "gid"}
+                  and all(type(v) is int and 0 <= v < 1 << 32 for v in spec.ids.values()),
+                  "cpu": spec.cpu is None or (type(spec.cpu) is int and 0 <= spec.cpu < 1 << 16)}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"stored program description: field {bad[0]!r} has the wrong type or range")
         return spec
 
 
