@@ -46,7 +46,8 @@ _KINDS = {1: "references a blob that is missing from the store",
           5: "its delta base is missing or damaged",
           6: "could not be placed (UFFDIO_COPY failed)"}
 _SQLITE_NAMES = ("sqlite3_open_v2", "sqlite3_close_v2", "sqlite3_exec", "sqlite3_busy_timeout",
-                 "sqlite3_blob_open", "sqlite3_blob_reopen", "sqlite3_blob_read", "sqlite3_blob_close")
+                 "sqlite3_blob_open", "sqlite3_blob_reopen", "sqlite3_blob_read", "sqlite3_blob_close",
+                 "sqlite3_blob_bytes")
 
 
 class LazyUnavailable(StoreError):

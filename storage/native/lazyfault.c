@@ -49,6 +49,10 @@
 
 #define LZ_PAGE 4096
 #define LZ_RUN 64
+#define LZ_BG 2                 /* background threads */
+#define LZ_CHUNK 4096           /* pages a background thread takes at a time */
+#define LZ_CACHE 256            /* whole packs a background thread keeps ... */
+#define LZ_CACHE_BYTES (16 << 20)   /* ... up to this many bytes */
 
 /* error kinds (lz_error) */
 #define LZE_MISSING 1     /* blob not in the catalogue / pack row missing */
@@ -69,6 +73,14 @@ typedef int (*sq_bopen_fn)(sqlite3 *, const char *, const char *, const char *, 
 typedef int (*sq_breopen_fn)(sqlite3_blob *, int64_t);
 typedef int (*sq_bread_fn)(sqlite3_blob *, void *, int, int);
 typedef int (*sq_bclose_fn)(sqlite3_blob *);
+typedef int (*sq_bbytes_fn)(sqlite3_blob *);
+
+typedef struct {
+    int64_t pack;
+    char *data;
+    int size, cap;
+    uint64_t used;
+} lz_pack;
 
 typedef struct {
     sqlite3 *db;
@@ -77,6 +89,15 @@ typedef struct {
     char *buf;                    /* stored bytes of one blob */
     char dict[LZ_PAGE];           /* a delta's base, decoded */
     char *run;                    /* LZ_RUN pages being decoded */
+    /* Background threads read whole packs and keep the recent ones: in page
+     * order, consecutive pages mostly come from the same base pack, and
+     * deltas from the few packs of the newer checkpoints.  The fault thread
+     * reads just the bytes of one blob (latency over throughput). */
+    int cached;
+    lz_pack cache[LZ_CACHE];
+    int ncache;
+    int64_t cache_bytes;
+    uint64_t tick;
 } lz_src;
 
 typedef int (*lz_dec_fn)(const char *, char *, int, int);
@@ -84,6 +105,11 @@ typedef int (*lz_dec_dict_fn)(const char *, char *, int, int, const char *, int)
 typedef struct { uint64_t low64, high64; } lz_h128_t;
 typedef lz_h128_t (*lz_h128_fn)(const void *, size_t);
 typedef uint64_t (*lz_h64_fn)(const void *, size_t);
+
+typedef struct lz_bgarg {
+    struct lz_ctx *c;
+    int k;
+} lz_bgarg;
 
 typedef struct lz_ctx {
     int uffd, evfd, stopfd;
@@ -109,9 +135,12 @@ typedef struct lz_ctx {
     sq_breopen_fn sq_breopen;
     sq_bread_fn sq_bread;
     sq_bclose_fn sq_bclose;
-    lz_src fsrc, bsrc;
-    pthread_t fault_thr, bg_thr;
+    sq_bbytes_fn sq_bbytes;
+    lz_src fsrc, bsrc[LZ_BG];
+    pthread_t fault_thr, bg_thr[LZ_BG];
     int fault_started, bg_started;
+    int64_t next_chunk, bg_left;
+    lz_bgarg bgarg[LZ_BG];
     volatile int stop;
     /* counters (atomics: both threads add) */
     int64_t populated, faults, fault_pages, bg_pages, zero_pages, eexist;
@@ -166,6 +195,8 @@ static int lz_src_open(lz_ctx *c, lz_src *s, const char *path)
     c->sq_busy(s->db, 10000);
     /* One read transaction for the whole lazy phase: every page comes from
      * the same snapshot of the store, whatever is committed meanwhile. */
+    /* reads through a mapping of the file: one copy less than pread */
+    c->sq_exec(s->db, "PRAGMA mmap_size = 2147418112", NULL, NULL, NULL);
     if (c->sq_exec(s->db, "BEGIN; SELECT count(*) FROM pack_data WHERE id = 0", NULL, NULL, NULL) != 0)
         return -3;
     return 0;
@@ -184,14 +215,85 @@ static void lz_src_close(lz_ctx *c, lz_src *s)
     free(s->buf);
     free(s->run);
     s->buf = s->run = NULL;
+    for (int i = 0; i < s->ncache; i++)
+        free(s->cache[i].data);
+    s->ncache = 0;
+    s->cache_bytes = 0;
 }
 
-/* The stored bytes of blob b into s->buf, checked; 0 or an error kind. */
-static int lz_read_blob(lz_ctx *c, lz_src *s, int64_t b, int *len)
+/* The whole of pack p, from the cache or read now (evicting the least
+ * recently used packs past the budget); NULL if it cannot be read. */
+static lz_pack *lz_pack_get(lz_ctx *c, lz_src *s, int64_t p)
+{
+    for (int i = 0; i < s->ncache; i++)
+        if (s->cache[i].pack == p) {
+            s->cache[i].used = ++s->tick;
+            return &s->cache[i];
+        }
+    if (s->blob && s->pack != p && c->sq_breopen(s->blob, p) != 0) {
+        c->sq_bclose(s->blob);
+        s->blob = NULL;
+    }
+    if (!s->blob && c->sq_bopen(s->db, "main", "pack_data", "data", p, 0, &s->blob) != 0) {
+        s->blob = NULL;
+        s->pack = -1;
+        return NULL;
+    }
+    s->pack = p;
+    int size = c->sq_bbytes(s->blob), size_cap = 0;
+    char *data = NULL;
+    while (s->ncache && (s->ncache == LZ_CACHE || s->cache_bytes + size > LZ_CACHE_BYTES)) {
+        int old = 0;
+        for (int i = 1; i < s->ncache; i++)
+            if (s->cache[i].used < s->cache[old].used)
+                old = i;
+        s->cache_bytes -= s->cache[old].size;
+        /* keep one evicted buffer that is big enough: a fresh one would be
+         * faulted in page by page */
+        if (!data && s->cache[old].cap >= size) {
+            data = s->cache[old].data;
+            size_cap = s->cache[old].cap;
+        } else {
+            free(s->cache[old].data);
+        }
+        s->cache[old] = s->cache[--s->ncache];
+    }
+    if (!data) {
+        size_cap = size > 0 ? size : 1;
+        if (!(data = malloc((size_t)size_cap)))
+            return NULL;
+    }
+    if (c->sq_bread(s->blob, data, size, 0) != 0) {
+        free(data);
+        return NULL;
+    }
+    lz_pack *e = &s->cache[s->ncache++];
+    e->pack = p;
+    e->data = data;
+    e->size = size;
+    e->cap = size_cap;
+    e->used = ++s->tick;
+    s->cache_bytes += size;
+    return e;
+}
+
+/* The stored bytes of blob b (*at: in s->buf or in a cached pack), checked;
+ * 0 or an error kind. */
+static int lz_read_blob(lz_ctx *c, lz_src *s, int64_t b, const char **at, int *len)
 {
     int64_t p = c->pack[b], st = c->start[b], n = c->end[b] - c->start[b];
     if (p < 0 || n < 0 || n > 2 * LZ_PAGE)
         return LZE_MISSING;
+    if (s->cached) {
+        lz_pack *e = lz_pack_get(c, s, p);
+        if (!e || st + n > e->size)
+            return LZE_MISSING;
+        if (c->h64(e->data + st, (size_t)n) != c->crc[b])
+            return LZE_CHECKSUM;
+        *at = e->data + st;
+        *len = (int)n;
+        return 0;
+    }
     if (s->blob && s->pack != p) {
         if (c->sq_breopen(s->blob, p) != 0) {
             c->sq_bclose(s->blob);          /* an aborted handle: start again */
@@ -210,6 +312,7 @@ static int lz_read_blob(lz_ctx *c, lz_src *s, int64_t b, int *len)
         return LZE_MISSING;
     if (c->h64(s->buf, (size_t)n) != c->crc[b])
         return LZE_CHECKSUM;
+    *at = s->buf;
     *len = (int)n;
     return 0;
 }
@@ -225,17 +328,17 @@ static int lz_digest_ok(lz_ctx *c, const char *page, int64_t b)
     return 1;
 }
 
-/* Decode blob b (raw or plain LZ4) from s->buf into out. */
-static int lz_plain(lz_ctx *c, lz_src *s, int64_t b, int len, char *out)
+/* Decode blob b (raw or plain LZ4), stored as len bytes at src, into out. */
+static int lz_plain(lz_ctx *c, const char *src, int64_t b, int len, char *out)
 {
     switch (c->codec[b]) {
     case 0:
         if (len != LZ_PAGE)
             return LZE_DECODE;
-        memcpy(out, s->buf, LZ_PAGE);
+        memcpy(out, src, LZ_PAGE);
         return 0;
     case 1:
-        return c->dec(s->buf, out, len, LZ_PAGE) == LZ_PAGE ? 0 : LZE_DECODE;
+        return c->dec(src, out, len, LZ_PAGE) == LZ_PAGE ? 0 : LZE_DECODE;
     default:
         return LZE_DECODE;
     }
@@ -247,6 +350,7 @@ static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t
 {
     int64_t b = c->img[page];
     int len, r;
+    const char *at;
     *blob = b;
     if (b == 0)
         return 1;
@@ -256,16 +360,16 @@ static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t
         int64_t a = c->base[b];
         if (a <= 0 || a >= c->nblobs || c->codec[a] == 2)
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, a, &len)) != 0 || (r = lz_plain(c, s, a, len, s->dict)) != 0)
+        if ((r = lz_read_blob(c, s, a, &at, &len)) != 0 || (r = lz_plain(c, at, a, len, s->dict)) != 0)
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, b, &len)) != 0)
+        if ((r = lz_read_blob(c, s, b, &at, &len)) != 0)
             return r;
-        if (c->dec_dict(s->buf, out, len, LZ_PAGE, s->dict, LZ_PAGE) != LZ_PAGE)
+        if (c->dec_dict(at, out, len, LZ_PAGE, s->dict, LZ_PAGE) != LZ_PAGE)
             return LZE_DECODE;
     } else {
-        if ((r = lz_read_blob(c, s, b, &len)) != 0)
+        if ((r = lz_read_blob(c, s, b, &at, &len)) != 0)
             return r;
-        if ((r = lz_plain(c, s, b, len, out)) != 0)
+        if ((r = lz_plain(c, at, b, len, out)) != 0)
             return r;
     }
     return lz_digest_ok(c, out, b) ? 0 : LZE_HASH;
@@ -438,19 +542,40 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
     return 0;
 }
 
+/* Background thread k of LZ_BG: its share of the recent pages, then chunks
+ * of LZ_CHUNK pages taken in page order (both threads move through memory
+ * together); the last one to finish says done. */
 static void *lz_bg_loop(void *arg)
 {
-    lz_ctx *c = arg;
-    for (int64_t i = 0; i < c->nhot && !c->stop && !c->err; i++)
-        if (lz_fill_range(c, &c->bsrc, c->hot[i], c->hot[i] + 1))
+    lz_bgarg *a = arg;
+    lz_ctx *c = a->c;
+    lz_src *s = &c->bsrc[a->k];
+    /* recent pages are scattered over memory and so over the base's packs:
+     * read just their blobs (whole packs would be read again and again) */
+    s->cached = 0;
+    for (int64_t i = a->k; i < c->nhot && !c->stop && !c->err; i += LZ_BG)
+        if (lz_fill_range(c, s, c->hot[i], c->hot[i] + 1))
             break;
-    if (!c->err && !c->stop)
-        lz_fill_range(c, &c->bsrc, 0, c->npages);
-    if (!c->err && !c->stop) {
-        c->bg_done_ns = lz_now() - c->t0_ns;
-        __atomic_store_n(&c->bg_done, 1, __ATOMIC_RELEASE);
+    s->cached = 1;
+    while (!c->stop && !c->err) {
+        int64_t lo = __atomic_fetch_add(&c->next_chunk, LZ_CHUNK, __ATOMIC_RELAXED);
+        if (lo >= c->npages)
+            break;
+        if (lz_fill_range(c, s, lo, lo + LZ_CHUNK < c->npages ? lo + LZ_CHUNK : c->npages))
+            break;
     }
-    lz_signal(c);
+    /* the packs it kept are not needed any more */
+    for (int i = 0; i < s->ncache; i++)
+        free(s->cache[i].data);
+    s->ncache = 0;
+    s->cache_bytes = 0;
+    if (__atomic_sub_fetch(&c->bg_left, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (!c->err && !c->stop) {
+            c->bg_done_ns = lz_now() - c->t0_ns;
+            __atomic_store_n(&c->bg_done, 1, __ATOMIC_RELEASE);
+        }
+        lz_signal(c);
+    }
     return NULL;
 }
 
@@ -527,11 +652,18 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
     c->sq_breopen = (sq_breopen_fn)fns[9];
     c->sq_bread = (sq_bread_fn)fns[10];
     c->sq_bclose = (sq_bclose_fn)fns[11];
+    c->sq_bbytes = (sq_bbytes_fn)fns[12];
     c->t0_ns = lz_now();
     pthread_mutex_init(&c->err_lock, NULL);
-    if (c->stopfd < 0 || lz_src_open(c, &c->fsrc, path) || lz_src_open(c, &c->bsrc, path)) {
+    int bad = c->stopfd < 0 || lz_src_open(c, &c->fsrc, path);
+    for (int k = 0; k < LZ_BG; k++) {
+        c->bsrc[k].cached = 1;
+        bad = bad || lz_src_open(c, &c->bsrc[k], path);
+    }
+    if (bad) {
         lz_src_close(c, &c->fsrc);
-        lz_src_close(c, &c->bsrc);
+        for (int k = 0; k < LZ_BG; k++)
+            lz_src_close(c, &c->bsrc[k]);
         if (c->stopfd >= 0)
             close(c->stopfd);
         free(c);
@@ -545,7 +677,7 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
 int64_t lz_fill_now(uintptr_t c_, int64_t lo, int64_t hi)
 {
     lz_ctx *c = (lz_ctx *)c_;
-    return lz_fill_range(c, &c->bsrc, lo, hi);
+    return lz_fill_range(c, &c->fsrc, lo, hi);
 }
 
 /* Start the fault thread and (background != 0) the background fill. */
@@ -557,9 +689,17 @@ int64_t lz_start(uintptr_t c_, int64_t background)
         return -1;
     c->fault_started = 1;
     if (background) {
-        if (pthread_create(&c->bg_thr, NULL, lz_bg_loop, c))
-            return -2;
-        c->bg_started = 1;
+        c->bg_left = LZ_BG;
+        for (int k = 0; k < LZ_BG; k++) {
+            c->bgarg[k].c = c;
+            c->bgarg[k].k = k;
+            if (pthread_create(&c->bg_thr[k], NULL, lz_bg_loop, &c->bgarg[k])) {
+                c->stop = 1;                 /* the ones started end at once */
+                c->bg_started = k;
+                return -2;
+            }
+            c->bg_started = k + 1;
+        }
     }
     return 0;
 }
@@ -569,10 +709,9 @@ int64_t lz_start(uintptr_t c_, int64_t background)
 void lz_join_background(uintptr_t c_)
 {
     lz_ctx *c = (lz_ctx *)c_;
-    if (c->bg_started) {
-        pthread_join(c->bg_thr, NULL);
-        c->bg_started = 0;
-    }
+    for (int k = 0; k < c->bg_started; k++)
+        pthread_join(c->bg_thr[k], NULL);
+    c->bg_started = 0;
 }
 
 /* Stop both threads and wait for them. */
@@ -595,7 +734,8 @@ void lz_destroy(uintptr_t c_)
 {
     lz_ctx *c = (lz_ctx *)c_;
     lz_src_close(c, &c->fsrc);
-    lz_src_close(c, &c->bsrc);
+    for (int k = 0; k < LZ_BG; k++)
+        lz_src_close(c, &c->bsrc[k]);
     close(c->stopfd);
     pthread_mutex_destroy(&c->err_lock);
     free(c);
