@@ -570,13 +570,16 @@ class Store:
         # entry or one naming another valid blob before any byte is returned;
         # decoding then checks each page against its hash.
         cat = self._catalog(conn)
-        nz = np.flatnonzero(img)
-        known = cat.known(img[nz])
-        if not known.all():
-            p = int(nz[np.flatnonzero(~known)[0]])
+        if _USE_NATIVE and pageloops.NATIVE:       # one pass in C: ~20x the numpy below
+            p, got = pageloops.image_digest(img, cat.pack, cat.n, cat.hash)
+        else:
+            nz = np.flatnonzero(img)
+            known = cat.known(img[nz])
+            p = int(nz[np.flatnonzero(~known)[0]]) if not known.all() else -1
+            got = codec.sum128(codec.terms(nz, cat.hash[img[nz]])) if p < 0 else 0
+        if p >= 0:
             raise CorruptionError(f"checkpoint {ckpt}, page {p}: references missing blob "
                                   f"{int(img[p])}", checkpoint=ckpt, page=p, blob=int(img[p]))
-        got = codec.sum128(codec.terms(nz, cat.hash[img[nz]]))
         if got != view.digest:
             raise CorruptionError(
                 f"checkpoint {ckpt}: its page maps do not match the checkpoint's digest "

@@ -14,6 +14,7 @@ void pc_scan(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 uint64_t pc_xxh3_64(uintptr_t, int64_t, uintptr_t);
 int64_t pc_encode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                   uintptr_t);
+int64_t pc_image_digest(int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, uintptr_t);
 int64_t lz_uffd_open(void);
 int64_t lz_uffd_register(int64_t, uintptr_t, int64_t);
 int64_t lz_uffd_unregister(int64_t, uintptr_t, int64_t);

@@ -43,6 +43,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -50,6 +51,8 @@
 #define LZ_PAGE 4096
 #define LZ_RUN 64
 #define LZ_BG 2                 /* background threads */
+#define LZ_BG_NICE 5            /* their nice value at first ... */
+#define LZ_BG_NICE_NS 50000000  /* ... for this long */
 #define LZ_CHUNK 4096           /* pages a background thread takes at a time */
 #define LZ_CACHE 256            /* whole packs a background thread keeps ... */
 #define LZ_CACHE_BYTES (16 << 20)   /* ... up to this many bytes */
@@ -93,7 +96,7 @@ typedef struct {
      * order, consecutive pages mostly come from the same base pack, and
      * deltas from the few packs of the newer checkpoints.  The fault thread
      * reads just the bytes of one blob (latency over throughput). */
-    int cached;
+    int cached, niced, tid;
     lz_pack cache[LZ_CACHE];
     int ncache;
     int64_t cache_bytes;
@@ -503,6 +506,10 @@ static void *lz_fault_loop(void *arg)
 static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
 {
     int64_t p = lo;
+    if (s->niced && lz_now() - c->t0_ns > LZ_BG_NICE_NS) {
+        setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
+        s->niced = 0;
+    }
     while (p < hi && !c->stop && !__atomic_load_n(&c->err, __ATOMIC_ACQUIRE)) {
         if (__atomic_load_n(&c->state[p], __ATOMIC_ACQUIRE)) {
             p++;
@@ -550,6 +557,11 @@ static void *lz_bg_loop(void *arg)
     lz_bgarg *a = arg;
     lz_ctx *c = a->c;
     lz_src *s = &c->bsrc[a->k];
+    /* below the VMM while it starts the vCPUs (the first LZ_BG_NICE_NS):
+     * time to the first instruction is what a lazy restore is for */
+    s->tid = (int)syscall(SYS_gettid);
+    setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE);
+    s->niced = 1;
     /* recent pages are scattered over memory and so over the base's packs:
      * read just their blobs (whole packs would be read again and again) */
     s->cached = 0;
