@@ -102,14 +102,14 @@ class LazyImage:
     background fill, :meth:`close` before unmapping the memory."""
 
     def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
-                 on_event=None):
+                 on_event=None, recent: int = 4):
         why = probe()
         if why:
             raise LazyUnavailable(why)
         if npages != store.page_count:
             raise StoreError(f"memory of {npages} pages for a store of {store.page_count}")
         self._lib = pageloops._lib
-        self.index = store.page_index(ckpt)
+        self.index = store.page_index(ckpt, recent=recent)
         self.ckpt = self.index.ckpt
         self.addr, self.npages = addr, npages
         self.on_event = on_event
@@ -220,8 +220,9 @@ class LazyImage:
         why = _KINDS.get(st["error"], f"failed ({st['error']})")
         if st["error"] == 6 and st["errno"]:
             why += f": {os.strerror(st['errno'])}"
+        then = "; the lazy restore stopped the guest before it used the page" if self.on_event else ""
         return CorruptionError(f"checkpoint {self.ckpt}, page {page} (gpa {page * PAGE_SIZE:#x}), blob {blob}: "
-                               f"{why}; the lazy restore stopped the guest before it used the page",
+                               f"{why}{then}",
                                checkpoint=self.ckpt, page=page, blob=blob)
 
     def raise_error(self) -> None:
@@ -260,3 +261,23 @@ class LazyImage:
         anonymous memory again (no fault goes through userfaultfd any more)."""
         if self.done:
             self.close()
+
+
+def fill(store, ckpt: int, addr: int, npages: int) -> bool:
+    """Materialize checkpoint ``ckpt`` into the fresh anonymous memory at ``addr`` through
+    userfaultfd: the handler's two background threads decode every page straight into place
+    (UFFDIO_COPY allocates each page already filled: no first-touch fault, no zeroing);
+    returns once all are there, memory unregistered. False (nothing done) when userfaultfd
+    is not available; ``CorruptionError`` for a damaged page."""
+    if probe():
+        return False
+    try:
+        lz = LazyImage(store, ckpt, addr, npages, recent=0)
+    except LazyUnavailable:
+        return False
+    try:
+        lz.start()
+        lz.wait()
+    finally:
+        lz.close()
+    return True

@@ -198,8 +198,12 @@ def test_a_damaged_page_stops_the_vm_with_one_error_line(fill_store, tmp_path):
     with open_ro(store) as st:
         for c in st.checkpoints()[before:]:
             assert page not in st.diff(2, c.id).tolist()
-    # replay --lazy stops the same way
+    # replay --lazy stops the same way; an eager restore refuses before the guest starts
     one_line_error(run_cli("replay", 2, "--lazy", "--to", 2, store=store), 1, f"page {page}", f"blob {blob}")
+    n = len(ok("list", "--json", store=store).json())
+    one_line_error(run_cli("restore", 2, "--steps", 100, store=store), 1, "checkpoint 2", f"page {page}",
+                   f"blob {blob}")
+    assert len(ok("list", "--json", store=store).json()) == n
 
 
 @kvm
@@ -262,5 +266,9 @@ def test_without_userfaultfd_lazy_says_so_and_eager_still_works(stamp_store, tmp
         r = snapctl(*args, store=store, env=env)
         one_line_error(r, 1, "userfaultfd")
     assert len(ok("list", "--json", store=store).json()) == 5      # nothing was written
+    # eager restore without userfaultfd decodes into the mapping instead: the same checkpoint
     r = snapctl("restore", 1, "--steps", 100, "--json", store=store, env=env)
     assert r.code == 0 and r.json()["checkpoints"] == [5]
+    assert ok("restore", 1, "--steps", 100, "--json", store=store).json()["checkpoints"] == [6]
+    listing = _listing(store)
+    assert listing[5]["digest"] == listing[6]["digest"] and listing[5]["step"] == EVERY + 100

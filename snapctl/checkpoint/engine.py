@@ -504,8 +504,12 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
             from .lazy import serve_lazily
             serve_lazily(store, ckpt, m)
         else:
-            # straight into guest RAM (fresh, all zero: zero pages are not touched)
-            store.materialize(ckpt, m.memory.pages, out_is_zero=True)
+            from storage.lazy import fill
+            # straight into guest RAM: through userfaultfd where it is available (each page
+            # allocated already filled: no first-touch fault), else decoded into the fresh,
+            # all-zero mapping (zero pages are not touched)
+            if not fill(store, ckpt, m.memory.host_addr, m.memory.npages):
+                store.materialize(ckpt, m.memory.pages, out_is_zero=True)
         m.restore_state(None, states)
     except BaseException:
         m.close()
