@@ -397,7 +397,6 @@ def restore_cost(quick: bool) -> dict:
             "fault_in_ms": round(t_fault, 1),
             "ratio": _ratio(t_last, t_first), "goal": "<= 1.3",
             "ratio_vs_decompress": _ratio(t_last, t_floor), "goal_vs_decompress": "<= 2",
-            "ratio_vs_decompress_after_fault_in": _ratio(t_last - t_fault, t_floor),
             **lazy, **(lazy_scaling(quick) if "lazy_unavailable" not in lazy else {})}
 
 
