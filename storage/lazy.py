@@ -125,7 +125,7 @@ class LazyImage:
         self._uffd = -1
         self._evfd = -1
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()      # the handler is freed under it: stats() takes it too
         self._watcher: threading.Thread | None = None
         self.finished_at: float | None = None
         fd = int(self._lib.lz_uffd_open())
@@ -142,7 +142,7 @@ class LazyImage:
                                                 len(self.index.recent), self._state.ctypes.data,
                                                 self._fns.ctypes.data, os.fsencode(store.filename)))
             if not self._ctx:
-                raise StoreError(f"{store.filename}: the lazy-restore handler cannot open the store")
+                raise LazyUnavailable(f"{store.filename}: the lazy-restore handler cannot open the store")
             lo, hi = eager
             if hi > lo and int(self._lib.lz_fill_now(self._ctx, lo, hi)):
                 self.raise_error()
@@ -155,7 +155,7 @@ class LazyImage:
         """Serve faults from now on, and fill the rest in the background."""
         self.t0 = time.perf_counter()
         if int(self._lib.lz_start(self._ctx, 1 if background else 0)):
-            raise StoreError("cannot start the lazy-restore threads")
+            raise LazyUnavailable("cannot start the lazy-restore threads")
         self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
         self._watcher.start()
 
@@ -197,6 +197,10 @@ class LazyImage:
         return self._ctx != 0 and bool(self.stats()["done"])
 
     def stats(self) -> dict:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
         if not self._ctx:
             if self._last is not None:
                 return dict(self._last)
@@ -247,7 +251,7 @@ class LazyImage:
             if self._evfd >= 0:
                 os.eventfd_write(self._evfd, 1)          # wake the watcher; it sees _closed
             if self._ctx:
-                self._last = self.stats()
+                self._last = self._stats()
                 self._lib.lz_destroy(self._ctx)
                 self._ctx = 0
         if self._watcher is not None and self._watcher is not threading.current_thread():
@@ -278,6 +282,8 @@ def fill(store, ckpt: int, addr: int, npages: int) -> bool:
     try:
         lz.start()
         lz.wait()
+    except LazyUnavailable:
+        return False        # pages placed so far hold their right content: the caller fills the rest
     finally:
         lz.close()
     return True
