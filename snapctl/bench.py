@@ -224,7 +224,8 @@ def _chain(st, cfg, base, caps):
 def fault_in_ms(size: int, repeats: int = 3) -> float:
     """Best-of-``repeats`` time to fault in ``size`` bytes of fresh anonymous
     memory on two threads (MADV_POPULATE_WRITE; one write per page where the
-    kernel lacks it): what any restore into new guest RAM pays first."""
+    kernel lacks it): what a restore decoding into new guest RAM pays first
+    (the fallback without userfaultfd; with it, pages are allocated filled)."""
     import ctypes
     import mmap
     import threading
@@ -352,9 +353,11 @@ def lazy_scaling(quick: bool) -> dict:
 
 
 def restore_cost(quick: bool) -> dict:
-    """Restore (materialize + vCPU state into a fresh VM) from checkpoint 50 of a
+    """Restore (guest RAM filled + vCPU state into a fresh VM) from checkpoint 50 of a
     chain against from checkpoint 1 (each the best of five), and against raw
-    LZ4 decompression of the same pages."""
+    LZ4 decompression of the same pages; then lazy against eager restores of
+    checkpoint 50 (:func:`lazy_restore`) and lazy start of a big guest against
+    a small one (:func:`lazy_scaling`)."""
     import lz4.block
 
     from storage import Store

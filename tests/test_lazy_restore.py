@@ -183,12 +183,18 @@ def fill_store(tmp_path_factory):
     return store
 
 
-@kvm
-@lazy_ok
-def test_a_damaged_page_stops_the_vm_with_one_error_line(fill_store, tmp_path):
+@pytest.fixture
+def damaged(fill_store, tmp_path):
+    """A copy of ``fill_store`` with one page of checkpoint 2 damaged: (store, blob, page)."""
     store = tmp_path / "d.db"
     shutil.copy(fill_store, store)
-    blob, page = _damage_a_blob(store, 2)
+    return (store, *_damage_a_blob(store, 2))
+
+
+@kvm
+@lazy_ok
+def test_a_damaged_page_stops_the_vm_with_one_error_line(damaged):
+    store, blob, page = damaged
     before = len(ok("list", "--json", store=store).json())
     r = run_cli("restore", 2, "--lazy", "--checkpoints", 50, "--every-steps", 1500, store=store)
     line = one_line_error(r, 1, "checkpoint 2", f"page {page}", f"blob {blob}")
@@ -208,13 +214,11 @@ def test_a_damaged_page_stops_the_vm_with_one_error_line(fill_store, tmp_path):
 
 @kvm
 @lazy_ok
-def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(fill_store, tmp_path):
+def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(damaged):
     from snapctl.checkpoint.engine import lazy_errors
     from storage import CorruptionError, Store
 
-    store = tmp_path / "v.db"
-    shutil.copy(fill_store, store)
-    blob, page = _damage_a_blob(store, 2)
+    store, blob, page = damaged
     with Store.open(str(store), readonly=True) as st, _lazy_machine(st, 2, background=False) as m:
         m.pause_at_step(10 ** 9)
         m.start()
