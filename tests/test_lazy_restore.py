@@ -116,6 +116,29 @@ def test_kvm_initiated_faults_are_served_and_the_guest_computes_exactly(stamp_st
 
 @kvm
 @lazy_ok
+def test_placed_pages_are_not_dirty_and_guest_writes_are(stamp_store):
+    """Placing a page (UFFDIO_COPY) is neither a guest write (the ring never sees it) nor a
+    VMM write (it does not go through GuestMemory.write); the guest's writes after it are logged."""
+    from guest_models import Model, vcpu_seed
+    from storage import Store
+
+    with Store.open(str(stamp_store), readonly=True) as st, _lazy_machine(st, 1, background=True) as m:
+        m.lazy.wait(120)
+        assert m.lazy.stats()["populated"] == MEM // 4096
+        assert m.collect_dirty().size == 0                 # every page placed, none dirty
+        m.pause_at_step(EVERY + 1000)                      # the next yield (every 1000 steps)
+        m.start()
+        m.wait_parked(timeout=120)
+        assert m.steps() == [EVERY + 1000]
+        dirty = set(m.collect_dirty().tolist())
+    model = Model("stamp", vcpu_seed(SEED, 0), (MEM >> 12) - 512)
+    model.run_to(EVERY + 1000)
+    written = {512 + p for p in model.pages_written(EVERY, EVERY + 1000)}
+    assert written <= dirty and all(p < 512 for p in dirty - written), sorted(dirty - written)[:8]
+
+
+@kvm
+@lazy_ok
 def test_a_checkpoint_right_after_a_lazy_start_is_exact(stamp_store, tmp_path):
     """The checkpoint's gather, the mailbox reads and a full read of RAM run on Python threads
     that hold the GIL while they fault; the GIL-free handler serves them."""
