@@ -398,7 +398,8 @@ static void lz_poison(lz_ctx *c, int64_t page)
 
 /* Place n pages at `page` (decoded at src, or zero pages when src is NULL).
  * A page some other thread placed first (EEXIST) counts as placed: its
- * waiters are woken, which the kernel does not do on EEXIST. */
+ * waiters are woken, which the kernel does not do on EEXIST.  A page that
+ * cannot be placed (ENOMEM, ...) is poisoned like a damaged one. */
 static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t *counter)
 {
     int64_t done = 0;
@@ -427,10 +428,13 @@ static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t
             __atomic_fetch_add(&c->eexist, 1, __ATOMIC_RELAXED);
             done += 1;
             continue;
-        } else if (errno == EAGAIN || got == -EAGAIN) {
+        } else if ((errno == EAGAIN || got == -EAGAIN) && !c->stop) {
             continue;                        /* the mm changed under us: retry */
         } else {
-            return lz_fail(c, LZE_UFFD, page + done, c->img[page + done], errno);
+            int e = errno;
+            lz_fail(c, LZE_UFFD, page + done, c->img[page + done], e);
+            lz_poison(c, page + done);
+            return LZE_UFFD;
         }
         int64_t k = got / LZ_PAGE;
         for (int64_t i = 0; i < k; i++)
@@ -463,11 +467,7 @@ static int lz_serve(lz_ctx *c, lz_src *s, int64_t page, int64_t *counter)
         lz_poison(c, page);
         return r;
     }
-    r = lz_place(c, page, 1, r == 1 ? NULL : s->run, counter);
-    if (r) {
-        lz_poison(c, page);
-    }
-    return r;
+    return lz_place(c, page, 1, r == 1 ? NULL : s->run, counter);
 }
 
 static void *lz_fault_loop(void *arg)
@@ -545,10 +545,8 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
             continue;
         }
         int r = lz_place(c, p, n, zero ? NULL : s->run, &c->bg_pages);
-        if (r) {
-            lz_poison(c, p);
+        if (r)
             return r;
-        }
         p += n;
     }
     return 0;
