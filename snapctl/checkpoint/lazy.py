@@ -26,9 +26,10 @@ from ..machine import layout as L
 __all__ = ["LazyUnavailable", "probe", "serve_lazily", "lazy_cause"]
 
 
-def serve_lazily(store, ckpt: int, machine, *, background: bool = True) -> LazyImage:
+def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_first: bool = True) -> LazyImage:
     """Serve checkpoint ``ckpt`` into ``machine``'s (untouched) guest RAM from now on.
-    ``background=False``: no background fill, every page comes from a fault (tests)."""
+    ``background=False``: no background fill; ``system_first=False``: the system area
+    lazily too -- every page then comes from a fault, page tables included (tests)."""
     mem = machine.memory
 
     def on_event(lz: LazyImage) -> None:
@@ -38,8 +39,8 @@ def serve_lazily(store, ckpt: int, machine, *, background: bool = True) -> LazyI
         else:
             lz.finish()
 
-    lz = LazyImage(store, ckpt, mem.host_addr, mem.npages, eager=(0, L.SYSTEM_SIZE // L.PAGE),
-                   on_event=on_event)
+    lz = LazyImage(store, ckpt, mem.host_addr, mem.npages,
+                   eager=(0, L.SYSTEM_SIZE // L.PAGE if system_first else 0), on_event=on_event)
     mem.close_hooks.append(lz.close)
     machine.lazy = lz
     lz.start(background)
