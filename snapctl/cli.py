@@ -357,6 +357,8 @@ def restore(
     interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
+    lazy: bool = typer.Option(False, "--lazy", help="Start the guest at once; serve its memory on first touch "
+                                                    "(userfaultfd) while the rest is restored in the background."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -370,6 +372,8 @@ def restore(
             from . import cli_program as P
             from .checkpoint.program import restore_program
 
+            if lazy:
+                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
             res = restore_program(st, ckpt, _program_schedule(checkpoints, every_syscalls, interval, steps),
@@ -380,7 +384,8 @@ def restore(
         sched = _schedule(10 if checkpoints is None else checkpoints, every_steps, interval, steps)
         total = 1 if sched.stop_after else sched.count
         with _progress(total, f"from {ckpt}", as_json) as cb:
-            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
+            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy,
+                               lazy=lazy).as_dict()
     summary["restored_from"] = ckpt
     if as_json:
         _print_json(summary)
@@ -392,6 +397,7 @@ def restore(
 def replay(
     id: str = typer.Argument(..., help="Checkpoint to restore."),
     to: Optional[str] = typer.Option(None, "--to", help="Checkpoint to reach (default: the next in the branch)."),
+    lazy: bool = typer.Option(False, "--lazy", help="Restore ID lazily (userfaultfd), as `restore --lazy`."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -408,12 +414,14 @@ def replay(
             from .checkpoint.engine import next_in_branch
             from .checkpoint.program import replay_program
 
+            if lazy:
+                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm())
             if not P.render_replay(res, as_json):
                 raise Failure(f"replay {res.source} -> {res.target} does not match: "
                               f"{'; '.join(res.differences) or f'{len(res.differing_pages)} pages and {len(res.differing_registers)} registers differ'}")
             return
-        res = replay_(st, a, b, kvm_path=_kvm())
+        res = replay_(st, a, b, kvm_path=_kvm(), lazy=lazy)
     d = res.as_dict()
     if as_json:
         _print_json(d)

@@ -42,6 +42,11 @@ _xxh64 = xxhash.xxh3_64_intdigest
 def check63(*parts) -> int:
     """xxh3_64 of the concatenated byte strings, 63 bits (an SQLite INTEGER):
     the check value of a pack's metadata, its data, and a page map."""
+    if len(parts) > 1 and sum(map(len, parts)) > (1 << 20):   # no copy of a big page map
+        h = xxhash.xxh3_64()
+        for p in parts:
+            h.update(p)
+        return h.intdigest() & MASK63
     return _xxh64(b"".join(parts)) & MASK63
 
 

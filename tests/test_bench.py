@@ -54,3 +54,15 @@ def test_bench_json_figures_agree_with_their_ratios():
 def test_bench_rejects_an_unknown_benchmark_in_one_line():
     r = snapctl("bench", "--only", "nonsense")
     assert r.code != 0 and "nonsense" in r.err and "Traceback" not in r.err
+
+
+def test_lazy_restore_goals_get_their_own_verdict_rows():
+    r = {"ratio": 1.1, "goal": "<= 1.3", "lazy_start_ratio": 0.03, "lazy_start_goal": "<= 0.05",
+         "lazy_full_ratio": 1.5, "lazy_full_goal": "<= 1.2", "lazy_scaling_ratio": 1.2,
+         "lazy_scaling_goal": "<= 1.3"}
+    bench._add_verdicts(r)
+    assert (r["lazy_start_met"], r["lazy_full_met"], r["lazy_scaling_met"]) == (True, False, True)
+    assert bench.verdict_rows({"restore": r})[1:] == [
+        ("restore: lazy start vs eager", 0.03, "<= 0.05", True),
+        ("restore: lazy all pages vs eager", 1.5, "<= 1.2", False),
+        ("restore: lazy start, big vs small guest", 1.2, "<= 1.3", True)]

@@ -16,6 +16,7 @@ import queue
 import statistics
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,6 +77,7 @@ class RunSummary:
     stored_bytes: int = 0
     pauses_ms: list[float] = field(default_factory=list)
     dirty_pages: list[int] = field(default_factory=list)   #: per checkpoint, in order
+    lazy: dict | None = None   #: a lazy restore's handler statistics (storage.lazy.LazyImage.stats)
 
     def as_dict(self) -> dict:
         p = self.pauses_ms
@@ -85,6 +87,7 @@ class RunSummary:
             "compression_ratio": round(self.raw_bytes / self.stored_bytes, 2) if self.stored_bytes else None,
             "pause_ms_median": round(statistics.median(p), 3) if p else None,
             "pause_ms_max": round(max(p), 3) if p else None,
+            **({"lazy": self.lazy} if self.lazy is not None else {}),
         }
 
 
@@ -489,9 +492,12 @@ def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkp
             return cp.run(schedule)
 
 
-def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=None) -> Machine:
+def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=None,
+                 lazy: bool = False) -> Machine:
     """A fresh, not yet started machine holding checkpoint ``ckpt`` exactly (a program
-    guest's ``driver`` then rebuilds its own state from the restored memory)."""
+    guest's ``driver`` then rebuilds its own state from the restored memory).
+    ``lazy``: guest RAM is served on first touch and filled in the background
+    (snapctl/checkpoint/lazy.py); ``storage.lazy.LazyUnavailable`` without userfaultfd."""
     config = MachineConfig.from_dict(store.config)
     info = checked_info(store.get(ckpt))
     steps = info.meta.get("steps", [info.step])
@@ -504,8 +510,16 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
     m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver)
     try:
-        # straight into guest RAM (fresh, all zero: zero pages are not touched)
-        store.materialize(ckpt, m.memory.pages, out_is_zero=True)
+        if lazy:
+            from .lazy import serve_lazily
+            serve_lazily(store, ckpt, m)
+        else:
+            from storage.lazy import fill
+            # straight into guest RAM: through userfaultfd where it is available (each page
+            # allocated already filled: no first-touch fault), else decoded into the fresh,
+            # all-zero mapping (zero pages are not touched)
+            if not fill(store, ckpt, m.memory.host_addr, m.memory.npages):
+                store.materialize(ckpt, m.memory.pages, out_is_zero=True)
         m.check_mailboxes(steps)
         m.restore_state(None, states)
     except BaseException:
@@ -515,13 +529,30 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
-            kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
-    """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it."""
+            kvm_path: str = "/dev/kvm", precopy: bool = False, lazy: bool = False) -> RunSummary:
+    """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it.
+    ``lazy``: the guest starts before its memory is restored (see :func:`load_machine`)."""
     schedule.validate()
     store.claim()  # another process writing the store: say so before the guest runs
-    with load_machine(store, ckpt, kvm_path=kvm_path) as m:
+    with load_machine(store, ckpt, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
         cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
-        return cp.run(schedule)
+        summary = cp.run(schedule)
+        if m.lazy is not None:
+            summary.lazy = m.lazy.stats()
+        return summary
+
+
+@contextmanager
+def lazy_errors(m: Machine):
+    """A lazy restore's damaged page is the cause of whatever then stopped the machine
+    (a vCPU's EFAULT on it, a pause that finds the machine failed): raise that instead."""
+    try:
+        yield
+    except Exception as e:
+        cause = m.lazy.error() if m.lazy is not None else None
+        if cause is not None:
+            raise cause from e
+        raise
 
 
 @dataclass
@@ -551,7 +582,7 @@ def next_in_branch(store: Store, ckpt: int) -> int:
 
 
 def replay(store: Store, source: int, target: int | None = None, *, kvm_path: str = "/dev/kvm",
-           timeout: float | None = 120.0) -> ReplayResult:
+           timeout: float | None = 120.0, lazy: bool = False) -> ReplayResult:
     """Restore ``source``, re-execute to the guest steps recorded in ``target``, compare.
 
     Sync targets were captured at a yield, so the replay holds at the same
@@ -568,7 +599,7 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
     if source not in store.path(target):
         note = f"checkpoint {target} is not a descendant of {source}"
     unreachable = any(t < s for t, s in zip(t_steps, s_steps))
-    with load_machine(store, source, kvm_path=kvm_path) as m:
+    with load_machine(store, source, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
         cfg = m.config
         if not unreachable:
             sync = info_t.trigger in ("sync", "base")
@@ -585,6 +616,8 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
         else:
             note = (note + "; " if note else "") + "target is behind the source in guest steps: not reachable"
         steps = m.steps()
+        if m.lazy is not None:  # every page in place (or the damaged one named) before comparing
+            m.lazy.wait()
         expected = np.empty((store.page_count, PAGE), np.uint8)
         store.materialize(target, expected)
         live = m.memory.pages

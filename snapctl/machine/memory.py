@@ -96,12 +96,18 @@ class GuestMemory:
         self._slot_npages = np.array([r.npages for r in self.regions], dtype=np.int64)
         self._vmm_lock = threading.Lock()
         self._vmm_dirty: list[np.ndarray] = []
+        #: called (no arguments) just before the mapping goes away: whoever serves its pages
+        #: (a lazy restore's userfaultfd handler) stops first
+        self.close_hooks: list = []
 
     def close(self) -> None:
         """Unmap. If a caller still holds a view of ``pages``, the mapping is released
         when that view is garbage-collected instead (unmapping under it would crash)."""
         if self._mm is None:
             return
+        hooks, self.close_hooks = self.close_hooks, []
+        for hook in hooks:
+            hook()
         del self.pages, self.flat
         try:
             self._mm.close()

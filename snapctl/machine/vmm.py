@@ -194,6 +194,8 @@ class Machine:
         self.memory = None
         self.tracker: DirtyTracker | None = None
         self._runners: list[_Runner] = []
+        #: a ``storage.lazy.LazyImage`` while guest RAM is served lazily (``load_machine(lazy=True)``)
+        self.lazy = None
         try:
             self._build()
             if driver is not None:
@@ -412,6 +414,21 @@ class Machine:
     def _check_error(self) -> None:
         if self._error is not None:
             raise self._error
+
+    def fail(self, error: BaseException) -> None:
+        """Stop the machine from outside its vCPU threads: every vCPU is kicked and every later
+        pause/wait raises ``error`` (a MachineError carrying its message). Used when guest RAM
+        cannot be served (a lazy restore's damaged page): that cause replaces the EFAULT a vCPU
+        on the page may have reported first."""
+        with self._cond:
+            err = error if isinstance(error, MachineError) else MachineError(str(error))
+            if error is not err:
+                err.__cause__ = error
+            self._error = err
+            self._stopping = True
+            for r in self._runners:
+                r.vcpu.kick()
+            self._cond.notify_all()
 
     def pause(self, timeout: float | None = 30.0) -> None:
         """Kick every vCPU out of KVM_RUN; return once all are parked."""

@@ -181,3 +181,46 @@ uint64_t pc_xxh3_64(uintptr_t p, int64_t n, uintptr_t fn)
 {
     return ((h64_fn)fn)((const void *)p, (size_t)n);
 }
+
+static uint64_t fmix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDULL;
+    x ^= x >> 33;
+    x *= 0xC4CEB9FE1A85EC53ULL;
+    return x ^ (x >> 33);
+}
+
+/* The image digest (storage/codec.py) of an image given as a blob id per
+ * page, from the catalogue's content hashes, in one pass: every non-zero id
+ * must be a known blob (below nblobs, pack[id] >= 0).  Returns -1 with the
+ * 128-bit sum in out[0] (low), out[1] (high), or the first page whose blob
+ * is unknown.  hash[0..15] is the zero page's hash (blob 0): its term is 0. */
+int64_t pc_image_digest(int64_t npages, uintptr_t img_, uintptr_t pack_, int64_t nblobs, uintptr_t hash_,
+                        uintptr_t out_)
+{
+    const int64_t *img = (const int64_t *)img_, *pack = (const int64_t *)pack_;
+    const uint8_t *hash = (const uint8_t *)hash_;
+    uint64_t *out = (uint64_t *)out_;
+    uint64_t zlo, zhi;
+    unsigned __int128 sum = 0;
+    memcpy(&zlo, hash, 8);
+    memcpy(&zhi, hash + 8, 8);
+    for (int64_t p = 0; p < npages; p++) {
+        int64_t b = img[p];
+        if (!b)
+            continue;
+        if (b < 0 || b >= nblobs || pack[b] < 0)
+            return p;
+        uint64_t lo, hi;
+        memcpy(&lo, hash + 16 * b, 8);
+        memcpy(&hi, hash + 16 * b + 8, 8);
+        if (lo == zlo && hi == zhi)
+            continue;
+        uint64_t k = (uint64_t)p * 0x9E3779B97F4A7C15ULL;
+        sum += ((unsigned __int128)fmix64(hi ^ (k + 0x632BE59BD9B4E019ULL)) << 64) | fmix64(lo ^ k);
+    }
+    out[0] = (uint64_t)sum;
+    out[1] = (uint64_t)(sum >> 64);
+    return -1;
+}

@@ -1,0 +1,289 @@
+"""Lazy materialization: serve a checkpoint's pages into memory on first touch.
+
+:class:`LazyImage` registers a memory range (guest RAM) with userfaultfd in
+missing mode and hands it to the C fault handler in
+``storage/native/lazyfault.c``: one thread serves each missing page the
+moment something touches it (a vCPU, KVM on its behalf, or any VMM thread),
+another fills the rest in the background -- first the pages the newest
+checkpoints of the path changed, then everything in page order.  Neither
+thread is a Python thread, so a Python thread that holds the GIL and touches
+an unpopulated page is served all the same (a handler in Python would
+deadlock there: it would need the GIL the faulting thread holds).
+
+Pages are decoded from the store's own packs, through a read-only SQLite
+connection per C thread held in one read transaction (one snapshot) for the
+whole lazy phase, and checked like every read: the blob's checksum, one
+decoded page, its content hash.  Nothing is written to the store, so killing
+the process at any moment leaves it as it was.
+
+A page that fails its checks is never populated: it becomes PROT_NONE (so a
+vCPU on it gets EFAULT rather than running on a wrong or zero page), the
+failure is kept (:meth:`LazyImage.error`) and ``on_event`` is called from a
+watcher thread, which the VMM uses to stop the machine.
+
+Nothing here knows about KVM: the caller passes an address and a size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+import time
+
+import numpy as np
+
+from . import pageloops
+from .codec import PAGE_SIZE
+from .errors import CorruptionError, StoreError
+
+#: Why a page failed (lazyfault.c's LZE_* kinds).
+_KINDS = {1: "references a blob that is missing from the store",
+          2: "stored bytes fail their checksum",
+          3: "does not decode to one page",
+          4: "does not decode to its content hash",
+          5: "its delta base is missing or damaged",
+          6: "could not be placed (UFFDIO_COPY failed)"}
+_SQLITE_NAMES = ("sqlite3_open_v2", "sqlite3_close_v2", "sqlite3_exec", "sqlite3_busy_timeout",
+                 "sqlite3_blob_open", "sqlite3_blob_reopen", "sqlite3_blob_read", "sqlite3_blob_close",
+                 "sqlite3_blob_bytes")
+
+
+class LazyUnavailable(StoreError):
+    """This kernel or process cannot serve memory lazily (no userfaultfd, no permission,
+    or the C extension is not built)."""
+
+
+_sqlite = None
+
+
+def _sqlite_fns() -> list[int]:
+    """Entry points of the libsqlite3 that Python's sqlite3 module uses (one
+    library in the process: its file locks must be shared with the store's
+    own connections)."""
+    global _sqlite
+    if _sqlite is None:
+        import _sqlite3
+        name = ctypes.util.find_library("sqlite3") or "libsqlite3.so.0"
+        lib = None
+        for cand in (getattr(_sqlite3, "__file__", None), name):
+            try:
+                lib = ctypes.CDLL(cand)
+                _sqlite = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in _SQLITE_NAMES]
+                break
+            except (OSError, AttributeError, TypeError):
+                continue
+        else:
+            raise LazyUnavailable("lazy restore needs the SQLite C library Python uses; it exports no "
+                                  "incremental BLOB functions here")
+    return _sqlite
+
+
+def probe() -> str:
+    """'' when lazy restore can work here, else why not (one line)."""
+    if os.environ.get("SNAPCTL_NO_USERFAULTFD", "") not in ("", "0"):
+        return "userfaultfd is disabled (SNAPCTL_NO_USERFAULTFD is set)"
+    if not pageloops.NATIVE:
+        return f"lazy restore needs the C extension (the store runs {pageloops.KIND})"
+    fd = int(pageloops._lib.lz_uffd_open())
+    if fd < 0:
+        return f"userfaultfd is not available here ({os.strerror(-fd)})"
+    os.close(fd)
+    return ""
+
+
+class LazyImage:
+    """Serve checkpoint ``ckpt`` of ``store`` into the ``npages`` pages at
+    host address ``addr`` (fresh anonymous memory nothing has touched).
+
+    ``eager``: page range populated before this returns (checked; raises
+    ``CorruptionError``).  Call :meth:`start` to start the handler and the
+    background fill, :meth:`close` before unmapping the memory."""
+
+    def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
+                 on_event=None, recent: int = 4):
+        why = probe()
+        if why:
+            raise LazyUnavailable(why)
+        if npages != store.page_count:
+            raise StoreError(f"memory of {npages} pages for a store of {store.page_count}")
+        self._lib = pageloops._lib
+        self.index = store.page_index(ckpt, recent=recent)
+        self.ckpt = self.index.ckpt
+        self.addr, self.npages = addr, npages
+        self.on_event = on_event
+        self.t0 = time.perf_counter()
+        self._state = np.zeros(npages, np.uint8)
+        cat = self.index.catalog
+        self._cat_ptrs = np.array([a.ctypes.data for a in (cat.pack, cat.start, cat.end, cat.codec, cat.base,
+                                                           cat.hash, cat.crc)], np.uint64)
+        self._fns = np.array([pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, int(pageloops._ENC_FNS[5])]
+                             + _sqlite_fns(), np.uint64)
+        self._ctx = 0
+        self._last: dict | None = None
+        self._uffd = -1
+        self._evfd = -1
+        self._closed = False
+        self._lock = threading.RLock()      # the handler is freed under it: stats() takes it too
+        self._watcher: threading.Thread | None = None
+        self.finished_at: float | None = None
+        fd = int(self._lib.lz_uffd_open())
+        if fd < 0:
+            raise LazyUnavailable(f"userfaultfd is not available here ({os.strerror(-fd)})")
+        self._uffd = fd
+        try:
+            rc = int(self._lib.lz_uffd_register(fd, addr, npages * PAGE_SIZE))
+            if rc < 0:
+                raise LazyUnavailable(f"cannot register guest memory with userfaultfd ({os.strerror(-rc)})")
+            self._evfd = os.eventfd(0, os.EFD_CLOEXEC)
+            self._ctx = int(self._lib.lz_create(fd, self._evfd, addr, npages, self.index.blob.ctypes.data,
+                                                self._cat_ptrs.ctypes.data, cat.n, self.index.recent.ctypes.data,
+                                                len(self.index.recent), self._state.ctypes.data,
+                                                self._fns.ctypes.data, os.fsencode(store.filename)))
+            if not self._ctx:
+                raise LazyUnavailable(f"{store.filename}: the lazy-restore handler cannot open the store")
+            lo, hi = eager
+            if hi > lo and int(self._lib.lz_fill_now(self._ctx, lo, hi)):
+                self.raise_error()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- running -----------------------------------------------------------------------
+    def start(self, background: bool = True) -> None:
+        """Serve faults from now on, and fill the rest in the background."""
+        self.t0 = time.perf_counter()
+        if int(self._lib.lz_start(self._ctx, 1 if background else 0)):
+            raise LazyUnavailable("cannot start the lazy-restore threads")
+        self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Wakes on the handler's event fd (a failure, or the fill is done); GIL-free while waiting."""
+        while True:
+            try:
+                os.read(self._evfd, 8)
+            except OSError:
+                return
+            if self._closed:
+                return
+            st = self.stats()
+            if st["error"] or st["done"]:
+                if st["done"] and not st["error"]:
+                    self.finished_at = time.perf_counter()
+                if self.on_event is not None:
+                    try:
+                        self.on_event(self)
+                    except Exception:  # noqa: BLE001 - the callback's problem, never the handler's
+                        pass
+                return
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every page is populated; raise ``CorruptionError`` for a damaged page."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if st["error"]:
+                self.raise_error()
+            if st["done"]:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"lazy restore: {st['populated']} of {self.npages} pages after {timeout} s")
+            time.sleep(0.002)
+
+    @property
+    def done(self) -> bool:
+        return self._ctx != 0 and bool(self.stats()["done"])
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict:
+        if not self._ctx:
+            if self._last is not None:
+                return dict(self._last)
+            return {"populated": 0, "faults": 0, "fault_pages": 0, "background_pages": 0, "zero_pages": 0,
+                    "raced": 0, "done": False, "full_ms": None, "error": 0, "error_page": -1,
+                    "error_blob": -1, "errno": 0}
+        out = np.zeros(12, np.int64)
+        self._lib.lz_stats(self._ctx, out.ctypes.data)
+        v = out.tolist()
+        return {"populated": v[0], "faults": v[1], "fault_pages": v[2], "background_pages": v[3],
+                "zero_pages": v[4], "raced": v[5], "done": bool(v[6]),
+                "full_ms": round(v[7] / 1e6, 3) if v[6] else None,
+                "error": v[8], "error_page": v[9], "error_blob": v[10], "errno": v[11]}
+
+    def error(self) -> CorruptionError | None:
+        """The first page that failed, as the error a read would raise; None if none did."""
+        st = self.stats()
+        if not st["error"]:
+            return None
+        page, blob = st["error_page"], st["error_blob"]
+        why = _KINDS.get(st["error"], f"failed ({st['error']})")
+        if st["error"] == 6 and st["errno"]:
+            why += f": {os.strerror(st['errno'])}"
+        then = "; the lazy restore stopped the guest before it used the page" if self.on_event else ""
+        return CorruptionError(f"checkpoint {self.ckpt}, page {page} (gpa {page * PAGE_SIZE:#x}), blob {blob}: "
+                               f"{why}{then}",
+                               checkpoint=self.ckpt, page=page, blob=blob)
+
+    def raise_error(self) -> None:
+        err = self.error()
+        if err is not None:
+            raise err
+
+    # -- the end -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the handler threads and unregister the memory (call before unmapping it;
+        anything still blocked on a missing page is woken and then sees plain anonymous memory)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._ctx:
+                self._lib.lz_stop(self._ctx)
+            if self._uffd >= 0:
+                self._lib.lz_uffd_unregister(self._uffd, self.addr, self.npages * PAGE_SIZE)
+                os.close(self._uffd)
+                self._uffd = -1
+            if self._evfd >= 0:
+                os.eventfd_write(self._evfd, 1)          # wake the watcher; it sees _closed
+            if self._ctx:
+                self._last = self._stats()
+                self._lib.lz_destroy(self._ctx)
+                self._ctx = 0
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+        if self._evfd >= 0:
+            os.close(self._evfd)
+            self._evfd = -1
+
+    def finish(self) -> None:
+        """After the fill is done: stop the threads and unregister, so guest memory is plain
+        anonymous memory again (no fault goes through userfaultfd any more)."""
+        if self.done:
+            self.close()
+
+
+def fill(store, ckpt: int, addr: int, npages: int) -> bool:
+    """Materialize checkpoint ``ckpt`` into the fresh anonymous memory at ``addr`` through
+    userfaultfd: the handler's two background threads decode every page straight into place
+    (UFFDIO_COPY allocates each page already filled: no first-touch fault, no zeroing);
+    returns once all are there, memory unregistered. False (nothing done) when userfaultfd
+    is not available; ``CorruptionError`` for a damaged page."""
+    if probe():
+        return False
+    try:
+        lz = LazyImage(store, ckpt, addr, npages, recent=0)
+    except LazyUnavailable:
+        return False
+    try:
+        lz.start()
+        lz.wait()
+    except LazyUnavailable:
+        return False        # pages placed so far hold their right content: the caller fills the rest
+    finally:
+        lz.close()
+    return True

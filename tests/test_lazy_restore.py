@@ -1,0 +1,310 @@
+"""Lazy restore (`restore --lazy`, `replay --lazy`, ``load_machine(lazy=True)``).
+
+Guest RAM is served through userfaultfd by the C handler in
+storage/native/lazyfault.c. What is checked here, against the `stamp` model
+and against eager restores of the same checkpoint:
+
+* branch checkpoints taken after a lazy restore equal those after an eager
+  one, byte for byte (equal digests), and the model;
+* faults raised by KVM for the vCPU (no background fill: every page the guest
+  touches comes from a fault) are served, and the guest computes exactly;
+* a Python thread that holds the GIL and touches unpopulated pages (the
+  dirty-page gather, a checkpoint right after the start, a read of all of
+  RAM) is served: a handler needing the GIL would deadlock there;
+* a damaged page stops the VM with one ``error:`` line naming the checkpoint,
+  the page and the blob; the guest never runs on it;
+* SIGKILL at random moments of a lazy restore leaves the store intact;
+* without userfaultfd, ``--lazy`` says so in one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+from cli_helpers import export_image, ok, snapctl, stamp_data, stamp_model
+from kvm_helpers import kvm
+from rel_helpers import one_line_error, open_ro, run_cli, scaled, sigkill, spawn_snapctl, wait_for
+
+MEM = 16 << 20
+SEED = 9
+EVERY = 4000
+
+lazy_ok = pytest.mark.skipif(bool(__import__("storage.lazy", fromlist=["probe"]).probe()),
+                             reason="userfaultfd or the C extension is not available here")
+
+
+@pytest.fixture(scope="module")
+def stamp_store(tmp_path_factory):
+    """stamp on 16 MiB: base + 4 sync checkpoints, EVERY steps apart."""
+    store = tmp_path_factory.mktemp("lazy") / "s.db"
+    ok("run", "--mem", "16M", "--seed", SEED, "--checkpoints", 4, "--every-steps", EVERY, store=store)
+    return store
+
+
+def _listing(store) -> dict:
+    return {c["id"]: c for c in ok("list", "--json", store=store).json()}
+
+
+@kvm
+@lazy_ok
+def test_lazy_branches_equal_eager_branches_and_the_model(stamp_store, tmp_path):
+    store = tmp_path / "b.db"
+    shutil.copy(stamp_store, store)
+    lazy = ok("restore", 2, "--lazy", "--checkpoints", 3, "--every-steps", 3000, "--json", store=store).json()
+    eager = ok("restore", 2, "--checkpoints", 3, "--every-steps", 3000, "--json", store=store).json()
+    assert lazy["checkpoints"] == [5, 6, 7] and eager["checkpoints"] == [8, 9, 10]
+    st = lazy["lazy"]
+    assert st["error"] == 0 and st["populated"] == MEM // 4096
+    assert st["faults"] + st["background_pages"] >= st["populated"] - 512
+    listing = _listing(store)
+    for a, b in zip(lazy["checkpoints"], eager["checkpoints"]):
+        assert listing[a]["step"] == listing[b]["step"] == 2 * EVERY + 3000 * (a - 4)
+        assert listing[a]["digest"] == listing[b]["digest"], (a, b)
+        img = export_image(store, a, tmp_path)
+        assert np.array_equal(stamp_data(img, MEM, 1, 0), stamp_model(MEM, 1, 0, SEED, listing[a]["step"])), a
+    # replay --lazy re-executes 2 -> 3 and matches memory and registers
+    r = ok("replay", 2, "--lazy", "--json", store=store).json()
+    assert r["match"] and r["to"] == 3 and r["steps"] == [3 * EVERY]
+    # --steps after a lazy restore: exactly N more steps, then one checkpoint
+    r = ok("restore", 4, "--lazy", "--steps", 1234, "--json", store=store).json()
+    (k,) = r["checkpoints"]
+    img = export_image(store, k, tmp_path)
+    assert np.array_equal(stamp_data(img, MEM, 1, 0), stamp_model(MEM, 1, 0, SEED, 4 * EVERY + 1234))
+
+
+def _lazy_machine(st, ckpt, *, background: bool, system_first: bool = True):
+    """load_machine(lazy=True), optionally without the background fill (every page from a fault)
+    and without filling the system area first (page tables, code, mailbox from faults too)."""
+    from snapctl.checkpoint.engine import VcpuState, vcpu_state_name
+    from snapctl.checkpoint.lazy import serve_lazily
+    from snapctl.machine import Machine, MachineConfig
+
+    cfg = MachineConfig.from_dict(st.config)
+    states = [VcpuState.from_bytes(st.state(ckpt, vcpu_state_name(i))) for i in range(cfg.vcpus)]
+    m = Machine(cfg, boot=False)
+    try:
+        serve_lazily(st, ckpt, m, background=background, system_first=system_first)
+        m.restore_state(None, states)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+@kvm
+@lazy_ok
+@pytest.mark.parametrize("system_first", [True, False], ids=["system-area-first", "all-from-faults"])
+def test_kvm_initiated_faults_are_served_and_the_guest_computes_exactly(stamp_store, system_first):
+    """The vCPU's accesses reach guest RAM through KVM (get_user_pages on the host mapping):
+    data pages always fault; with ``system_first=False`` so do the page tables KVM walks, the
+    GDT, the code it fetches and the mailbox the VMM's Python thread reads (m.steps())."""
+    from storage import Store
+
+    with Store.open(str(stamp_store), readonly=True) as st, \
+            _lazy_machine(st, 1, background=False, system_first=system_first) as m:
+        m.pause_at_step(EVERY + 5000)
+        m.start()
+        m.wait_parked(timeout=120)
+        s = m.lazy.stats()
+        # only the system area (if any) was filled up front; everything else came from a fault
+        assert s["background_pages"] == (512 if system_first else 0)
+        assert s["faults"] > 1000 and not s["done"]
+        assert m.steps() == [EVERY + 5000]
+        data = m.memory.pages.copy()               # the rest faults in from this (GIL-holding) thread
+        assert np.array_equal(data[512:], stamp_model(MEM, 1, 0, SEED, EVERY + 5000))
+        assert m.lazy.stats()["populated"] == MEM // 4096
+
+
+@kvm
+@lazy_ok
+def test_placed_pages_are_not_dirty_and_guest_writes_are(stamp_store):
+    """Placing a page (UFFDIO_COPY) is neither a guest write (the ring never sees it) nor a
+    VMM write (it does not go through GuestMemory.write); the guest's writes after it are logged."""
+    from guest_models import Model, vcpu_seed
+    from storage import Store
+
+    with Store.open(str(stamp_store), readonly=True) as st, _lazy_machine(st, 1, background=True) as m:
+        m.lazy.wait(120)
+        assert m.lazy.stats()["populated"] == MEM // 4096
+        assert m.collect_dirty().size == 0                 # every page placed, none dirty
+        m.pause_at_step(EVERY + 1000)                      # the next yield (every 1000 steps)
+        m.start()
+        m.wait_parked(timeout=120)
+        assert m.steps() == [EVERY + 1000]
+        dirty = set(m.collect_dirty().tolist())
+    model = Model("stamp", vcpu_seed(SEED, 0), (MEM >> 12) - 512)
+    model.run_to(EVERY + 1000)
+    written = {512 + p for p in model.pages_written(EVERY, EVERY + 1000)}
+    assert written <= dirty and all(p < 512 for p in dirty - written), sorted(dirty - written)[:8]
+
+
+@kvm
+@lazy_ok
+def test_a_checkpoint_right_after_a_lazy_start_is_exact(stamp_store, tmp_path):
+    """The checkpoint's gather, the mailbox reads and a full read of RAM run on Python threads
+    that hold the GIL while they fault; the GIL-free handler serves them."""
+    from snapctl.checkpoint.engine import capture, commit
+    from storage import Store
+
+    store = tmp_path / "c.db"
+    shutil.copy(stamp_store, store)
+    with Store.open(str(store)) as st:
+        for trial in range(3):
+            # trial 1: the system area lazily too, so even the mailbox the capture reads
+            # (m.steps(), on this GIL-holding thread) arrives through a fault
+            with _lazy_machine(st, 3, background=trial == 2, system_first=trial != 1) as m:
+                m.start()
+                cap = capture(m, "async")               # at once: most of RAM is not populated yet
+                k, _ = commit(st, 3, cap)
+                time.sleep(0.02)
+                cap2 = capture(m, "async", resume=False)
+                k2, _ = commit(st, k, cap2)
+                live = m.memory.pages.copy()           # faults in every page still missing
+            for ck, step in ((k, cap.steps[0]), (k2, cap2.steps[0])):
+                img = np.empty((st.page_count, 4096), np.uint8)
+                st.materialize(ck, img)
+                got = stamp_data(img.reshape(-1), MEM, 1, 0)
+                # an async kick can land between the page store and the step store
+                assert any(np.array_equal(got, stamp_model(MEM, 1, 0, SEED, s)) for s in (step, step + 1)), \
+                    (trial, ck, step)
+            assert np.array_equal(live, img), trial    # nothing ran after the last capture
+
+
+def _damage_a_blob(path, ckpt: int) -> tuple[int, int]:
+    """Flip a byte inside a raw blob (a `fill` page: 4096 random bytes, unique in the file)
+    that checkpoint ``ckpt`` stored and its map names. Returns (blob, page)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    pages, blobs = (np.frombuffer(x, "<i8") for x in
+                    con.execute("SELECT pages, blobs FROM maps WHERE ckpt = ?", (ckpt,)).fetchone())
+    page_of = dict(zip(blobs.tolist(), pages.tolist()))
+    found = None
+    for first, ends, codecs, data in con.execute(
+            "SELECT p.first, p.ends, p.codecs, d.data FROM packs p JOIN pack_data d ON d.id = p.id "
+            "WHERE p.ckpt = ?", (ckpt,)):
+        e = np.frombuffer(ends, "<u4").tolist()
+        for i, end in enumerate(e):
+            start = e[i - 1] if i else 0
+            if codecs[i] == 0 and first + i in page_of and page_of[first + i] > 600:
+                found = (first + i, page_of[first + i], bytes(data[start:end]))
+                break
+        if found:
+            break
+    con.close()
+    assert found, "no raw blob in the checkpoint"
+    blob, page, raw = found
+    with open(path, "r+b") as f:
+        whole = f.read()
+        off = whole.find(raw)
+        assert off >= 0 and whole.find(raw, off + 1) < 0
+        f.seek(off + 100)
+        f.write(bytes([whole[off + 100] ^ 0x40]))
+    return blob, page
+
+
+@pytest.fixture(scope="module")
+def fill_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("lazyfill") / "f.db"
+    ok("run", "--guest", "fill", "--mem", "16M", "--seed", 3, "--checkpoints", 2, "--every-steps", 1500,
+       store=store)
+    return store
+
+
+@pytest.fixture
+def damaged(fill_store, tmp_path):
+    """A copy of ``fill_store`` with one page of checkpoint 2 damaged: (store, blob, page)."""
+    store = tmp_path / "d.db"
+    shutil.copy(fill_store, store)
+    return (store, *_damage_a_blob(store, 2))
+
+
+@kvm
+@lazy_ok
+def test_a_damaged_page_stops_the_vm_with_one_error_line(damaged):
+    store, blob, page = damaged
+    before = len(ok("list", "--json", store=store).json())
+    r = run_cli("restore", 2, "--lazy", "--checkpoints", 50, "--every-steps", 1500, store=store)
+    line = one_line_error(r, 1, "checkpoint 2", f"page {page}", f"blob {blob}")
+    assert "lazy restore" in line
+    # whatever was committed before the stop is exact: the damaged page was never populated,
+    # so never dirty; every new checkpoint still names the old (damaged) blob for it
+    with open_ro(store) as st:
+        for c in st.checkpoints()[before:]:
+            assert page not in st.diff(2, c.id).tolist()
+    # replay --lazy stops the same way; an eager restore refuses before the guest starts
+    one_line_error(run_cli("replay", 2, "--lazy", "--to", 2, store=store), 1, f"page {page}", f"blob {blob}")
+    n = len(ok("list", "--json", store=store).json())
+    one_line_error(run_cli("restore", 2, "--steps", 100, store=store), 1, "checkpoint 2", f"page {page}",
+                   f"blob {blob}")
+    assert len(ok("list", "--json", store=store).json()) == n
+
+
+@kvm
+@lazy_ok
+def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(damaged):
+    from snapctl.checkpoint.engine import lazy_errors
+    from storage import CorruptionError, Store
+
+    store, blob, page = damaged
+    with Store.open(str(store), readonly=True) as st, _lazy_machine(st, 2, background=False) as m:
+        m.pause_at_step(10 ** 9)
+        m.start()
+        # the vCPU's EFAULT on the page (or the watcher's stop) ends the run; the page is the cause
+        with pytest.raises(CorruptionError) as exc, lazy_errors(m):
+            m.wait_parked(timeout=120)
+        assert exc.value.page == page and exc.value.blob == blob and exc.value.checkpoint == 2
+        assert f"page {page}" in str(exc.value)
+        s = m.lazy.stats()
+        assert s["error_page"] == page and s["populated"] < MEM // 4096
+
+
+@kvm
+@lazy_ok
+def test_sigkill_during_a_lazy_restore_leaves_the_store_intact(stamp_store, tmp_path):
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    store = tmp_path / "k.db"
+    shutil.copy(stamp_store, store)
+    for t in range(scaled(5)):
+        with open_ro(store) as st:
+            last = max(c.id for c in st.checkpoints())
+        proc = spawn_snapctl("restore", last, "--lazy", "--checkpoints", 1000, "--every-steps", 1500, store=store)
+        wait_for(lambda: False, rng.uniform(0.0, 1.5))
+        sigkill(proc)
+        with open_ro(store) as st:
+            rep = st.verify()
+            assert rep.ok, (t, rep.problems)
+            cks = st.checkpoints()
+            for c in cks:
+                if c.id > last or c.id == 0:
+                    img = np.empty((st.page_count, 4096), np.uint8)
+                    st.materialize(c.id, img)
+                    assert np.array_equal(stamp_data(img.reshape(-1), MEM, 1, 0),
+                                          stamp_model(MEM, 1, 0, SEED, c.step)), \
+                        (t, c.id)
+    # and it keeps working, lazily
+    r = ok("restore", last, "--lazy", "--steps", 500, "--json", store=store).json()
+    assert len(r["checkpoints"]) == 1
+
+
+@kvm
+def test_without_userfaultfd_lazy_says_so_and_eager_still_works(stamp_store, tmp_path):
+    store = tmp_path / "n.db"
+    shutil.copy(stamp_store, store)
+    env = {"SNAPCTL_NO_USERFAULTFD": "1"}
+    for args in (("restore", 1, "--lazy", "--steps", 100), ("replay", 1, "--lazy")):
+        r = snapctl(*args, store=store, env=env)
+        one_line_error(r, 1, "userfaultfd")
+    assert len(ok("list", "--json", store=store).json()) == 5      # nothing was written
+    # eager restore without userfaultfd decodes into the mapping instead: the same checkpoint
+    r = snapctl("restore", 1, "--steps", 100, "--json", store=store, env=env)
+    assert r.code == 0 and r.json()["checkpoints"] == [5]
+    assert ok("restore", 1, "--steps", 100, "--json", store=store).json()["checkpoints"] == [6]
+    listing = _listing(store)
+    assert listing[5]["digest"] == listing[6]["digest"] and listing[5]["step"] == EVERY + 100
