@@ -28,6 +28,8 @@ class TrackerStats:
     last_reset_ms: float = 0.0
     last_pages: int = 0
     extra: dict = field(default_factory=dict)
+    #: ring entries harvested per vCPU id (the pages each vCPU dirtied); ring mode only
+    per_vcpu_entries: dict = field(default_factory=dict)
 
 
 def _unique(parts: list[np.ndarray]) -> np.ndarray:
@@ -97,6 +99,8 @@ class RingTracker(DirtyTracker):
             if slots.size:
                 parts.append(self.memory.slot_pages(slots, offsets))
                 self.stats.entries_harvested += int(slots.size)
+                per = self.stats.per_vcpu_entries
+                per[v.id] = per.get(v.id, 0) + int(slots.size)
         return parts
 
     def on_ring_full(self, vcpu) -> None:
