@@ -756,6 +756,57 @@ def tag(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag."
         _out(f"tagged {ckpt} as {R.safe(name)}")
 
 
+@app.command("dirty-rate")
+def dirty_rate(
+    seconds: float = typer.Option(2.0, "--seconds", metavar="S", help="How long to measure."),
+    from_: Optional[str] = typer.Option(None, "--from", metavar="ID", help="Restore this checkpoint instead of booting."),
+    sample_ms: float = typer.Option(100.0, "--sample-ms", metavar="MS",
+                                    help="Collect every MS ms: the figure is what checkpoints that often would copy."),
+    guest: str = typer.Option("stamp", metavar="NAME", help="Built-in guest (without --from)."),
+    mem: str = typer.Option("64M", metavar="SIZE", help="Guest RAM (without --from)."),
+    vcpus: int = typer.Option(1, metavar="N", help="vCPUs (without --from)."),
+    seed: str = typer.Option("1", metavar="N", help="Guest seed (without --from)."),
+    tracking: str = typer.Option("ring", metavar="ring|bitmap", help="Dirty tracking (without --from; per vCPU: ring)."),
+    param: List[str] = typer.Option([], "--param", metavar="NAME=VALUE", help="Guest parameter (repeatable)."),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measure how fast a guest dirties memory (pages/s, MiB/s, per vCPU); stores nothing."""
+    from .checkpoint.dirtyrate import measure
+    from .checkpoint.engine import load_machine
+    from .machine import Machine, MachineConfig
+
+    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
+        raise typer.BadParameter(f"must be from > 0 to 3600, got {seconds}", param_hint="--seconds")
+    if not (math.isfinite(sample_ms) and 1 <= sample_ms <= 60_000):
+        raise typer.BadParameter(f"must be from 1 to 60000, got {sample_ms}", param_hint="--sample-ms")
+    if tracking not in ("ring", "bitmap"):
+        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    ckpt = None
+    if from_ is not None:
+        with _open(store) as st:
+            ckpt = _resolve(st, from_)
+            machine = load_machine(st, ckpt, kvm_path=_kvm())
+    else:
+        cfg = MachineConfig(guest=guest, mem_size=_number(mem, "--mem", allow_zero=False), vcpus=vcpus,
+                            seed=_number(seed, "--seed"), tracking=tracking, params=_params(param))
+        machine = Machine(cfg, kvm_path=_kvm())
+    with machine, _progress(None, f"measuring for {seconds:g} s", as_json):
+        d = measure(machine, seconds, sample_ms)
+    d["from"] = ckpt
+    if as_json:
+        R.print_json(d)
+        return
+    src = f"checkpoint {ckpt}" if ckpt is not None else f"{R.safe(guest)} on {R.human(machine.config.mem_size)}"
+    _out(f"dirty rate of {src}: {d['seconds']} s, a collect every {sample_ms:g} ms ({d['samples']} samples), "
+         f"{d['tracking']} tracking")
+    rows = [["all vCPUs", f"{d['pages_per_s']:,.0f}", f"{d['mib_per_s']}"]]
+    rows += [[f"vcpu{v['vcpu']}", "-" if v["pages_per_s"] is None else f"{v['pages_per_s']:,.0f}",
+              "-" if v["mib_per_s"] is None else str(v["mib_per_s"])] for v in d["vcpus"]]
+    text, _ = R.table([R.Column(""), R.Column("pages/s", True), R.Column("MiB/s", True)], rows, "plain")
+    _out(text)
+
+
 # -- managing checkpoints and tags: delete, untag, rename-tag, vacuum -------------------------------
 
 @app.command()
