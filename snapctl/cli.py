@@ -982,11 +982,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _click_class(name: str) -> type[BaseException]:
     """typer may vendor click (typer._click): take its classes from its own hierarchy."""
-    import click
-
     for base in (*typer.BadParameter.__mro__, *typer.Exit.__mro__, *typer.Abort.__mro__):
         if base.__name__ == name:
             return base
+    import click
+
     return getattr(click.exceptions, name)
 
 
