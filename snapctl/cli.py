@@ -270,14 +270,19 @@ def _control_socket(path: str, request):
                 conn, _ = srv.accept()
             except OSError:
                 return
-            with conn, conn.makefile("rw") as f:
-                for line in f:
-                    if line.strip() == "checkpoint":
-                        request()
-                        f.write("ok\n")
-                    else:
-                        f.write(f"error: unknown request {line.strip()[:40]!r}; send \"checkpoint\"\n")
-                    f.flush()
+            # a reader apart from the answers: writing through one "rw" text file
+            # would drop the lines it had already read ahead
+            with conn, conn.makefile("r", errors="replace") as lines:
+                try:
+                    for line in lines:
+                        if line.strip() == "checkpoint":
+                            request()
+                            conn.sendall(b"ok\n")
+                        else:
+                            what = R.safe(line.strip()[:40])
+                            conn.sendall(f"error: unknown request {what!r}; send \"checkpoint\"\n".encode())
+                except OSError:  # the client went away
+                    pass
 
     threading.Thread(target=serve, name="snapctl-control", daemon=True).start()
 
