@@ -39,7 +39,8 @@ def _argv_env(args, store: Path | None, env: dict | None) -> tuple[list[str], di
 def snapctl(*args: str, store: Path | None = None, env: dict | None = None, timeout: float = 300,
             tty: bool = False, stdin: bytes | None = None) -> Result:
     """Run `python -m snapctl ARGS [--store STORE]` and collect what it printed.
-    ``tty``: stdout and stderr are one pseudo-terminal (``out`` gets both; ``err`` is empty)."""
+    ``tty``: stdin, stdout and stderr are one pseudo-terminal (``out`` gets both, and the
+    echo of ``stdin``, typed into it; ``err`` is empty)."""
     argv, e = _argv_env(args, store, env)
     if not tty:
         p = subprocess.run(argv, capture_output=True, timeout=timeout, env=e, input=stdin)
@@ -49,12 +50,10 @@ def snapctl(*args: str, store: Path | None = None, env: dict | None = None, time
     import time
 
     master, slave = pty.openpty()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, stdout=slave,
-                         stderr=slave, env=e, close_fds=True)
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=e, close_fds=True)
     os.close(slave)
     if stdin is not None:
-        p.stdin.write(stdin)
-        p.stdin.close()
+        os.write(master, stdin)
     chunks, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
         ready, _, _ = select.select([master], [], [], 0.2)

@@ -248,6 +248,19 @@ def test_prune_previews_then_shrinks_the_file(tmp_path):
 
 
 @kvm
+def test_prune_on_a_terminal_asks_first(tmp_path):
+    store = tmp_path / "q.db"
+    ok("run", "--mem", "8M", "--checkpoints", 3, "--every-steps", 2000, store=store)
+    before = file_digest(store)
+    r = snapctl("prune", "--keep-last", 1, store=store, tty=True, stdin=b"n\n")
+    assert r.code == 1 and "would remove 2 checkpoints" in r.out and "nothing removed (not confirmed)" in r.out
+    assert file_digest(store) == before
+    r = snapctl("prune", "--keep-last", 1, store=store, tty=True, stdin=b"y\n")
+    assert r.code == 0 and "removed 2 checkpoints: 1, 2" in r.out
+    assert [c["id"] for c in ok("list", "--json", store=store).json()] == [0, 3]
+
+
+@kvm
 def test_prune_without_vacuum_then_vacuum(tmp_path):
     store = tmp_path / "v.db"
     ok("run", "--mem", "16M", "--guest", "fill", "--checkpoints", 6, "--every-steps", 3000, store=store)
