@@ -402,12 +402,13 @@ def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
     rows = []
     for c in cks:
         s = c.stats
-        rows.append([str(c.id), "-" if c.parent is None else str(c.parent), str(c.step), R.safe(c.trigger),
-                     R.iso(c.created), str(s.get("dirty_pages", 0)), str(s.get("stored_bytes", 0)),
-                     str(s.get("downtime_ms", "-")), ",".join(R.safe(t) for t in c.tags)])
+        rows.append([str(c.id), "-" if c.parent is None else str(c.parent), R.safe(c.step), R.safe(c.trigger),
+                     R.iso(c.created), R.safe(s.get("dirty_pages", 0)), R.safe(s.get("stored_bytes", 0)),
+                     R.safe(s.get("downtime_ms", "-")), ",".join(R.safe(t) for t in c.tags)])
         if fmt == "table":  # for people: separators and units
-            rows[-1][2], rows[-1][5] = f"{c.step:,}", f"{s.get('dirty_pages', 0):,}"
-            rows[-1][6] = R.human(s.get("stored_bytes", 0))
+            rows[-1][2], rows[-1][5] = R.num(c.step), R.num(s.get("dirty_pages", 0))
+            stored = s.get("stored_bytes", 0)
+            rows[-1][6] = R.human(stored) if isinstance(stored, (int, float)) else R.safe(stored)
             rows[-1][4] = R.iso(c.created)[5:19].replace("T", " ")
             rows[-1][8] = ", ".join(R.safe(t) for t in c.tags)
     text, dropped = R.table(cols, rows, fmt, _width() if fmt == "table" else None)
@@ -418,7 +419,7 @@ def list_(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt,
 
 def _tree_label(c) -> str:
     tags = f"  [{', '.join(R.safe(t) for t in c.tags)}]" if c.tags else ""
-    return f"{c.id}  {R.safe(c.trigger)}  step {c.step:,}{tags}"
+    return f"{c.id}  {R.safe(c.trigger)}  step {R.num(c.step)}{tags}"
 
 
 @app.command()
@@ -443,7 +444,7 @@ def show(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag.
         R.print_json(d)
         return
     rows = [("parent", "-" if c.parent is None else str(c.parent)), ("children", R.ids_text(children)),
-            ("step", f"{c.step:,}"), ("steps", ", ".join(map(str, d["steps"]))), ("trigger", R.safe(c.trigger)),
+            ("step", R.num(c.step)), ("steps", ", ".join(map(R.safe, d["steps"]))), ("trigger", R.safe(c.trigger)),
             ("tags", ", ".join(R.safe(t) for t in c.tags) or "-"), ("digest", d["digest"]), ("created", d["created"])]
     rows += [(R.safe(k), R.safe(v)) for k, v in d["stats"].items()]
     for i, r in enumerate(vcpus):
@@ -475,7 +476,7 @@ def restore(
         last_before = max(c.id for c in st.checkpoints())
         total = 1 if sched.stop_after else sched.count
         try:
-            with _on_demand(control) as hook, _progress(total, f"from {ckpt}", as_json, live=True) as adv:
+            with _on_demand(control) as hook, _progress(total, f"restore {ckpt}", as_json, live=True) as adv:
                 summary = restore_(st, ckpt, sched, on_checkpoint=_live(adv), kvm_path=_kvm(), precopy=precopy,
                                    on_checkpointer=hook).as_dict()
         except Interrupted:
@@ -693,35 +694,35 @@ def _confirm(rep, yes: bool, as_json: bool) -> None:
         raise Failure("nothing removed (not confirmed)")
 
 
-def _remove(st, path: str, *, keep_last, keep_ids, keep_tagged: bool, dry_run: bool, yes: bool,
-            vacuum: bool, as_json: bool, what: str) -> None:
-    """prune and delete: preview, confirm on a terminal, remove, give the space back."""
-    preview = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged, dry_run=True)
-    before = _file_bytes(path)
-    if dry_run or not preview.removed:
-        if as_json:
-            R.print_json(R.prune_json(preview, before, before))
-        else:
-            if not preview.removed:
-                _out(f"nothing to {what}")
-            _removal_text(preview, before, before, True)
-        return
-    _confirm(preview, yes, as_json)
-    with _progress(None, f"{what}: rewriting the kept checkpoints' maps", as_json):
-        rep = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged)
-    if vacuum:
-        with _progress(None, "vacuum: compacting the store file", as_json):
-            st.vacuum()
-    return rep, before
-
-
-def _removal_done(rep, path: str, before: int, vacuum: bool, as_json: bool) -> None:
-    """After the store is closed (its WAL copied back): the file size now."""
-    after = _file_bytes(path) if vacuum else None
+def _remove(store: Optional[str], select, *, keep_tagged: bool, dry_run: bool, yes: bool, vacuum: bool,
+            as_json: bool, what: str) -> None:
+    """prune and delete: ``select(st)`` -> (keep_last, keep_ids); preview, confirm on a
+    terminal, remove, give the space back, report the file size (once the store is
+    closed and its WAL copied back)."""
+    path = _store_path(store)
+    with _open(store, write=not dry_run) as st:
+        keep_last, keep_ids = select(st)
+        preview = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged, dry_run=True)
+        before = _file_bytes(path)
+        if dry_run or not preview.removed:
+            if as_json:
+                R.print_json(R.prune_json(preview, before, before))
+            else:
+                if not preview.removed:
+                    _out(f"nothing to {what}")
+                _removal_text(preview, before, before, True)
+            return
+        _confirm(preview, yes, as_json)
+        with _progress(None, f"{what}: rewriting the kept checkpoints' maps", as_json):
+            rep = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged)
+        if vacuum:
+            with _progress(None, "vacuum: compacting the store file", as_json):
+                st.vacuum()
+    after = _file_bytes(path)
     if as_json:
-        R.print_json(R.prune_json(rep, before, _file_bytes(path)))
+        R.print_json(R.prune_json(rep, before, after))
     else:
-        _removal_text(rep, before, after, vacuum)
+        _removal_text(rep, before, after if vacuum else None, vacuum)
 
 
 @app.command()
@@ -737,14 +738,8 @@ def prune(keep_last: Optional[int] = typer.Option(None, "--keep-last", metavar="
         raise typer.BadParameter("give exactly one of --keep-last N or --keep ID ...", param_hint="--keep-last")
     if keep_last is not None and keep_last < 1:
         raise typer.BadParameter(f"must be >= 1, got {keep_last}", param_hint="--keep-last")
-    path = _store_path(store)
-    with _open(store, write=not dry_run) as st:
-        ids = [_resolve(st, k) for k in keep]
-        done = _remove(st, path, keep_last=keep_last, keep_ids=ids, keep_tagged=True, dry_run=dry_run, yes=yes,
-                       vacuum=vacuum, as_json=as_json, what="prune")
-    if done:
-        rep, before = done
-        _removal_done(rep, path, before, vacuum, as_json)
+    _remove(store, lambda st: (keep_last, [_resolve(st, k) for k in keep]), keep_tagged=True, dry_run=dry_run,
+            yes=yes, vacuum=vacuum, as_json=as_json, what="prune")
 
 
 @app.command()
@@ -822,17 +817,13 @@ def delete(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or ta
            vacuum: bool = typer.Option(True, "--vacuum/--no-vacuum",
                                        help="Compact the file afterwards, so it shrinks (rewrites the store).")) -> None:
     """Delete one checkpoint (and its tags); its children branch from its parent and restore as before."""
-    path = _store_path(store)
-    with _open(store, write=not dry_run) as st:
+    def select(st):
         ckpt = _resolve(st, id)
         if st.get(ckpt).parent is None:
             raise Failure(f"checkpoint {ckpt} is the base of the tree; every other checkpoint is stored against it")
-        others = [c.id for c in st.checkpoints() if c.id != ckpt]
-        done = _remove(st, path, keep_last=None, keep_ids=others, keep_tagged=False, dry_run=dry_run, yes=yes,
-                       vacuum=vacuum, as_json=as_json, what="delete")
-    if done:
-        rep, before = done
-        _removal_done(rep, path, before, vacuum, as_json)
+        return None, [c.id for c in st.checkpoints() if c.id != ckpt]
+
+    _remove(store, select, keep_tagged=False, dry_run=dry_run, yes=yes, vacuum=vacuum, as_json=as_json, what="delete")
 
 
 @app.command()

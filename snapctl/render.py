@@ -43,6 +43,12 @@ def safe(text) -> str:
     return "".join(out)
 
 
+def num(v) -> str:
+    """An integer with thousands separators; anything else (a damaged or
+    crafted store) as escaped text."""
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else "-" if v is None else safe(v)
+
+
 def iso(ts: float | None) -> str | None:
     """ISO-8601 UTC with milliseconds: 2026-11-29T15:24:21.123Z."""
     if ts is None:

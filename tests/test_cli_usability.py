@@ -19,17 +19,10 @@ import pytest
 
 from cli_helpers import file_digest, ok, snapctl, spawn
 from kvm_helpers import kvm
+from rel_helpers import one_line_error
 
 ROOT = Path(__file__).parents[1]
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
-
-
-def one_line_error(r, code: int, *needles: str) -> str:
-    assert r.code == code, (r.code, r.out, r.err)
-    assert r.err.endswith("\n") and r.err.count("\n") == 1 and r.err.startswith("error: "), repr(r.err)
-    for n in needles:
-        assert n.lower() in r.err.lower(), (n, r.err)
-    return r.err
 
 
 @pytest.fixture(scope="module")
