@@ -152,7 +152,7 @@ def test_replay_across_branches_is_refused_up_front_with_exit_2(branched):
 
 # -- 4. Ctrl-C -------------------------------------------------------------------------------
 
-def _wait_for_checkpoints(store: Path, n: int, proc, timeout: float = 60) -> None:
+def _wait_for_checkpoints(store: Path, n: int, proc, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -218,8 +218,12 @@ def test_sigusr1_and_the_control_socket_take_a_checkpoint_now(tmp_path, mode):
     manual = [c for c in listing if c["trigger"] == "manual"]
     assert len(manual) >= 2 and all(c["parent"] == c["id"] - 1 for c in listing[1:])
     assert ok("verify", "--json", store=store).json()["ok"] and not sock.exists()
-    r = ok("replay", manual[0]["parent"], "--to", manual[0]["id"], "--json", store=store).json()
-    assert r["match"] and r["compared"] == ["memory"]
+    # a manual checkpoint is a kick wherever the guest is, like an async one: memory is
+    # compared (registers are not), and it may be one page write past its step count
+    r = snapctl("replay", manual[0]["parent"], "--to", manual[0]["id"], "--json", store=store)
+    d = r.json()
+    assert d["compared"] == ["memory"] and d["match"] is (r.code == 0)
+    assert d["match"] or (r.code == 1 and d["differing_page_count"] == 1), d
 
 
 # -- 5 and 6. prune: preview, human text, the file shrinks; delete, vacuum, tags ------------------
