@@ -5,6 +5,8 @@ kicked wherever they are), printing the pause and delta size of each, the
 way a fault-tolerance loop would ship each delta to a standby host.
 
     python examples/colo_periodic.py [store.db] [seconds]
+
+The store must be new (default: one in a fresh temporary directory).
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ INTERVAL_MS = 20
 
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(tempfile.mkdtemp(), "colo.db")
-    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
+    try:
+        seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
+    except ValueError:
+        sys.exit(f"error: seconds must be a number, got {sys.argv[2]!r}")
+    if os.path.lexists(path):
+        sys.exit(f"error: {path} already exists; give a new store path (this example starts a new store)")
     cfg = MachineConfig(guest="hotset", mem_size=64 << 20, params={"hot_pages": 512, "hot_percent": 95})
     with Machine(cfg) as vm, Store.create(path, cfg.to_dict()) as store:
         cp = Checkpointer(vm, store, parent=None)

@@ -10,7 +10,7 @@ snapctl run --guest stamp --mem 16M --checkpoints 8 --every-steps 20000
 # 2. Pick an address and ask when its page changed.
 ADDR=0x2a3000
 snapctl history "$ADDR"
-CHANGED=$(snapctl history "$ADDR" --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["checkpoints"]; print(c[-1]["id"] if c else "")')
+CHANGED=$(snapctl history "$ADDR" --json | python3 -c 'import json,sys; c=json.load(sys.stdin)["checkpoints"]; print(c[-1] if c else "")')
 if [ -z "$CHANGED" ]; then echo "page never changed; pick another ADDR"; exit 0; fi
 BEFORE=$(snapctl show "$CHANGED" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["parent"])')
 echo "page at $ADDR last changed in checkpoint $CHANGED (parent $BEFORE)"

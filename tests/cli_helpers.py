@@ -26,15 +26,57 @@ class Result:
         return json.loads(self.out)
 
 
-def snapctl(*args: str, store: Path | None = None, env: dict | None = None, timeout: float = 300) -> Result:
+def _argv_env(args, store: Path | None, env: dict | None) -> tuple[list[str], dict]:
     argv = [sys.executable, "-m", "snapctl", *map(str, args)]
     if store is not None:
         argv += ["--store", str(store)]
     e = dict(os.environ, COLUMNS="200")
     e.pop("SNAPCTL_STORE", None)
     e.update(env or {})
-    p = subprocess.run(argv, capture_output=True, timeout=timeout, env=e)
-    return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.stdout)
+    return argv, e
+
+
+def snapctl(*args: str, store: Path | None = None, env: dict | None = None, timeout: float = 300,
+            tty: bool = False, stdin: bytes | None = None) -> Result:
+    """Run `python -m snapctl ARGS [--store STORE]` and collect what it printed.
+    ``tty``: stdin, stdout and stderr are one pseudo-terminal (``out`` gets both, and the
+    echo of ``stdin``, typed into it; ``err`` is empty)."""
+    argv, e = _argv_env(args, store, env)
+    if not tty:
+        p = subprocess.run(argv, capture_output=True, timeout=timeout, env=e, input=stdin)
+        return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.stdout)
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=e, close_fds=True)
+    os.close(slave)
+    if stdin is not None:
+        os.write(master, stdin)
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif p.poll() is not None:
+            break
+    os.close(master)
+    code = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    raw = b"".join(chunks)
+    return Result(code, raw.decode(errors="replace"), "", raw)
+
+
+def spawn(*args: str, store: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start `python -m snapctl ARGS` and return it running (to signal it); pipes for stdout/stderr."""
+    argv, e = _argv_env(args, store, env)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
 
 
 def ok(*args, **kw) -> Result:

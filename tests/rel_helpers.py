@@ -67,11 +67,12 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 
 def one_line_error(r, code: int, *needles: str) -> str:
-    """Exit ``code``, exactly one non-empty stderr line starting with ``error:``, no traceback."""
+    """Exit ``code``, stderr exactly one line starting with ``error:`` (no blank line
+    before it either), no traceback."""
     assert r.code == code, (r.code, r.out[-500:], r.err[-2000:])
     assert "Traceback" not in r.err, r.err
     lines = [l for l in r.err.splitlines() if l.strip()]
-    assert len(lines) == 1, r.err
+    assert len(lines) == 1 and r.err == lines[0] + "\n", repr(r.err)
     assert lines[0].startswith("error: "), lines[0]
     for n in needles:
         assert n.lower() in lines[0].lower(), (n, lines[0])

@@ -28,8 +28,8 @@ def demo(store_path: str, *, on_step=None, on_checkpoint=None, kvm_path: str = "
     say("run: stamp on 64 MiB, base + 20 async checkpoints every 25 ms")
     first = run(store_path, cfg, Schedule(count=20, interval_ms=25), on_checkpoint=on_checkpoint, kvm_path=kvm_path)
     with Store.open(store_path) as store:
-        say("restore: checkpoint 10, then 5 sync checkpoints every 200000 steps (a branch)")
-        branch = restore(store, 10, Schedule(count=5, every_steps=200_000), on_checkpoint=on_checkpoint,
+        say("restore: checkpoint 10, then 5 sync checkpoints every 50000 steps (a branch)")
+        branch = restore(store, 10, Schedule(count=5, every_steps=50_000), on_checkpoint=on_checkpoint,
                          kvm_path=kvm_path)
         a, b = branch.checkpoints[0], branch.checkpoints[1]
         say(f"replay: restore {a}, re-execute to {b}'s step, compare memory and registers")

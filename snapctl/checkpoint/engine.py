@@ -78,6 +78,17 @@ class RunSummary:
     pauses_ms: list[float] = field(default_factory=list)
     dirty_pages: list[int] = field(default_factory=list)   #: per checkpoint, in order
     lazy: dict | None = None   #: a lazy restore's handler statistics (storage.lazy.LazyImage.stats)
+    #: guest run time and pages dirtied in it, over Checkpointer.run calls (not the base)
+    run_seconds: float = 0.0
+    run_pages: int = 0
+
+    def dirty_rate(self) -> dict | None:
+        """Pages the guest dirtied per second while checkpointed (None before it ran)."""
+        if self.run_seconds <= 0:
+            return None
+        per_s = self.run_pages / self.run_seconds
+        return {"pages_per_s": round(per_s, 1), "mib_per_s": round(per_s * PAGE / 2**20, 2),
+                "seconds": round(self.run_seconds, 3)}
 
     def as_dict(self) -> dict:
         p = self.pauses_ms
@@ -88,6 +99,7 @@ class RunSummary:
             "pause_ms_median": round(statistics.median(p), 3) if p else None,
             "pause_ms_max": round(max(p), 3) if p else None,
             **({"lazy": self.lazy} if self.lazy is not None else {}),
+            "dirty_rate": self.dirty_rate(),
         }
 
 
@@ -358,6 +370,38 @@ class Checkpointer:
         self.depth = depth
         machine.tracker.precopy = precopy
         self._pool = StagingPool(depth + 2, hint_pages=min(machine.memory.npages, 8192))
+        self._demand = threading.Event()
+
+    def request(self) -> None:
+        """Ask for a checkpoint now (trigger "manual"), e.g. from a SIGUSR1 handler:
+        only sets an event; :meth:`run` takes it between its scheduled ones."""
+        self._demand.set()
+
+    def _sleep(self, seconds: float, take) -> None:
+        """Sleep ``seconds`` (async schedules), taking requested checkpoints meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._demand.wait(left):
+                self._demand.clear()
+                take("manual", False)
+
+    def _wait_parked(self, take) -> None:
+        """Wait for every vCPU to hold (sync schedules), taking requested checkpoints
+        meanwhile. A request that finds a vCPU already holding at its step target
+        waits for that scheduled checkpoint (resuming would release the hold)."""
+        m, deferred = self.machine, False
+        while not m.wait_parked(0.05, or_timeout=True):
+            if deferred or not self._demand.is_set():
+                continue
+            self._demand.clear()
+            m.pause()
+            if any(m.holding()):
+                m.resume(keep_holds=True)
+                deferred = True
+            else:
+                take("manual", True)  # resumes; the step targets stay set
+        if deferred:
+            self._demand.set()
 
     def background_writer(self) -> Writer:
         """A writer committing this chain's captures behind a bounded queue (close it at the end)."""
@@ -405,6 +449,7 @@ class Checkpointer:
         schedule.validate()
         m = self.machine
         start_steps = m.steps()
+        t_run, pages_before = time.perf_counter(), self.summary.pages
         writer = Writer(self.store, self.parent, depth=self.depth, on_commit=self._account) if self.background else None
 
         def take(trigger: str, already_paused: bool) -> None:
@@ -419,12 +464,12 @@ class Checkpointer:
             if schedule.stop_after is not None:
                 m.set_stop_at([s + schedule.stop_after for s in start_steps])
                 m.start()
-                m.wait_parked(timeout=None)
+                self._wait_parked(take)
                 take("sync", True)
             elif schedule.interval_ms is not None:
                 m.start()
                 for _ in range(schedule.count):
-                    time.sleep(schedule.interval_ms / 1e3)
+                    self._sleep(schedule.interval_ms / 1e3, take)
                     take("async", False)
             else:
                 every = schedule.every_steps or 100 * m.config.steps_per_yield
@@ -436,14 +481,19 @@ class Checkpointer:
                     m.pause_at_step(target(1))
                 m.start()
                 for k in range(1, schedule.count + 1):
-                    m.wait_parked(timeout=None)
+                    self._wait_parked(take)
                     if k < schedule.count:
                         m.pause_at_step(target(k + 1))  # before capture() resumes the guest
                     take("sync", True)
+            if self._demand.is_set():  # requested during the last wait
+                self._demand.clear()
+                take("manual", False)
         finally:
             m.pause()
             if writer is not None:
                 writer.close()
+            self.summary.run_seconds += time.perf_counter() - t_run
+            self.summary.run_pages += self.summary.pages - pages_before
         return self.summary
 
 
@@ -480,7 +530,7 @@ def prepare_new_store(store_path: str) -> None:
 
 
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
-        kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
+        kvm_path: str = "/dev/kvm", precopy: bool = False, on_checkpointer=None) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
@@ -488,6 +538,8 @@ def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkp
         store = Store.create(store_path, config.to_dict())
         with store:
             cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy)
+            if on_checkpointer is not None:  # e.g. to call cp.request() on SIGUSR1
+                on_checkpointer(cp)
             cp.base()
             return cp.run(schedule)
 
@@ -529,13 +581,16 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
-            kvm_path: str = "/dev/kvm", precopy: bool = False, lazy: bool = False) -> RunSummary:
+            kvm_path: str = "/dev/kvm", precopy: bool = False, lazy: bool = False,
+            on_checkpointer=None) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it.
     ``lazy``: the guest starts before its memory is restored (see :func:`load_machine`)."""
     schedule.validate()
     store.claim()  # another process writing the store: say so before the guest runs
     with load_machine(store, ckpt, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
         cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
+        if on_checkpointer is not None:
+            on_checkpointer(cp)
         summary = cp.run(schedule)
         if m.lazy is not None:
             summary.lazy = m.lazy.stats()
@@ -565,13 +620,14 @@ class ReplayResult:
     differing_pages: list[int]
     differing_registers: dict[str, tuple[int, int]]  # "vcpu0.rip": (replayed, recorded)
     note: str = ""
+    registers_compared: bool = False  # sync targets only: an async kick lands mid-loop
 
     def as_dict(self) -> dict:
         return {"from": self.source, "to": self.target, "match": self.match, "steps": self.steps,
                 "target_steps": self.target_steps, "differing_pages": self.differing_pages[:64],
                 "differing_page_count": len(self.differing_pages),
                 "differing_registers": {k: {"replayed": a, "recorded": b} for k, (a, b) in self.differing_registers.items()},
-                "note": self.note}
+                "note": self.note, "registers_compared": self.registers_compared}
 
 
 def next_in_branch(store: Store, ckpt: int) -> int:
@@ -579,6 +635,18 @@ def next_in_branch(store: Store, ckpt: int) -> int:
     if not kids:
         raise ValueError(f"checkpoint {ckpt} has no later checkpoint in its branch; give --to")
     return min(kids)
+
+
+def unreachable(store: Store, source: int, target: int) -> str:
+    """Why re-executing ``source`` cannot reach ``target`` ("" when it can):
+    ``target`` must be ``source`` or a descendant, at or after its guest steps."""
+    if source not in store.path(target):
+        return f"checkpoint {target} is not {source} or a descendant of it (see `snapctl list --tree`)"
+    t, s = store.get(target), store.get(source)
+    t_steps, s_steps = list(t.meta.get("steps") or [t.step]), list(s.meta.get("steps") or [s.step])
+    if any(a < b for a, b in zip(t_steps, s_steps)):
+        return f"checkpoint {target} is behind {source} in guest steps"
+    return ""
 
 
 def replay(store: Store, source: int, target: int | None = None, *, kvm_path: str = "/dev/kvm",
@@ -623,7 +691,8 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
         live = m.memory.pages
         differ = np.flatnonzero((live != expected).any(axis=1)).tolist()
         regs = {}
-        if info_t.trigger in ("sync", "base") and m.paused:
+        compared = info_t.trigger in ("sync", "base") and m.paused
+        if compared:
             got = [st.registers() for st in m.capture_vcpus()]
             want = [VcpuState.from_bytes(store.state(target, vcpu_state_name(i))).registers()
                     for i in range(cfg.vcpus)]
@@ -631,7 +700,5 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
                 for name in g:
                     if g[name] != w[name]:
                         regs[f"vcpu{i}.{name}"] = (g[name], w[name])
-        elif info_t.trigger == "async":
-            note = (note + "; " if note else "") + "async target: registers not compared"
     match = not differ and not regs and steps == t_steps and not unreachable
-    return ReplayResult(source, target, match, steps, t_steps, differ, regs, note)
+    return ReplayResult(source, target, match, steps, t_steps, differ, regs, note, compared)

@@ -268,6 +268,12 @@ def program_output(store: Store, ckpt: int, *, stderr: bool = False) -> bytes:
     return streams(store, store.path(ckpt), STDERR if stderr else STDOUT)
 
 
+#: what ``ProgramReplay.compared`` says -> its token in JSON
+_COMPARED_TOKENS = {"system-call count": "syscall count", "stdout": "stdout", "stderr": "stderr",
+                    "outside-world results consumed": "outside-world log", "memory (every page)": "memory",
+                    "registers": "registers", "program state (VMAs, fds, brk, frames)": "program state"}
+
+
 @dataclass
 class ProgramReplay:
     source: int
@@ -283,10 +289,16 @@ class ProgramReplay:
     note: str = ""
 
     def as_dict(self) -> dict:
+        """The shape of a built-in guest's replay (docs/cli.md), steps being system calls;
+        ``compared`` names what was compared in short tokens."""
         return {"from": self.source, "to": self.target, "match": self.match, "trigger": self.trigger,
-                "syscalls": self.syscalls, "target_syscalls": self.target_syscalls, "compared": self.compared,
-                "differing_pages": self.differing_pages[:64], "differing_page_count": len(self.differing_pages),
-                "differing_registers": self.differing_registers, "differences": self.differences, "note": self.note}
+                "steps": [self.syscalls], "target_steps": [self.target_syscalls],
+                "compared": [_COMPARED_TOKENS[c] for c in self.compared],
+                "differing_pages": [hex(p * PAGE) for p in self.differing_pages[:64]],
+                "differing_page_count": len(self.differing_pages),
+                "differing_registers": {k: {"replayed": hex(v["replayed"]), "recorded": hex(v["recorded"])}
+                                        for k, v in self.differing_registers.items()},
+                "differences": self.differences, "note": self.note}
 
 
 def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/dev/kvm",

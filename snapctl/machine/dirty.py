@@ -28,6 +28,10 @@ class TrackerStats:
     last_reset_ms: float = 0.0
     last_pages: int = 0
     extra: dict = field(default_factory=dict)
+    #: vCPU id -> distinct pages it wrote, summed over collects (ring mode with count_per_vcpu)
+    per_vcpu_pages: dict = field(default_factory=dict)
+    #: ring entries harvested per vCPU id (the pages each vCPU dirtied); ring mode only
+    per_vcpu_entries: dict = field(default_factory=dict)
 
 
 def _unique(parts: list[np.ndarray]) -> np.ndarray:
@@ -49,6 +53,10 @@ class DirtyTracker:
         # after their reset (so any later write is logged again and re-copied).
         self.precopy = False
         self._early: list[tuple[np.ndarray, np.ndarray]] = []
+        # Per-vCPU accounting (`snapctl dirty-rate`); off for checkpoints: it costs
+        # a unique() per vCPU inside the pause.
+        self.count_per_vcpu = False
+        self._vcpu_parts: dict[int, list[np.ndarray]] = {}
 
     def on_ring_full(self, vcpu) -> None:  # pragma: no cover - ring only
         raise NotImplementedError
@@ -62,6 +70,11 @@ class DirtyTracker:
             parts += self._pending
             self._pending = []
         parts.append(self.memory.take_vmm_written())
+        if self.count_per_vcpu:
+            with self._pending_lock:
+                vparts, self._vcpu_parts = self._vcpu_parts, {}
+            for i, ps in vparts.items():
+                self.stats.per_vcpu_pages[i] = self.stats.per_vcpu_pages.get(i, 0) + int(_unique(ps).size)
         pages = _unique(parts)
         self.stats.collects += 1
         self.stats.last_pages = int(pages.size)
@@ -97,6 +110,11 @@ class RingTracker(DirtyTracker):
             if slots.size:
                 parts.append(self.memory.slot_pages(slots, offsets))
                 self.stats.entries_harvested += int(slots.size)
+                if self.count_per_vcpu:
+                    with self._pending_lock:
+                        self._vcpu_parts.setdefault(v.id, []).append(parts[-1])
+                per = self.stats.per_vcpu_entries
+                per[v.id] = per.get(v.id, 0) + int(slots.size)
         return parts
 
     def on_ring_full(self, vcpu) -> None:

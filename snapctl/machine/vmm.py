@@ -442,12 +442,15 @@ class Machine:
                 raise MachineError(f"vCPUs did not stop within {timeout} s ({self._runner_report()})")
             self._check_error()
 
-    def resume(self) -> None:
-        """Release every parked or holding vCPU."""
+    def resume(self, *, keep_holds: bool = False) -> None:
+        """Release every parked or holding vCPU (``keep_holds``: release only the
+        paused ones; a vCPU holding at its step target or stop port stays)."""
         with self._cond:
             self._check_error()
             self._pause_req = False
             for r in self._runners:
+                if keep_holds and r.hold:
+                    continue
                 r.hold = False
                 # Cleared here, not by the waking thread: a wait_parked() right
                 # after resume() must not see the stale "parked" of the old pause.
@@ -478,8 +481,9 @@ class Machine:
         for r, s in zip(self._runners, self._per_vcpu(step)):
             self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, s)
 
-    def wait_parked(self, timeout: float | None = 60.0) -> None:
-        """Wait until every vCPU is parked (holding at a target/stop, or paused)."""
+    def wait_parked(self, timeout: float | None = 60.0, *, or_timeout: bool = False) -> bool:
+        """Wait until every vCPU is parked (holding at a target/stop, or paused).
+        ``or_timeout``: return False at the timeout instead of raising."""
         done = lambda: all(r.parked for r in self._runners) or self._error  # noqa: E731
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -489,10 +493,18 @@ class Machine:
             while not done():
                 left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
                 if left <= 0:
+                    if or_timeout:
+                        return False
                     raise MachineError(f"vCPUs did not reach their hold point within {timeout} s "
                                        f"({self._runner_report()})")
                 self._cond.wait(left)
             self._check_error()
+            return True
+
+    def holding(self) -> list[bool]:
+        """Per vCPU: is it holding at its step target or stop port?"""
+        with self._cond:
+            return [r.hold for r in self._runners]
 
     def _runner_report(self) -> str:
         """Each vCPU's control state and mailbox, for a timeout's message."""
@@ -524,12 +536,8 @@ class Machine:
 
     def wait_parked_for(self, timeout: float) -> bool:
         """Like :meth:`wait_parked` but returns False instead of raising when time runs out."""
-        with self._cond:
-            done = self._cond.wait_for(lambda: all(r.parked for r in self._runners) or self._error, timeout)
-            self._check_error()
-            return bool(done)
+        return self.wait_parked(timeout, or_timeout=True)
 
-    @property
     def paused(self) -> bool:
         return all(r.parked for r in self._runners)
 
