@@ -329,7 +329,7 @@ def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[f
 
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(
-    program_args: Optional[List[str]] = typer.Argument(None, metavar="[-- ARG...]",
+    program_args: Optional[List[str]] = typer.Argument(None, metavar="-- ARG...",
                                                         help="Arguments for --program (after --)."),
     program: Optional[str] = typer.Option(None, "--program", metavar="PATH",
                                           help="Run this Linux program (x86-64 ELF) as the guest."),
@@ -674,7 +674,7 @@ def read(
     id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag."),
     addr: str = typer.Argument(..., metavar="ADDR|SYMBOL",
                                help="Guest-physical address; for a program a virtual address or SYMBOL[+OFFSET]."),
-    length: Optional[str] = typer.Argument(None, metavar="[LEN]",
+    length: Optional[str] = typer.Argument(None, metavar="LEN",
                                            help="Bytes to read (default 256; a symbol's own size)."),
     fmt: str = typer.Option("hex", "--format", metavar="hex|raw", help="hex (hexdump) or raw (bytes to stdout)."),
     phys: bool = typer.Option(False, "--phys", help="Program: ADDR is guest-physical."),
