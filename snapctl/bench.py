@@ -456,7 +456,6 @@ def peers(quick: bool) -> dict:
             with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
                 w.add_pages(np.arange(base.shape[0]), base)
             parent = w.id
-            size0 = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
             times, stored = [], 0
             for c in caps:
                 t0 = time.perf_counter()

@@ -122,7 +122,7 @@ def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  #
     # The main file is not changed by reading either way.
     try:
         st = Store.open(path, readonly=False)
-    except (PermissionError, StoreError) as e:
+    except (PermissionError, StoreError):
         if write or not os.access(path, os.R_OK) or Store.writable(path):
             raise
         st = Store.open(path, readonly=True)  # a store we may only read
@@ -810,7 +810,7 @@ def core(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag.
     with _open(store) as st:
         ckpt = _resolve(st, id)
         size = write_program_core(st, ckpt, out_path, force=force)
-    err.print(f"wrote {out_path}: checkpoint {ckpt}, {_human(size)}")
+    _note(f"wrote {R.safe(out_path)}: checkpoint {ckpt}, {R.human(size)}")
 
 
 @app.command()

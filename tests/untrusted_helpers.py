@@ -49,7 +49,8 @@ def run_limited(args, store: Path, timeout: float = TIMEOUT) -> dict:
 
 def problem(r: dict) -> str | None:
     """What is wrong with a command's outcome, or None: it must exit 0, or 1/2
-    with exactly one stderr line ``error: ...``; no traceback, signal or hang."""
+    with exactly one stderr line ``error: ...`` (or its JSON form under --json);
+    no traceback, signal or hang."""
     code, err = r["code"], r["err"]
     if code is None:
         return err
@@ -60,9 +61,18 @@ def problem(r: dict) -> str | None:
     if code == 0:
         return None
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if code not in (1, 2) or len(lines) != 1 or not lines[0].startswith("error: "):
+    if code not in (1, 2) or len(lines) != 1 or not (lines[0].startswith("error: ") or _json_error(lines[0], code)):
         return f"exit {code} with stderr {err[-600:]!r}"
     return None
+
+
+def _json_error(line: str, code: int) -> bool:
+    """With --json an error is one JSON object instead (docs/cli.md): {"error", "exit_code"}."""
+    try:
+        d = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(d, dict) and set(d) == {"error", "exit_code"} and d["exit_code"] == code
 
 
 def data_state(store: Path) -> tuple:
