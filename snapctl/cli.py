@@ -341,11 +341,11 @@ def replay(
             out.print(f"  {len(res.differing_pages)} pages differ, first: {shown}")
         for k, (a_, b_) in list(res.differing_registers.items())[:8]:
             out.print(f"  {k}: replayed {a_:#x}, recorded {b_:#x}")
-    if res.note:
+    if res.note and res.match:
         print(f"note: {res.note}", file=sys.stderr)
-    if not res.match:
+    if not res.match:  # the note goes into the one error line
         raise Failure(f"replay {res.source} -> {res.target} does not match: {len(res.differing_pages)} pages and "
-                      f"{len(res.differing_registers)} registers differ")
+                      f"{len(res.differing_registers)} registers differ" + (f" ({res.note})" if res.note else ""))
 
 
 @app.command()
