@@ -393,7 +393,7 @@ def _mutate(store: Path, rng: random.Random) -> list[str]:
             new = _value(rng, old)
             try:
                 conn.execute(f"UPDATE {table} SET {col} = ? WHERE rowid = ?", (new, rowid))
-            except sqlite3.Error:          # NOT NULL, UNIQUE: not a store SQLite would keep
+            except (sqlite3.Error, OverflowError):   # NOT NULL, UNIQUE, beyond 64 bits: SQLite keeps none
                 continue
             done.append(f"{table}.{col}[{rowid}] = {new!r:.40}")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
