@@ -600,8 +600,10 @@ def replay(
                 raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm())
             if not P.render_replay(res, as_json):
-                raise Failure(f"replay {res.source} -> {res.target} does not match: "
-                              f"{'; '.join(res.differences) or f'{len(res.differing_pages)} pages and {len(res.differing_registers)} registers differ'}")
+                what = "; ".join(res.differences) or (f"{len(res.differing_pages)} pages and "
+                                                       f"{len(res.differing_registers)} registers differ")
+                raise Failure(f"replay {res.source} -> {res.target} does not match: {what}"
+                              + (f" ({res.note})" if res.note else ""))
             return
         res = replay_(st, a, b, kvm_path=_kvm(), lazy=lazy)
     d = R.replay_json(res.as_dict())
@@ -620,11 +622,11 @@ def replay(
             _out(f"  {len(res.differing_pages)} pages differ, first: {shown}")
         for k, (a_, b_) in list(res.differing_registers.items())[:8]:
             _out(f"  {k}: replayed {a_:#x}, recorded {b_:#x}")
-    if res.note:
+    if res.note and res.match:
         _note(f"note: {res.note}")
-    if not res.match:
+    if not res.match:  # the note goes into the one error line
         raise Failure(f"replay {res.source} -> {res.target} does not match: {len(res.differing_pages)} pages and "
-                      f"{len(res.differing_registers)} registers differ")
+                      f"{len(res.differing_registers)} registers differ" + (f" ({res.note})" if res.note else ""))
 
 
 @app.command()

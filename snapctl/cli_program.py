@@ -77,6 +77,6 @@ def render_replay(res, as_json: bool) -> bool:
               + ", ".join(f"{p * 4096:#x}" for p in res.differing_pages[:8]))
     for k, v in list(res.differing_registers.items())[:8]:
         print(f"  {k}: replayed {v['replayed']:#x}, recorded {v['recorded']:#x}")
-    if res.note:
+    if res.note and res.match:   # on a mismatch the note goes into the one error line
         print(f"note: {res.note}", file=sys.stderr)
     return res.match

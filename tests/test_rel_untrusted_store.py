@@ -111,6 +111,7 @@ CASES = {
     "stats-json-list": ["UPDATE checkpoints SET stats = '[1, 2]' WHERE id = 1"],
     "stats-value-text": ["UPDATE checkpoints SET stats = json_set(stats, '$.stored_bytes', 'many')"],
     "meta-steps-text": ["UPDATE checkpoints SET meta = json_set(meta, '$.steps', 'x')"],
+    "meta-steps-behind": ["UPDATE checkpoints SET meta = json_set(meta, '$.steps', json('[1]')) WHERE id = 2"],
     "meta-100000-deep": ["UPDATE checkpoints SET meta = '" + DEEP + "' WHERE id = 1"],
     "config-guest-list": [CFG.format(k="guest", v="json('[\"stamp\"]')")],
     "config-vcpus-text": [CFG.format(k="vcpus", v="'1'")],
@@ -392,7 +393,7 @@ def _mutate(store: Path, rng: random.Random) -> list[str]:
             new = _value(rng, old)
             try:
                 conn.execute(f"UPDATE {table} SET {col} = ? WHERE rowid = ?", (new, rowid))
-            except sqlite3.Error:          # NOT NULL, UNIQUE: not a store SQLite would keep
+            except (sqlite3.Error, OverflowError):   # NOT NULL, UNIQUE, beyond 64 bits: SQLite keeps none
                 continue
             done.append(f"{table}.{col}[{rowid}] = {new!r:.40}")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
