@@ -222,6 +222,12 @@ def run(
     tracking: str = typer.Option("ring", help="Dirty tracking: ring or bitmap."),
     param: List[str] = typer.Option([], "--param", help="Guest parameter NAME=VALUE (repeatable)."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
+    replicate: Optional[str] = typer.Option(None, "--replicate", metavar="HOST:PORT",
+                                            help="Replicate every checkpoint to a `snapctl standby` there."),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
+                                             help="Replication: the shared secret (HMAC on every frame)."),
+    replicate_required: bool = typer.Option(False, "--replicate-required",
+                                            help="Replication: stop (exit 4) if the standby is lost."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -233,7 +239,7 @@ def run(
         raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
     if program is not None:
         _run_program(program, program_args or [], root, env, stdin_file, argv0, every_syscalls, interval,
-                     checkpoints, mem, tracking, store, as_json)
+                     checkpoints, mem, tracking, store, as_json, (replicate, token_file, replicate_required))
         return
     if program_args or every_syscalls or root or env or stdin_file or argv0:
         raise typer.BadParameter("arguments, --root, --env, --stdin, --argv0 and --every-syscalls go with --program",
@@ -245,8 +251,13 @@ def run(
                         seed=_number(seed, "--seed"), steps_per_yield=_number(steps_per_yield, "--steps-per-yield"),
                         tracking=tracking, ring_entries=_number(ring_entries, "--ring-entries"), params=_params(param))
     path = _store_path(store)
+    from . import cli_replication as R
+    rep = R.replicator(replicate, token_file, replicate_required, path,
+                       {"kind": "run", "schedule": R.schedule_dict(sched)})
     with _progress(sched.count + 1, "checkpoints", as_json) as cb:
-        summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
+        summary = run_(path, cfg, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy,
+                       after_commit=rep.after_commit if rep else None).as_dict()
+    R.finish(rep, summary)
     if as_json:
         _print_json(summary)
     else:
@@ -271,15 +282,18 @@ def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str],
 
 
 def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
-                 tracking, store, as_json) -> None:
+                 tracking, store, as_json, replication=(None, None, False)) -> None:
     from . import cli_program as P
+    from . import cli_replication as R
     from .checkpoint.program import run_program
 
     sched = _program_schedule(checkpoints, every_syscalls, interval)
     spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
     path = _store_path(store)
+    rep = R.replicator(*replication, path, {"kind": "run", "schedule": R.schedule_dict(sched)})
     res = run_program(path, spec, sched, mem_size=_number(mem or "256M", "--mem", allow_zero=False),
-                      tracking=tracking, kvm_path=_kvm())
+                      tracking=tracking, kvm_path=_kvm(), replica=rep)
+    R.finish(rep, res.as_dict())
     raise typer.Exit(P.render_run(res, as_json, f"run {os.path.basename(spec.path)} into {path}"))
 
 
@@ -354,6 +368,12 @@ def restore(
     interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
+    replicate: Optional[str] = typer.Option(None, "--replicate", metavar="HOST:PORT",
+                                            help="Replicate every checkpoint to a `snapctl standby` there."),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
+                                             help="Replication: the shared secret (HMAC on every frame)."),
+    replicate_required: bool = typer.Option(False, "--replicate-required",
+                                            help="Replication: stop (exit 4) if the standby is lost."),
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -361,28 +381,54 @@ def restore(
     from .checkpoint import restore as restore_
     from .checkpoint.program import is_program_store
 
+    from . import cli_replication as R
+
     with _open(store, write=True) as st:
         ckpt = _resolve(st, id)
+        rep = R.replicator(replicate, token_file, replicate_required, st.filename, {"kind": "restore", "from": ckpt})
         if is_program_store(st):
             from . import cli_program as P
             from .checkpoint.program import restore_program
 
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
-            res = restore_program(st, ckpt, _program_schedule(checkpoints, every_syscalls, interval, steps),
-                                  kvm_path=_kvm())
+            psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
+            if rep is not None:
+                rep.start_info["schedule"] = R.schedule_dict(psched)
+            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep)
+            R.finish(rep, res.as_dict())
             raise typer.Exit(P.render_run(res, as_json, f"restore {ckpt}"))
         if every_syscalls is not None:
             raise typer.BadParameter("--every-syscalls is for program guests", param_hint="--every-syscalls")
         sched = _schedule(10 if checkpoints is None else checkpoints, every_steps, interval, steps)
         total = 1 if sched.stop_after else sched.count
         with _progress(total, f"from {ckpt}", as_json) as cb:
-            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy).as_dict()
+            if rep is not None:
+                rep.start_info["schedule"] = R.schedule_dict(sched)
+            summary = restore_(st, ckpt, sched, on_checkpoint=cb, kvm_path=_kvm(), precopy=precopy,
+                               after_commit=rep.after_commit if rep else None).as_dict()
+        R.finish(rep, summary)
     summary["restored_from"] = ckpt
     if as_json:
         _print_json(summary)
     else:
         out.print(_summary_table(f"restore {ckpt}: {st.filename}", summary))
+
+
+@app.command()
+def standby(
+    listen: str = typer.Option(..., "--listen", metavar="HOST:PORT", help="Where the primary connects."),
+    store: str = typer.Option(..., "--store", help="The standby's own store (created, or re-synced into)."),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
+                                             help="The shared secret: frames without its HMAC are refused."),
+    failover_timeout: float = typer.Option(500.0, "--failover-timeout", metavar="MS",
+                                           help="Fail over when no heartbeat arrives for this long."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Receive a primary's checkpoints (`run/restore --replicate`); fail over if it is lost."""
+    from . import cli_replication as R
+
+    raise typer.Exit(R.standby(listen, store, token_file, failover_timeout, as_json))
 
 
 @app.command()

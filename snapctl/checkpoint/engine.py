@@ -256,7 +256,7 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
-    return w.id, dict(w.stats, **stats)
+    return w.id, dict(w.stats, **stats, digest=w.digest)
 
 
 class CheckpointWriteError(Exception):
@@ -343,8 +343,12 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, store: Store, parent: int | None,
                  on_checkpoint: Callable[[int, dict], None] | None = None, *, background: bool = True,
-                 depth: int = 2, precopy: bool = False):
+                 depth: int = 2, precopy: bool = False,
+                 after_commit: Callable[[int, Capture, dict], None] | None = None):
         self.machine = machine
+        #: called with (id, capture, stats) once a checkpoint is committed, before its
+        #: capture is released (replication sends it from here)
+        self.after_commit = after_commit
         self.store = store
         self.parent = parent
         self.on_checkpoint = on_checkpoint
@@ -372,6 +376,8 @@ class Checkpointer:
         s.raw_bytes += n * PAGE
         s.stored_bytes += int(stats.get("stored_bytes", 0))
         s.pauses_ms.append(cap.timings.get("downtime_ms", 0.0))
+        if self.after_commit is not None:
+            self.after_commit(ckpt, cap, stats)
         if self.on_checkpoint:
             self.on_checkpoint(ckpt, stats)
 
@@ -471,14 +477,14 @@ def prepare_new_store(store_path: str) -> None:
 
 
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
-        kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
+        kvm_path: str = "/dev/kvm", precopy: bool = False, after_commit=None) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
         prepare_new_store(store_path)
         store = Store.create(store_path, config.to_dict())
         with store:
-            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy)
+            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy, after_commit=after_commit)
             cp.base()
             return cp.run(schedule)
 
@@ -504,11 +510,11 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
-            kvm_path: str = "/dev/kvm", precopy: bool = False) -> RunSummary:
+            kvm_path: str = "/dev/kvm", precopy: bool = False, after_commit=None) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it."""
     schedule.validate()
     with load_machine(store, ckpt, kvm_path=kvm_path) as m:
-        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
+        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy, after_commit=after_commit)
         return cp.run(schedule)
 
 
