@@ -30,6 +30,7 @@ EXIT_REPLICATION_LOST = 4
 CONNECT_TIMEOUT = 2.0
 ACK_TIMEOUT = 10.0
 RECONNECT_EVERY = 1.0
+SOCKET_TIMEOUT = 2.0
 
 
 def _warn(msg: str) -> None:
@@ -145,7 +146,7 @@ class Replicator:
             chan.nonce = nonce
             self.hb_interval = max(0.01, min(1.0, float(hello.get("heartbeat_ms", 100)) / 1e3))
             chan.send(P.START, P.encode_json(self.start_info))
-            sock.settimeout(None)
+            sock.settimeout(SOCKET_TIMEOUT)   # a send stuck this long (link cut): the standby is lost
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr} not reachable ({e})", connected=False)
             return False
@@ -187,9 +188,21 @@ class Replicator:
             self.gate.open()
 
     def _reader(self, chan: P.Channel, gen: int) -> None:
+        waited = 0.0
         try:
             while True:
-                _, payload = chan.recv((P.ACK,))
+                try:
+                    _, payload = chan.recv((P.ACK,))
+                except socket.timeout:
+                    if not chan.between_frames:
+                        raise P.ProtocolError("timed out in the middle of a frame") from None
+                    with self._cond:
+                        busy = bool(self._inflight)
+                    waited = waited + SOCKET_TIMEOUT if busy else 0.0
+                    if waited >= ACK_TIMEOUT:
+                        raise P.ProtocolError(f"no acknowledgement for {ACK_TIMEOUT:.0f} s") from None
+                    continue
+                waited = 0.0
                 ack = P.decode_json(payload, "ack")
                 ckpt = int(ack.get("id", -1))
                 with self._cond:

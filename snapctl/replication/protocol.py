@@ -106,6 +106,7 @@ class Channel:
         self._send_lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.between_frames = True
 
     def _mac(self, direction: bytes, header: bytes, payload) -> bytes:
         h = hmac.new(self.token, direction + self.nonce + header, hashlib.sha256)
@@ -142,8 +143,12 @@ class Channel:
 
     def recv(self, expect: tuple[int, ...] | None = None) -> tuple[int, bytearray]:
         """The next frame (type, payload). Raises ProtocolError on anything unexpected;
-        ``socket.timeout`` if nothing arrives within the socket's timeout."""
-        header = bytes(self._read(HEADER.size))
+        ``socket.timeout`` if nothing arrives within the socket's timeout (then
+        ``between_frames`` says whether a frame was cut in the middle)."""
+        self.between_frames = True
+        first = self._read(1)
+        self.between_frames = False
+        header = bytes(first + self._read(HEADER.size - 1))
         magic, ver, ftype, flags, seq, length = HEADER.unpack(header)
         if magic != MAGIC:
             raise ProtocolError("not a snapctl replication peer (bad magic)")

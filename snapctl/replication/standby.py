@@ -187,10 +187,7 @@ class Standby:
             if ftype == P.HEARTBEAT:
                 continue
             if ftype == P.RELEASED:
-                rid = P.decode_json(payload, "released").get("id")
-                if not isinstance(rid, int) or rid not in self._local_of:
-                    raise P.ProtocolError("released: unknown checkpoint")
-                self.released = rid
+                self._released(payload)
                 continue
             if ftype == P.FINISH:
                 self.result.outcome, self.result.exit_status = "finished", 0
@@ -217,8 +214,11 @@ class Standby:
             count = 0
             with st.checkpoint(parent=parent, meta=local_meta) as w:   # one transaction; rolled back on error
                 while True:
-                    ftype, payload = chan.recv((P.PAGES, P.END, P.HEARTBEAT))
+                    ftype, payload = chan.recv((P.PAGES, P.END, P.HEARTBEAT, P.RELEASED))
                     if ftype == P.HEARTBEAT:
+                        continue
+                    if ftype == P.RELEASED:   # acks of earlier checkpoints interleave with this one
+                        self._released(payload)
                         continue
                     if ftype == P.END:
                         break
@@ -256,6 +256,12 @@ class Standby:
             self.result.received.append(w.id)
             self.result.primary_ids.append(pid)
             chan.send(P.ACK, P.encode_json({"id": pid}))
+
+    def _released(self, payload) -> None:
+        rid = P.decode_json(payload, "released").get("id")
+        if not isinstance(rid, int) or rid not in self._local_of:
+            raise P.ProtocolError("released: unknown checkpoint")
+        self.released = rid
 
     # -- failover -------------------------------------------------------------------------------
     def failover(self, t_lost: float) -> StandbyResult:
