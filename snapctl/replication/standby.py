@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -139,12 +141,15 @@ class Standby:
             f"{self.config['mem_size'] >> 20} MiB)")
         chan.limit = max(P.PAGES_LIMIT, P.STATE_LIMIT)
         t_lost = None
+        self._q = queue.Queue(maxsize=64)
+        self._lost_at = None
+        threading.Thread(target=self._reader, args=(chan, self._q), name="standby-reader", daemon=True).start()
         try:
             self._receive(chan)
             chan.close()
             return self.result
         except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
-            t_lost = time.perf_counter()
+            t_lost = self._lost_at or time.perf_counter()
             reason = "no heartbeat within the failover timeout" if isinstance(e, socket.timeout) else str(e)
             chan.close()
         if self.latest is None:
@@ -179,16 +184,38 @@ class Standby:
             else:
                 self._warm_ckpt = None
 
+    def _reader(self, chan: P.Channel, q: queue.Queue) -> None:
+        """Drain the socket as frames arrive. A RELEASED frame is taken at once: when the
+        primary dies, the reset that follows may discard what is still queued in the kernel."""
+        while True:
+            try:
+                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.PAGES, P.END, P.RELEASED, P.FINISH))
+                if ftype == P.RELEASED:
+                    self._released(payload)
+                    continue
+                if ftype == P.HEARTBEAT:
+                    continue
+            except BaseException as e:   # noqa: BLE001 - handed to the receiving thread
+                self._lost_at = time.perf_counter()   # detection: failover time counts from here
+                q.put((None, e))
+                return
+            q.put((ftype, payload))
+            if ftype == P.FINISH:
+                return
+
+    def _next(self, expect: tuple[int, ...]) -> tuple[int, bytearray]:
+        ftype, payload = self._q.get()
+        if ftype is None:
+            raise payload
+        if ftype not in expect:
+            raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame")
+        return ftype, payload
+
     def _receive(self, chan: P.Channel) -> None:
         st = self.store
         npages = st.page_count
         while True:
-            ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.RELEASED, P.FINISH))
-            if ftype == P.HEARTBEAT:
-                continue
-            if ftype == P.RELEASED:
-                self._released(payload)
-                continue
+            ftype, payload = self._next((P.CKPT, P.FINISH))
             if ftype == P.FINISH:
                 self.result.outcome, self.result.exit_status = "finished", 0
                 self.result.summary = P.decode_json(payload, "finish")
@@ -214,12 +241,7 @@ class Standby:
             count = 0
             with st.checkpoint(parent=parent, meta=local_meta) as w:   # one transaction; rolled back on error
                 while True:
-                    ftype, payload = chan.recv((P.PAGES, P.END, P.HEARTBEAT, P.RELEASED))
-                    if ftype == P.HEARTBEAT:
-                        continue
-                    if ftype == P.RELEASED:   # acks of earlier checkpoints interleave with this one
-                        self._released(payload)
-                        continue
+                    ftype, payload = self._next((P.PAGES, P.END))
                     if ftype == P.END:
                         break
                     pages, data = P.decode_pages(payload, npages)
@@ -318,6 +340,8 @@ class Standby:
         released_local = self._local_of.get(self.released) if self.released is not None else None
         start_at = path.index(released_local) + 1 if released_local in path else \
             path.index(self.result.received[0]) if self.result.received[0] in path else len(path)
+        log(f"output: the primary released through checkpoint {released_local}; writing the output of "
+            f"checkpoints {path[start_at] if start_at < len(path) else '-'}..{lt.local} again")
         for c in path[start_at:]:
             names = st.state_names(c)
             for name, fd in ((STDOUT, 1), (STDERR, 2)):
