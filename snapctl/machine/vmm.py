@@ -307,6 +307,9 @@ class Machine:
             with self._cond:
                 r.parked = True
                 r.exited = True
+                # Every kick happens under this lock: none may signal this thread once it is
+                # gone (pthread_kill on an ended thread whose stack glibc has unmapped segfaults).
+                v.thread_ident = None
                 self._cond.notify_all()
 
     def _park(self, r: _Runner) -> bool:
