@@ -416,6 +416,7 @@ BENCHES = {
     "harvest_scaling": harvest_scaling, "downtime": downtime, "write_throughput": write_throughput,
     "restore": restore_cost, "peers": peers, "guest_slowdown": guest_slowdown, "checkpoint_rate": checkpoint_rate,
     "program": lambda quick: __import__("snapctl.bench_program", fromlist=["program"]).program(quick),
+    "replication": lambda quick: __import__("snapctl.bench_replication", fromlist=["replication"]).replication(quick),
 }
 
 

@@ -111,15 +111,31 @@ def test_pages_frame_validation():
         P.decode_pages(corrupt, 16)
     with pytest.raises(P.ProtocolError):
         P.decode_pages(blob[:-5], 16)
+    # a delta against the previous image: a page with one changed word costs a few bytes
+    image = np.zeros((16, P.PAGE), np.uint8)
+    image[pages] = data
+    new = data.copy()
+    new[:, 8] ^= 0x5A
+    delta = P.encode_pages(pages, new, image[pages])
+    assert len(delta) < 200
+    got_p, got_d = P.decode_pages(delta, 16, image)
+    assert (got_d == new).all()
+    with pytest.raises(P.ProtocolError, match="full image"):
+        P.decode_pages(delta, 16)
 
 
 def test_checkpoint_frame_validation():
     blob = P.encode_checkpoint({"id": 1}, {"vcpu/0": b"abc", "machine": b"{}"})
     meta, states = P.decode_checkpoint(blob)
     assert meta == {"id": 1} and states == {"vcpu/0": b"abc", "machine": b"{}"}
-    for bad in (blob[:-1], blob + b"x", b"\x00\x00\x00\x05{}", b"\xff\xff\xff\xff"):
+    for bad in (blob[:-1], blob + b"x", b"\x00\x00\x00\x05{}", b"\xff\xff\xff\xff",
+                b"\xff\xff\xff\xff" + blob[4:]):
         with pytest.raises(P.ProtocolError):
             P.decode_checkpoint(bad)
+    import lz4.block
+    for inner in (b"\x00\x00\x00\x05{}", b"\x00\x00\x00\x02{}" + b"junk", b"\x00\x00\x00\x02[]"):
+        with pytest.raises(P.ProtocolError):
+            P.decode_checkpoint(P.STATE_HEAD.pack(len(inner)) + lz4.block.compress(inner, store_size=False))
 
 
 def _standby(tmp_path, sessions: int, token=TOKEN):

@@ -126,6 +126,8 @@ class Replicator:
         self._ro: Store | None = None
         self._last_sent: int | None = None
         self._attempts = 0
+        #: the standby's image of the last checkpoint sent (pages go as XOR deltas against it)
+        self._shadow: np.ndarray | None = None
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -288,6 +290,9 @@ class Replicator:
         self.sent += 1
         self.wire_bytes += n
 
+    def _npages(self) -> int:
+        return int(self.start_info["config"]["mem_size"]) // P.PAGE
+
     def _store(self) -> Store:
         if self._ro is None:
             self._ro = Store.open(self.store_path, readonly=True)
@@ -319,10 +324,17 @@ class Replicator:
             if full:   # the base: every page; zero pages need not travel
                 pages, take = np.flatnonzero(cap.data.any(axis=1)), True
         chan.send(P.CKPT, P.encode_checkpoint(meta, st_states))
+        if full:   # the shadow: the image the standby will hold once this checkpoint is in
+            if self._shadow is None:
+                self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
+            else:
+                self._shadow[:] = 0
+        sh = self._shadow
         for i in range(0, pages.size, P.CHUNK_PAGES):
             chunk = pages[i:i + P.CHUNK_PAGES]
             rows = data[chunk] if take else data[i:i + P.CHUNK_PAGES]   # take: pages index data
-            chan.send(P.PAGES, P.encode_pages(chunk, rows))
+            chan.send(P.PAGES, P.encode_pages(chunk, rows, None if full else sh[chunk]))
+            sh[chunk] = rows
         chan.send(P.END)
         return chan.bytes_sent - before
 
@@ -358,6 +370,18 @@ class Replicator:
             chan.close()
         if self._ro is not None:
             self._ro.close()
+
+    def abandon(self) -> None:
+        """Drop the connection without a word: what the standby sees when this process dies
+        (the benchmark's failover, tests)."""
+        self._closing = True
+        with self._cond:
+            chan, self.chan = self.chan, None
+            self._gen += 1
+        if chan is not None:
+            chan.close()
+        if self.gate is not None:
+            self.gate.open()
 
     def stats(self) -> dict:
         return {"standby": self.addr, "checkpoints_sent": self.sent, "last_acknowledged": self.acked,

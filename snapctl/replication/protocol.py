@@ -200,13 +200,31 @@ STATE_HEAD = struct.Struct("!I")
 
 
 def encode_checkpoint(meta: dict, states: dict[str, bytes]) -> bytes:
-    """CKPT payload: u32 length + JSON (meta and the state names and sizes) + the state blobs."""
+    """CKPT payload: u32 uncompressed size + LZ4 of [u32 length + JSON (meta and the state
+    names and sizes) + the state blobs] (vCPU state repeats itself: CPUID, MSR lists)."""
     names = sorted(states)
     head = encode_json({"meta": meta, "states": [[n, len(states[n])] for n in names]})
-    return b"".join([STATE_HEAD.pack(len(head)), head] + [bytes(states[n]) for n in names])
+    raw = b"".join([STATE_HEAD.pack(len(head)), head] + [bytes(states[n]) for n in names])
+    return STATE_HEAD.pack(len(raw)) + lz4.block.compress(raw, store_size=False)
 
 
 def decode_checkpoint(payload) -> tuple[dict, dict[str, bytes]]:
+    mv = memoryview(payload)
+    if len(mv) < STATE_HEAD.size:
+        raise ProtocolError("checkpoint frame too short")
+    (size,) = STATE_HEAD.unpack(mv[:STATE_HEAD.size])
+    if size > STATE_LIMIT:   # checked before anything is allocated
+        raise ProtocolError(f"checkpoint frame: {size} bytes of state exceed the limit of {STATE_LIMIT}")
+    try:
+        raw = lz4.block.decompress(mv[STATE_HEAD.size:], uncompressed_size=size)
+    except lz4.block.LZ4BlockError:
+        raise ProtocolError("checkpoint frame: corrupt compressed data") from None
+    if len(raw) != size:
+        raise ProtocolError("checkpoint frame: wrong decompressed size")
+    return _decode_states(raw)
+
+
+def _decode_states(payload) -> tuple[dict, dict[str, bytes]]:
     mv = memoryview(payload)
     if len(mv) < STATE_HEAD.size:
         raise ProtocolError("checkpoint frame too short")
@@ -233,23 +251,32 @@ def decode_checkpoint(payload) -> tuple[dict, dict[str, bytes]]:
     return meta, states
 
 
-PAGES_HEAD = struct.Struct("!II")   # page count, compressed size
+PAGES_HEAD = struct.Struct("!IIB")   # page count, compressed size, mode
+#: page contents as they are / XORed with the receiver's image of the previous checkpoint
+PLAIN, XOR = 0, 1
 
 
-def encode_pages(pages: np.ndarray, data: np.ndarray) -> bytes:
-    """PAGES payload: count, compressed length, page numbers (u64 LE), LZ4 of the contents."""
-    raw = np.ascontiguousarray(data).reshape(-1)
-    comp = lz4.block.compress(memoryview(raw), store_size=False)
-    return b"".join([PAGES_HEAD.pack(pages.size, len(comp)), pages.astype("<u8").tobytes(), comp])
+def encode_pages(pages: np.ndarray, data: np.ndarray, base: np.ndarray | None = None) -> bytes:
+    """PAGES payload: count, compressed length, mode, page numbers (u64 LE), LZ4 of the
+    contents -- XORed with ``base`` (the same pages' previous contents) when given: a page
+    where a few words changed is then mostly zeros and compresses to almost nothing."""
+    raw = np.ascontiguousarray(data)
+    mode = PLAIN
+    if base is not None:
+        raw = np.bitwise_xor(raw, base)
+        mode = XOR
+    comp = lz4.block.compress(memoryview(raw.reshape(-1)), store_size=False)
+    return b"".join([PAGES_HEAD.pack(pages.size, len(comp), mode), pages.astype("<u8").tobytes(), comp])
 
 
-def decode_pages(payload, npages: int) -> tuple[np.ndarray, np.ndarray]:
-    """Page numbers (validated: < ``npages``, strictly increasing) and their contents."""
+def decode_pages(payload, npages: int, image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Page numbers (validated: < ``npages``, strictly increasing) and their contents
+    (an XOR frame is undone against ``image``, the previous checkpoint's pages)."""
     mv = memoryview(payload)
     if len(mv) < PAGES_HEAD.size:
         raise ProtocolError("pages frame too short")
-    n, clen = PAGES_HEAD.unpack(mv[:PAGES_HEAD.size])
-    if n == 0 or n > CHUNK_PAGES or PAGES_HEAD.size + 8 * n + clen != len(mv):
+    n, clen, mode = PAGES_HEAD.unpack(mv[:PAGES_HEAD.size])
+    if n == 0 or n > CHUNK_PAGES or PAGES_HEAD.size + 8 * n + clen != len(mv) or mode not in (PLAIN, XOR):
         raise ProtocolError("pages frame: malformed lengths")
     pages = np.frombuffer(mv[PAGES_HEAD.size:PAGES_HEAD.size + 8 * n], "<u8").astype(np.int64)
     if pages.min() < 0 or pages.max() >= npages or (n > 1 and not (np.diff(pages) > 0).all()):
@@ -260,7 +287,12 @@ def decode_pages(payload, npages: int) -> tuple[np.ndarray, np.ndarray]:
         raise ProtocolError("pages frame: corrupt compressed data") from None
     if len(raw) != n * PAGE:
         raise ProtocolError("pages frame: wrong decompressed size")
-    return pages, np.frombuffer(raw, np.uint8).reshape(n, PAGE)
+    data = np.frombuffer(raw, np.uint8).reshape(n, PAGE)
+    if mode == XOR:
+        if image is None:
+            raise ProtocolError("pages frame: a delta where a full image was expected")
+        data = np.bitwise_xor(data, image[pages])
+    return pages, data
 
 
 def new_nonce() -> bytes:

@@ -244,7 +244,8 @@ class Standby:
                     ftype, payload = self._next((P.PAGES, P.END))
                     if ftype == P.END:
                         break
-                    pages, data = P.decode_pages(payload, npages)
+                    # deltas are against the previous checkpoint's image: warm memory until END
+                    pages, data = P.decode_pages(payload, npages, None if full else self.warm.pages)
                     count += pages.size
                     if count > npages:
                         raise P.ProtocolError("checkpoint frame: more pages than the guest has")
