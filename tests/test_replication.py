@@ -113,15 +113,15 @@ def test_wrong_token_is_refused_and_the_primary_goes_on(hosts, tmp_path):
     assert not (tmp_path / "standby.snap").exists()
 
 
-def _program_trial(h, tmp: Path, exe: Path, n: int, kill_at: float | None, tag: str, want_out: bytes,
+def _program_trial(h, tmp: Path, exe: Path, n: int, kill_at: int | None, tag: str, want_out: bytes,
                    want_err: bytes) -> str:
     sb, sb_out, sb_err = start_standby(h, tmp, f"standby-{tag}", "--failover-timeout", "1500")
     p_out, p_err = tmp / f"p-{tag}.out", tmp / f"p-{tag}.err"
     pr = h.spawn(h.a, ["run", "--program", exe, "--every-syscalls", "40", "--store", tmp / f"primary-{tag}.snap",
                        "--replicate", f"{h.b_addr}:{PORT}", "--", str(n)], p_out, p_err)
     if kill_at is not None:
-        wait_for(p_out, "line", timeout=TIMEOUT)   # the program is running (and replicated)
-        time.sleep(kill_at)
+        # a moment inside the run: once the released output reaches line ``kill_at``
+        wait_for(p_out, f"line {int(kill_at)} ", timeout=TIMEOUT)
         pr.send_signal(signal.SIGKILL)
     code = pr.wait(TIMEOUT)
     sb_code = sb.wait(TIMEOUT)
@@ -158,11 +158,12 @@ def test_program_output_commit_kill_primary_at_random_moments(hosts, tmp_path, c
     rng = random.Random(seed)
     outcomes = []
     for i in range(20):
-        kill_at = rng.uniform(0.0, 1.0)   # the run's output takes ~1.2 s here
-        print(f"trial {i}: kill -9 at {kill_at:.3f} s after the first output")
+        kill_at = rng.randrange(0, n - 300)   # output is released per acknowledged checkpoint
+        print(f"trial {i}: kill -9 once the primary has printed line {kill_at}")
         outcomes.append(_program_trial(hosts, tmp_path, exe, n, kill_at, str(i), nat.out, nat.err))
     print("outcomes:", outcomes)
-    assert outcomes.count("failover") >= 5, outcomes   # most kills land mid-run (a loaded host is slower)
+    # a kill after the program's exit is a fair trial too, but most must land mid-run
+    assert outcomes.count("failover") >= 10, outcomes
 
 
 def test_program_uninterrupted_output_is_exact(hosts, tmp_path, cc):
