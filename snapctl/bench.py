@@ -463,6 +463,11 @@ def verdict_rows(results: dict) -> list[tuple[str, object, str, object]]:
     """(benchmark, ratio, goal, met) for each goal in ``run_all``'s results."""
     rows = []
     for name, r in results.items():
+        if isinstance(r, dict) and "ratio" not in r:   # goals one level down (replication)
+            for key, sub in r.items():
+                if isinstance(sub, dict) and "goal" in sub and "met" in sub:
+                    value = next((sub[k] for k in ("ratio", "per_s", "ms") if k in sub), None)
+                    rows.append((f"{name} {key}", value, sub["goal"], sub["met"]))
         if not isinstance(r, dict) or "ratio" not in r:
             continue
         rows.append((name, r["ratio"], r.get("goal"), r.get("met")))

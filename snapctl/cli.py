@@ -34,6 +34,12 @@ DEFAULT_STORE = "./snapshots.db"
 StoreOpt = typer.Option(None, "--store", envvar="SNAPCTL_STORE", show_envvar=True,
                         help=f"Store file (default: $SNAPCTL_STORE, else {DEFAULT_STORE}).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+ReplicateOpt = typer.Option(None, "--replicate", metavar="HOST:PORT",
+                            help="Replicate every checkpoint to a `snapctl standby` there.")
+TokenFileOpt = typer.Option(None, "--token-file", metavar="F",
+                            help="Replication: the shared secret (HMAC on every frame).")
+ReplicateRequiredOpt = typer.Option(False, "--replicate-required",
+                                    help="Replication: stop (exit 4) if the standby is lost.")
 
 
 class Failure(Exception):
@@ -222,12 +228,9 @@ def run(
     tracking: str = typer.Option("ring", help="Dirty tracking: ring or bitmap."),
     param: List[str] = typer.Option([], "--param", help="Guest parameter NAME=VALUE (repeatable)."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
-    replicate: Optional[str] = typer.Option(None, "--replicate", metavar="HOST:PORT",
-                                            help="Replicate every checkpoint to a `snapctl standby` there."),
-    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
-                                             help="Replication: the shared secret (HMAC on every frame)."),
-    replicate_required: bool = typer.Option(False, "--replicate-required",
-                                            help="Replication: stop (exit 4) if the standby is lost."),
+    replicate: Optional[str] = ReplicateOpt,
+    token_file: Optional[str] = TokenFileOpt,
+    replicate_required: bool = ReplicateRequiredOpt,
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -368,12 +371,9 @@ def restore(
     interval: Optional[float] = typer.Option(None, "--interval", help="Async: every MS milliseconds."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Run exactly N more steps, then one checkpoint."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
-    replicate: Optional[str] = typer.Option(None, "--replicate", metavar="HOST:PORT",
-                                            help="Replicate every checkpoint to a `snapctl standby` there."),
-    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
-                                             help="Replication: the shared secret (HMAC on every frame)."),
-    replicate_required: bool = typer.Option(False, "--replicate-required",
-                                            help="Replication: stop (exit 4) if the standby is lost."),
+    replicate: Optional[str] = ReplicateOpt,
+    token_file: Optional[str] = TokenFileOpt,
+    replicate_required: bool = ReplicateRequiredOpt,
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
 ) -> None:

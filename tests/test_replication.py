@@ -250,3 +250,33 @@ def test_cut_link_mid_run_fails_over(hosts, tmp_path):
     resumed = int(log.split("checkpoint ")[1].split()[0]) if "resumed from" in log else max(sd)
     assert all(sd[c] == pd[c] for c in range(resumed + 1)), log
     assert len(sd) == 41   # its own checkpoints complete the schedule
+
+
+def test_restore_replicates_and_the_standby_finishes_the_schedule(hosts, tmp_path):
+    """`restore ID --replicate`: the standby starts from a full copy of the first new
+    checkpoint; the primary killed after a few, the standby takes the rest of the schedule."""
+    h = hosts
+    ok("run", "--guest", "stamp", "--checkpoints", "4", "--every-steps", "20000", store=tmp_path / "primary.snap")
+    sb, _, sb_err = start_standby(h, tmp_path, "standby", "--json")
+    pr = h.spawn(h.a, ["restore", "2", "--checkpoints", "60", "--every-steps", "20000",
+                       "--store", tmp_path / "primary.snap", "--replicate", f"{h.b_addr}:{PORT}"],
+                 tmp_path / "p.out", tmp_path / "p.err")
+    wait_for(sb_err, "connected", timeout=TIMEOUT)
+    end = time.monotonic() + TIMEOUT
+    while len(digests(tmp_path / "primary.snap")) < 5 + 5 and time.monotonic() < end:
+        time.sleep(0.1)
+    pr.send_signal(signal.SIGKILL)
+    pr.wait(30)
+    assert sb.wait(TIMEOUT) == 0, sb_err.read_text()
+    log = sb_err.read_text()
+    res = json.loads(log[log.index("{"):])
+    assert res["outcome"] == "failover", log
+    verify(tmp_path / "standby.snap")
+    pd = digests(tmp_path / "primary.snap")
+    with Store.open(str(tmp_path / "standby.snap"), readonly=True) as st:
+        cks = st.checkpoints()
+        replicated = [c for c in cks if "replica_of" in c.meta]
+        assert replicated and all(c.digest == pd[c.meta["replica_of"]] for c in replicated)
+        # the primary took the first ones, the standby the rest of the 60
+        assert res["run"]["count"] == 60 - len(replicated)
+        assert len(cks) == 60

@@ -85,13 +85,18 @@ class OutputGate:
 
     @staticmethod
     def _out(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except BrokenPipeError:
-                return
-            view = view[n:]
+        write_all(fd, data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (a reader that went away ends it quietly)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError:
+            return
+        view = view[n:]
 
 
 class Replicator:

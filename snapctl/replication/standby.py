@@ -29,6 +29,7 @@ from ..checkpoint.engine import Checkpointer, Schedule, vcpu_state_name
 from ..machine import Machine, MachineConfig, VcpuState
 from ..machine.memory import GuestMemory
 from . import protocol as P
+from .primary import write_all
 
 DEFAULT_FAILOVER_MS = 500.0
 EXIT_NO_CHECKPOINT = 3
@@ -347,7 +348,7 @@ class Standby:
             names = st.state_names(c)
             for name, fd in ((STDOUT, 1), (STDERR, 2)):
                 if name in names:
-                    _write_all(fd, st.state(c, name))
+                    write_all(fd, st.state(c, name))
         spec = program_spec(st)
         state = program_state(st, lt.local)
         if state.get("exited"):
@@ -386,16 +387,6 @@ class Standby:
         finally:
             stdin.close()
         return r
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BrokenPipeError:
-            return
-        view = view[n:]
 
 
 def summary_line(res: StandbyResult) -> str:
