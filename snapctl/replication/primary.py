@@ -60,19 +60,26 @@ class OutputGate:
     def release(self, upto: dict[int, int] | None) -> None:
         """Write held bytes while each stream stays within ``upto`` (None: everything)."""
         with self._lock:
+            run_fd, run = None, []   # consecutive bytes of one stream go out in one write()
             while self._held:
                 fd, data = self._held[0]
                 room = len(data) if upto is None else upto[fd] - self.released[fd]
                 if room <= 0:
                     break
                 part = data[:room]
-                self._out(fd, part)
+                if fd != run_fd and run:
+                    self._out(run_fd, b"".join(run))
+                    run = []
+                run_fd = fd
+                run.append(part)
                 self.released[fd] += len(part)
                 if len(part) == len(data):
                     self._held.pop(0)
                 else:
                     self._held[0] = (fd, data[len(part):])
                     break
+            if run:
+                self._out(run_fd, b"".join(run))
 
     def open(self) -> None:
         """No more replication: release everything, pass future bytes straight through."""

@@ -144,7 +144,8 @@ class Standby:
         t_lost = None
         self._q = queue.Queue(maxsize=64)
         self._lost_at = None
-        threading.Thread(target=self._reader, args=(chan, self._q), name="standby-reader", daemon=True).start()
+        reader = threading.Thread(target=self._reader, args=(chan, self._q), name="standby-reader", daemon=True)
+        reader.start()
         try:
             self._receive(chan)
             chan.close()
@@ -152,6 +153,9 @@ class Standby:
         except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
             t_lost = self._lost_at or time.perf_counter()
             reason = "no heartbeat within the failover timeout" if isinstance(e, socket.timeout) else str(e)
+            # What the dead primary sent before it died (a `released` frame) is still to be
+            # read: the reader drains up to the reset/EOF (at most the failover timeout).
+            reader.join(self.timeout)
             chan.close()
         if self.latest is None:
             log(f"primary {peer} lost before any complete checkpoint ({reason}); listening again")
