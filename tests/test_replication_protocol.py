@@ -207,3 +207,16 @@ def test_standby_refuses_hostile_peers_and_writes_nothing(tmp_path, capfd):
     refusals = [line for line in err.splitlines() if "refused peer" in line]
     assert len(refusals) == 7, err
     assert sum("authentication failed" in line for line in refusals) >= 2, err   # wrong token, replayed START
+
+
+def test_bench_rows_show_the_four_replication_goals():
+    from snapctl.bench import verdict_rows
+    r = {"replication": {"guest": "random 64 MiB",
+                         "checkpoint_rate": {"per_s": 75.0, "goal": ">= 100/s", "met": False},
+                         "pause_ratio": {"ratio": 1.1, "goal": "<= 1.2x", "met": True},
+                         "failover_ms": {"ms": 6.4, "goal": "<= 50 ms", "met": True},
+                         "wire_ratio": {"ratio": 0.4, "goal": "<= 1.1x", "met": True}}}
+    rows = verdict_rows(r)
+    assert [row[0] for row in rows] == ["replication checkpoint_rate", "replication pause_ratio",
+                                        "replication failover_ms", "replication wire_ratio"]
+    assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
