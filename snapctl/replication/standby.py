@@ -308,8 +308,9 @@ class Standby:
             def start():
                 orig()
                 r.failover_ms = round((time.perf_counter() - t_lost) * 1e3, 2)
-                print(f"failover: resumed from checkpoint {lt.local} in {r.failover_ms:.1f} ms",
-                      file=sys.stderr, flush=True)
+                # one write(): the resumed program's stderr writes go to the same fd from now on
+                sys.stderr.flush()
+                os.write(2, f"failover: resumed from checkpoint {lt.local} in {r.failover_ms:.1f} ms\n".encode())
             m.start = start
 
         if cfg.guest == "program":
