@@ -230,8 +230,11 @@ class Replicator:
                     self.acked = ckpt
                     self._cond.notify_all()
                 if self.gate is not None and bound:
-                    self.gate.release(bound)
-                    chan.send(P.RELEASED, P.encode_json({"id": ckpt}))
+                    # the channel's lock first: no other frame may wait between the output's
+                    # write() and the `released` frame (the window a kill repeats output in)
+                    with chan.lock:
+                        self.gate.release(bound)
+                        chan.send(P.RELEASED, P.encode_json({"id": ckpt}))
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr}: {e}", gen=gen)
 

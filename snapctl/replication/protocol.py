@@ -103,7 +103,9 @@ class Channel:
         self.limit = HANDSHAKE_LIMIT
         self._send_seq = 0
         self._recv_seq = 0
-        self._send_lock = threading.Lock()
+        #: held by send(); reentrant, so a caller can do something *and* send before any other
+        #: frame goes out (the output gate: write the output, then say so, with nothing between)
+        self.lock = threading.RLock()
         self.bytes_sent = 0
         self.bytes_received = 0
         self.between_frames = True
@@ -114,7 +116,7 @@ class Channel:
         return h.digest()
 
     def send(self, ftype: int, payload: bytes | memoryview = b"") -> None:
-        with self._send_lock:
+        with self.lock:
             header = HEADER.pack(MAGIC, VERSION, ftype, 0, self._send_seq, len(payload))
             parts = [header, payload]
             if self.token is not None:
