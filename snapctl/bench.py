@@ -582,6 +582,7 @@ BENCHES = {
     "restore": restore_cost, "peers": peers, "guest_slowdown": guest_slowdown, "checkpoint_rate": checkpoint_rate,
     "program": lambda quick: __import__("snapctl.bench_program", fromlist=["program"]).program(quick),
     "cli_startup": cli_startup,
+    "replication": lambda quick: __import__("snapctl.bench_replication", fromlist=["replication"]).replication(quick),
 }
 
 
@@ -638,6 +639,11 @@ def verdict_rows(results: dict, figures: bool = False) -> list[tuple]:
     (peers' ``checks``), the ones that missed marked."""
     rows = []
     for name, r in results.items():
+        if isinstance(r, dict) and "ratio" not in r:   # goals one level down (replication)
+            for key, sub in r.items():
+                if isinstance(sub, dict) and "goal" in sub and "met" in sub:
+                    value = next((sub[k] for k in ("ratio", "per_s", "ms") if k in sub), None)
+                    rows.append((f"{name} {key}", value, sub["goal"], sub["met"]))
         if not isinstance(r, dict) or "ratio" not in r:
             continue
         fig = "; ".join(f"{c['what']} {c['figure']} (goal {c['goal']}){'' if c['met'] else ': MISSED'}"

@@ -36,6 +36,12 @@ _STORE_HELP = f"Store file (default: $SNAPCTL_STORE, else {DEFAULT_STORE}); also
 StoreOpt = typer.Option(None, "--store", metavar="PATH", help=_STORE_HELP)
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts (schema: docs/cli.md).")
 _GLOBAL: dict = {"store": None}
+ReplicateOpt = typer.Option(None, "--replicate", metavar="HOST:PORT",
+                            help="Replicate every checkpoint to a `snapctl standby` there.")
+TokenFileOpt = typer.Option(None, "--token-file", metavar="F",
+                            help="Replication: the shared secret (HMAC on every frame).")
+ReplicateRequiredOpt = typer.Option(False, "--replicate-required",
+                                    help="Replication: stop (exit 4) if the standby is lost.")
 
 
 class Failure(Exception):
@@ -355,6 +361,9 @@ def run(
     tracking: str = typer.Option("ring", metavar="ring|bitmap", help="Dirty tracking: ring or bitmap."),
     param: List[str] = typer.Option([], "--param", metavar="NAME=VALUE", help="Guest parameter (repeatable)."),
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
+    replicate: Optional[str] = ReplicateOpt,
+    token_file: Optional[str] = TokenFileOpt,
+    replicate_required: bool = ReplicateRequiredOpt,
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
     control: Optional[str] = typer.Option(None, "--control", metavar="SOCKET",
@@ -370,7 +379,7 @@ def run(
         raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
     if program is not None:
         _run_program(program, program_args or [], root, env, stdin_file, argv0, every_syscalls, interval,
-                     checkpoints, mem, tracking, store, as_json)
+                     checkpoints, mem, tracking, store, as_json, (replicate, token_file, replicate_required))
         return
     if program_args or every_syscalls or root or env or stdin_file or argv0:
         raise typer.BadParameter("arguments, --root, --env, --stdin, --argv0 and --every-syscalls go with --program",
@@ -383,15 +392,19 @@ def run(
                         tracking=tracking, ring_entries=_number(ring_entries, "--ring-entries"), params=_params(param))
     path = _store_path(store)
     existed = os.path.lexists(path)
+    from . import cli_replication as RP
+    rep = RP.replicator(replicate, token_file, replicate_required, path,
+                        {"kind": "run", "schedule": RP.schedule_dict(sched)})
     try:
         with _on_demand(control) as hook, _progress(sched.count + 1, "checkpoints", as_json, live=True) as adv:
             summary = run_(path, cfg, sched, on_checkpoint=_live(adv), kvm_path=_kvm(), precopy=precopy,
-                           on_checkpointer=hook).as_dict()
+                           on_checkpointer=hook, after_commit=rep.after_commit if rep else None).as_dict()
     except Interrupted:
         if existed or not os.path.exists(path):  # never created (or not ours): nothing kept
             raise Interrupted("interrupted: 0 checkpoints kept") from None
         with _open(path) as st:
             raise _interrupted(st, -1) from None
+    RP.finish(rep, summary)
     if as_json:
         R.print_json(R.summary_json(summary))
     else:
@@ -416,15 +429,18 @@ def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str],
 
 
 def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
-                 tracking, store, as_json) -> None:
+                 tracking, store, as_json, replication=(None, None, False)) -> None:
     from . import cli_program as P
+    from . import cli_replication as RP
     from .checkpoint.program import run_program
 
     sched = _program_schedule(checkpoints, every_syscalls, interval)
     spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
     path = _store_path(store)
+    rep = RP.replicator(*replication, path, {"kind": "run", "schedule": RP.schedule_dict(sched)})
     res = run_program(path, spec, sched, mem_size=_number("256M" if mem is None else mem, "--mem", allow_zero=False),
-                      tracking=tracking, kvm_path=_kvm())
+                      tracking=tracking, kvm_path=_kvm(), replica=rep)
+    RP.finish(rep, res.as_dict())
     raise typer.Exit(P.render_run(res, as_json, f"run {os.path.basename(spec.path)} into {path}"))
 
 
@@ -525,6 +541,9 @@ def restore(
     precopy: bool = typer.Option(False, "--precopy", help="Copy pages harvested at ring-full exits early."),
     lazy: bool = typer.Option(False, "--lazy", help="Start the guest at once; serve its memory on first touch "
                                                     "(userfaultfd) while the rest is restored in the background."),
+    replicate: Optional[str] = ReplicateOpt,
+    token_file: Optional[str] = TokenFileOpt,
+    replicate_required: bool = ReplicateRequiredOpt,
     store: Optional[str] = StoreOpt,
     as_json: bool = JsonOpt,
     control: Optional[str] = typer.Option(None, "--control", metavar="SOCKET",
@@ -536,8 +555,11 @@ def restore(
     from .checkpoint import restore as restore_
     from .checkpoint.program import is_program_store
 
+    from . import cli_replication as RP
+
     with _open(store, write=True) as st:
         ckpt = _resolve(st, id)
+        rep = RP.replicator(replicate, token_file, replicate_required, st.filename, {"kind": "restore", "from": ckpt})
         if is_program_store(st):
             from . import cli_program as P
             from .checkpoint.program import restore_program
@@ -546,8 +568,11 @@ def restore(
                 raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
-            res = restore_program(st, ckpt, _program_schedule(checkpoints, every_syscalls, interval, steps),
-                                  kvm_path=_kvm())
+            psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
+            if rep is not None:
+                rep.start_info["schedule"] = RP.schedule_dict(psched)
+            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep)
+            RP.finish(rep, res.as_dict())
             raise typer.Exit(P.render_run(res, as_json, f"restore {ckpt}"))
         if every_syscalls is not None:
             raise typer.BadParameter("--every-syscalls is for program guests", param_hint="--every-syscalls")
@@ -556,15 +581,35 @@ def restore(
         total = 1 if sched.stop_after else sched.count
         try:
             with _on_demand(control) as hook, _progress(total, f"restore {ckpt}", as_json, live=True) as adv:
+                if rep is not None:
+                    rep.start_info["schedule"] = RP.schedule_dict(sched)
                 summary = restore_(st, ckpt, sched, on_checkpoint=_live(adv), kvm_path=_kvm(), precopy=precopy,
-                                   lazy=lazy, on_checkpointer=hook).as_dict()
+                                   lazy=lazy, on_checkpointer=hook,
+                                   after_commit=rep.after_commit if rep else None).as_dict()
         except Interrupted:
             raise _interrupted(st, last_before) from None
+        RP.finish(rep, summary)
     summary["restored_from"] = ckpt
     if as_json:
         R.print_json(R.summary_json(summary))
     else:
         _kv(_summary_rows(summary), f"restore {ckpt}: {R.safe(st.filename)}")
+
+
+@app.command()
+def standby(
+    listen: str = typer.Option(..., "--listen", metavar="HOST:PORT", help="Where the primary connects."),
+    store: str = typer.Option(..., "--store", help="The standby's own store (created, or re-synced into)."),
+    token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
+                                             help="The shared secret: frames without its HMAC are refused."),
+    failover_timeout: float = typer.Option(500.0, "--failover-timeout", metavar="MS",
+                                           help="Fail over when no heartbeat arrives for this long."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Receive a primary's checkpoints (`run/restore --replicate`); fail over if it is lost."""
+    from . import cli_replication as RP
+
+    raise typer.Exit(RP.standby(listen, store, token_file, failover_timeout, as_json))
 
 
 @app.command()

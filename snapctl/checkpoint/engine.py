@@ -273,7 +273,7 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
-    return w.id, dict(w.stats, **stats)
+    return w.id, dict(w.stats, **stats, digest=w.digest)
 
 
 class CheckpointWriteError(Exception):
@@ -360,8 +360,12 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, store: Store, parent: int | None,
                  on_checkpoint: Callable[[int, dict], None] | None = None, *, background: bool = True,
-                 depth: int = 2, precopy: bool = False):
+                 depth: int = 2, precopy: bool = False,
+                 after_commit: Callable[[int, Capture, dict], None] | None = None):
         self.machine = machine
+        #: called with (id, capture, stats) once a checkpoint is committed, before its
+        #: capture is released (replication sends it from here)
+        self.after_commit = after_commit
         self.store = store
         self.parent = parent
         self.on_checkpoint = on_checkpoint
@@ -421,6 +425,8 @@ class Checkpointer:
         s.raw_bytes += n * PAGE
         s.stored_bytes += int(stats.get("stored_bytes", 0))
         s.pauses_ms.append(cap.timings.get("downtime_ms", 0.0))
+        if self.after_commit is not None:
+            self.after_commit(ckpt, cap, stats)
         if self.on_checkpoint:
             self.on_checkpoint(ckpt, stats)
 
@@ -530,14 +536,14 @@ def prepare_new_store(store_path: str) -> None:
 
 
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
-        kvm_path: str = "/dev/kvm", precopy: bool = False, on_checkpointer=None) -> RunSummary:
+        kvm_path: str = "/dev/kvm", precopy: bool = False, on_checkpointer=None, after_commit=None) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
         prepare_new_store(store_path)
         store = Store.create(store_path, config.to_dict())
         with store:
-            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy)
+            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy, after_commit=after_commit)
             if on_checkpointer is not None:  # e.g. to call cp.request() on SIGUSR1
                 on_checkpointer(cp)
             cp.base()
@@ -582,13 +588,13 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = "/dev/kvm", driver=
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
             kvm_path: str = "/dev/kvm", precopy: bool = False, lazy: bool = False,
-            on_checkpointer=None) -> RunSummary:
+            on_checkpointer=None, after_commit=None) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it.
     ``lazy``: the guest starts before its memory is restored (see :func:`load_machine`)."""
     schedule.validate()
     store.claim()  # another process writing the store: say so before the guest runs
     with load_machine(store, ckpt, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
-        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy)
+        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy, after_commit=after_commit)
         if on_checkpointer is not None:
             on_checkpointer(cp)
         summary = cp.run(schedule)

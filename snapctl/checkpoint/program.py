@@ -181,21 +181,25 @@ def _result(driver: ProgramGuest, summary: RunSummary, spec: ProgramSpec, second
 
 def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, mem_size: int = 256 << 20,
                 tracking: str = "ring", kvm_path: str = "/dev/kvm", on_checkpoint=None,
-                live_output: bool = True) -> ProgramRun:
+                live_output: bool = True, replica=None) -> ProgramRun:
     """Load ``spec``'s program into a new VM, checkpoint 0 before its first instruction,
-    then run it under ``sched`` into a new store."""
+    then run it under ``sched`` into a new store. ``replica`` (snapctl.replication): gets
+    every committed checkpoint (``after_commit``) and the program's live output (``bind_output``)."""
     sched.validate()
     with open(spec.path, "rb") as f:
         exe = f.read()
     stdin = _stdin_for(spec)
     try:
         driver = ProgramGuest.new(spec, exe, stdin=stdin, live_output=live_output)
+        if replica is not None:
+            replica.bind_output(driver.output)
         cfg = MachineConfig(guest="program", mem_size=mem_size, vcpus=1, tracking=tracking, program=spec.to_dict())
         with Machine(cfg, kvm_path=kvm_path, driver=driver) as m:
             cfg.program = spec.to_dict()       # now with the binary's hash
             prepare_new_store(store_path)
             with Store.create(store_path, cfg.to_dict()) as store:
-                cp = Checkpointer(m, store, None, on_checkpoint)
+                cp = Checkpointer(m, store, None, on_checkpoint,
+                                  after_commit=replica.after_commit if replica is not None else None)
                 cp.base()
                 seconds = _loop(m, cp, driver, sched)
                 return _result(driver, cp.summary, spec, seconds)
@@ -237,7 +241,7 @@ def file_loader(store: Store, ckpts: list[int]):
 
 
 def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path: str = "/dev/kvm",
-                    on_checkpoint=None) -> ProgramRun:
+                    on_checkpoint=None, replica=None) -> ProgramRun:
     """Continue the program from ``ckpt`` to its exit (or the schedule's end); new checkpoints branch from it."""
     sched.validate()
     spec = program_spec(store)
@@ -249,13 +253,28 @@ def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path
     stdin = _stdin_for(spec, int(state.get("stdin_pos", 0)))
     try:
         driver = ProgramGuest.resuming(spec, state, file_loader(store, store.path(ckpt)), live_output=True, stdin=stdin)
+        if replica is not None:
+            replica.bind_output(driver.output)
         with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver) as m:
             driver.restore()
-            cp = Checkpointer(m, store, ckpt, on_checkpoint)
+            cp = Checkpointer(m, store, ckpt, on_checkpoint,
+                              after_commit=replica.after_commit if replica is not None else None)
             seconds = _loop(m, cp, driver, sched)
             return _result(driver, cp.summary, spec, seconds, ckpt)
     finally:
         stdin.close()
+
+
+def continue_program(m: Machine, store: Store, ckpt: int, driver: ProgramGuest, sched: ProgramSchedule, *,
+                     on_checkpoint=None) -> ProgramRun:
+    """Run a machine already holding checkpoint ``ckpt`` (memory and vCPU state restored,
+    ``driver`` built with :meth:`ProgramGuest.resuming`) under ``sched``; new checkpoints
+    branch from ``ckpt``. What a standby's failover runs (snapctl.replication)."""
+    sched.validate()
+    driver.restore()
+    cp = Checkpointer(m, store, ckpt, on_checkpoint)
+    seconds = _loop(m, cp, driver, sched)
+    return _result(driver, cp.summary, driver.spec, seconds, ckpt)
 
 
 def streams(store: Store, path: list[int], name: str) -> bytes:

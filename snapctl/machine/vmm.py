@@ -177,8 +177,10 @@ class Machine:
     """
 
     def __init__(self, config: MachineConfig, *, kvm_path: str = "/dev/kvm", boot: bool = True,
-                 driver: GuestDriver | None = None):
+                 driver: GuestDriver | None = None, memory: GuestMemory | None = None):
         config.validate()
+        if memory is not None and memory.size != config.mem_size:
+            raise MachineError(f"given guest memory is {memory.size} bytes, the machine has {config.mem_size}")
         if (driver is None) != (config.guest != DRIVEN_GUEST):
             raise MachineError(f"guest {config.guest!r} {'needs' if driver is None else 'takes no'} guest driver")
         self.config = config
@@ -192,6 +194,7 @@ class Machine:
         self.system = System(kvm_path)
         self.vm = None
         self.memory = None
+        self._given_memory = memory  # already filled (a standby's warm memory): adopted, closed with us
         self.tracker: DirtyTracker | None = None
         self._runners: list[_Runner] = []
         #: a ``storage.lazy.LazyImage`` while guest RAM is served lazily (``load_machine(lazy=True)``)
@@ -218,7 +221,7 @@ class Machine:
             self.ring_limits = self.vm.enable_dirty_ring(cfg.ring_entries)
         elif cfg.tracking == "bitmap":
             self.vm.enable_manual_dirty_log_protect()
-        self.memory = GuestMemory(cfg.mem_size)
+        self.memory = self._given_memory if self._given_memory is not None else GuestMemory(cfg.mem_size)
         log = cfg.tracking != "none"
         for r in self.memory.regions:
             self.vm.set_memory_region(r.slot, r.gpa, self.memory.host_addr + r.gpa, r.size, log_dirty=log)
@@ -337,6 +340,9 @@ class Machine:
             with self._cond:
                 r.parked = True
                 r.exited = True
+                # Every kick happens under this lock: none may signal this thread once it is
+                # gone (pthread_kill on an ended thread whose stack glibc has unmapped segfaults).
+                v.thread_ident = None
                 self._cond.notify_all()
 
     def _park(self, r: _Runner) -> bool:

@@ -128,11 +128,16 @@ class Output:
         self.live = live
         self.interval = {1: bytearray(), 2: bytearray()}
         self.totals = {1: 0, 2: 0}
+        #: when set, live bytes go to ``sink(fd, data)`` instead of the fd (a replication
+        #: output gate holds them until the checkpoint covering them is acknowledged)
+        self.sink = None
 
     def write(self, fd: int, data: bytes) -> None:
         self.interval[fd] += data
         self.totals[fd] += len(data)
-        if self.live:
+        if self.live and self.sink is not None:
+            self.sink(fd, bytes(data))
+        elif self.live:
             view = memoryview(data)
             while view:
                 try:

@@ -1,0 +1,129 @@
+"""`snapctl bench --only replication`: checkpoint rate with every checkpoint acknowledged,
+pause with vs without replication, failover time of a 1 GiB guest, bytes on the wire.
+
+The standby is a real `snapctl standby` process on loopback; the primary runs here."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from .machine import Machine, MachineConfig
+
+MB = 1 << 20
+GB = 1 << 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _standby(d: str, name: str, port: int) -> tuple[subprocess.Popen, str]:
+    err = os.path.join(d, f"{name}.err")
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen([sys.executable, "-m", "snapctl", "standby", "--listen", f"127.0.0.1:{port}",
+                          "--store", os.path.join(d, f"{name}.snap"), "--json"],
+                         stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env=env)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if os.path.exists(err) and b"listening on" in open(err, "rb").read():
+            return p, err
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    p.kill()
+    raise RuntimeError(f"the standby did not start: {open(err, errors='replace').read()}")
+
+
+def _summary(err: str) -> dict:
+    text = open(err, errors="replace").read()
+    return json.loads(text[text.index("{"):])
+
+
+def _run(cfg: MachineConfig, n: int, every: int, path: str, rep=None):
+    from storage import Store
+
+    from .checkpoint.engine import Checkpointer, Schedule
+    with Machine(cfg) as m, Store.create(path, cfg.to_dict()) as st:
+        cp = Checkpointer(m, st, None, after_commit=rep.after_commit if rep else None)
+        cp.base()
+        base_stored = cp.summary.stored_bytes
+        base_wire = rep.wire_bytes if rep else 0
+        t0 = time.perf_counter()
+        s = cp.run(Schedule(count=n, every_steps=every))
+        if rep is not None:
+            rep.finish({})
+        elapsed = time.perf_counter() - t0
+        cks = [c.id for c in st.checkpoints()][1:]
+        states = sum(len(st.state(c, name)) for c in cks for name in st.state_names(c))
+        committed = len(cks)
+    # what the primary stores for a checkpoint: its page blobs (pack bytes) and its states
+    return {"summary": s.as_dict(), "elapsed": elapsed, "committed": committed,
+            "stored": s.stored_bytes - base_stored + states, "stored_pages": s.stored_bytes - base_stored,
+            "wire": (rep.wire_bytes - base_wire) if rep else 0}
+
+
+def replication(quick: bool) -> dict:
+    from .replication.primary import Replicator
+
+    n = 100 if quick else 300
+    cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
+    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    out: dict = {"guest": "random 64 MiB", "checkpoints": n, "dirty_pages_per_checkpoint": every,
+                 "link": "loopback"}
+    with tempfile.TemporaryDirectory() as d:
+        plain = _run(cfg, n, every, os.path.join(d, "plain.snap"))
+        port = _free_port()
+        sb, err = _standby(d, "standby", port)
+        start = {"kind": "run", "schedule": {"count": n, "every_steps": every}}
+        rep = Replicator(f"127.0.0.1:{port}", token=None, required=True, store_path=os.path.join(d, "rep.snap"),
+                         start=start)
+        repd = _run(cfg, n, every, os.path.join(d, "rep.snap"), rep)
+        sb.wait(120)
+        acked = _summary(err)["count"] - 1
+        rate = repd["committed"] / repd["elapsed"]
+        p0, p1 = plain["summary"]["pause_ms_median"], repd["summary"]["pause_ms_median"]
+        wire_ratio = repd["wire"] / repd["stored"] if repd["stored"] else None
+        out["checkpoint_rate"] = {"per_s": round(rate, 1), "acknowledged": acked,
+                                  "without_replication_per_s": round(plain["committed"] / plain["elapsed"], 1),
+                                  "goal": ">= 100/s", "met": bool(rate >= 100 and acked == n)}
+        out["pause_ratio"] = {"ratio": round(p1 / p0, 3), "pause_ms_median_replicated": p1,
+                              "pause_ms_median_plain": p0, "goal": "<= 1.2x", "met": bool(p1 / p0 <= 1.2)}
+        out["wire_ratio"] = {"ratio": round(wire_ratio, 3), "wire_bytes": repd["wire"], "stored_bytes": repd["stored"],
+                              "stored_page_bytes": repd["stored_pages"],
+                             "goal": "<= 1.1x", "met": bool(wire_ratio <= 1.1)}
+
+        # failover: a 1 GiB guest, 5 checkpoints replicated, then the primary "dies"
+        big = MachineConfig(guest="random", mem_size=1 * GB, steps_per_yield=32, ring_entries=4096)
+        port = _free_port()
+        sb, err = _standby(d, "standby-1g", port)
+        k = 5
+        rep = Replicator(f"127.0.0.1:{port}", token=None, required=False,
+                         store_path=os.path.join(d, "big.snap"),
+                         start={"kind": "run", "schedule": {"count": k + 2, "every_steps": 10 * every}})
+        from storage import Store
+
+        from .checkpoint.engine import Checkpointer, Schedule
+        with Machine(big) as m, Store.create(os.path.join(d, "big.snap"), big.to_dict()) as st:
+            cp = Checkpointer(m, st, None, after_commit=rep.after_commit)
+            cp.base()
+            cp.run(Schedule(count=k, every_steps=10 * every))
+            end = time.monotonic() + 60
+            while rep.acked != cp.parent and time.monotonic() < end:
+                time.sleep(0.01)
+            rep.abandon()
+        sb.wait(300)
+        s = _summary(err)
+        ms = s.get("failover_ms")
+        out["failover_ms"] = {"ms": ms, "guest": "random 1 GiB", "resumed_from": s.get("resumed_from"),
+                              "measured": "standby: from detecting the loss to the vCPU threads started",
+                              "goal": "<= 50 ms", "met": bool(ms is not None and ms <= 50)}
+    return out

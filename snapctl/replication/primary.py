@@ -1,0 +1,414 @@
+"""The primary's side: send every committed checkpoint to the standby, hold a program's
+output until the checkpoint covering it is acknowledged (Remus' output commit).
+
+Hooked after each commit (``Checkpointer(after_commit=...)``): it runs on the
+checkpoint writer thread while the guest runs on, so replication adds nothing
+to the pause. Acknowledgements arrive on a reader thread; heartbeats go out on
+their own thread. A lost standby costs one warning line: held output is
+released and the run goes on without replication (``required``: it stops
+instead, exit status 4, output not covered by an acknowledged checkpoint is
+never released).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+import numpy as np
+
+from storage import Store
+
+from . import protocol as P
+
+#: unacknowledged checkpoints in flight before the writer waits
+WINDOW = 8
+EXIT_REPLICATION_LOST = 4
+CONNECT_TIMEOUT = 2.0
+ACK_TIMEOUT = 10.0
+RECONNECT_EVERY = 1.0
+SOCKET_TIMEOUT = 2.0
+
+
+def _warn(msg: str) -> None:
+    print(f"snapctl: {msg}", file=sys.stderr, flush=True)
+
+
+class OutputGate:
+    """Holds a program's stdout/stderr bytes in write order until released up to a
+    per-stream byte count (the cumulative size of the acknowledged checkpoints' streams)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[tuple[int, bytes]] = []
+        self.written = {1: 0, 2: 0}     # bytes the program wrote so far (held or released)
+        self.released = {1: 0, 2: 0}
+        self.passthrough = False
+
+    def write(self, fd: int, data: bytes) -> None:
+        with self._lock:
+            self.written[fd] += len(data)
+            if self.passthrough and not self._held:
+                self._out(fd, data)
+                self.released[fd] += len(data)
+            else:
+                self._held.append((fd, data))
+
+    def release(self, upto: dict[int, int] | None) -> None:
+        """Write held bytes while each stream stays within ``upto`` (None: everything)."""
+        with self._lock:
+            run_fd, run = None, []   # consecutive bytes of one stream go out in one write()
+            while self._held:
+                fd, data = self._held[0]
+                room = len(data) if upto is None else upto[fd] - self.released[fd]
+                if room <= 0:
+                    break
+                part = data[:room]
+                if fd != run_fd and run:
+                    self._out(run_fd, b"".join(run))
+                    run = []
+                run_fd = fd
+                run.append(part)
+                self.released[fd] += len(part)
+                if len(part) == len(data):
+                    self._held.pop(0)
+                else:
+                    self._held[0] = (fd, data[len(part):])
+                    break
+            if run:
+                self._out(run_fd, b"".join(run))
+
+    def open(self) -> None:
+        """No more replication: release everything, pass future bytes straight through."""
+        self.release(None)
+        self.passthrough = True
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(len(d) for _, d in self._held)
+
+    @staticmethod
+    def _out(fd: int, data: bytes) -> None:
+        write_all(fd, data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (a reader that went away ends it quietly)."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BrokenPipeError:
+            return
+        view = view[n:]
+
+
+class Replicator:
+    """Replicates one run (or restore) to a standby at ``addr``.
+
+    ``start`` describes the run (config, schedule, kind) for the standby's failover;
+    ``store_path`` is read for full re-syncs (a restored checkpoint, a standby that
+    came back). Thread-safe against the writer, reader and heartbeat threads."""
+
+    def __init__(self, addr: str, *, token: bytes | None, required: bool, store_path: str, start: dict):
+        self.host, self.port = P.parse_addr(addr)
+        self.addr = addr
+        self.token = token
+        self.required = required
+        self.store_path = store_path
+        self.start_info = start
+        self.gate: OutputGate | None = None
+        self.chan: P.Channel | None = None
+        self._cond = threading.Condition()
+        self._inflight: dict[int, dict] = {}   # primary id -> output boundary {1: n, 2: n}
+        self.acked: int | None = None
+        self.sent = 0
+        self.wire_bytes = 0
+        self.lost_reason: str | None = None
+        self._last_attempt = 0.0
+        self._stream_totals = {1: 0, 2: 0}
+        self._need_full = True
+        self._index = 0            # scheduled checkpoints taken in this run (base/restore point: 0)
+        self._gen = 0              # connection generation
+        self.hb_interval = 0.1
+        self._closing = False
+        self._ro: Store | None = None
+        self._last_sent: int | None = None
+        self._attempts = 0
+        #: the standby's image of the last checkpoint sent (pages go as XOR deltas against it)
+        self._shadow: np.ndarray | None = None
+
+    # -- connection -----------------------------------------------------------------------------
+    def connect(self) -> bool:
+        """Connect and handshake; False (with a one-line warning) if the standby is not there."""
+        self._last_attempt = time.monotonic()
+        self._attempts += 1
+        if "config" not in self.start_info:
+            self.start_info["config"] = self._store().config
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            chan = P.Channel(sock, self.token, b"P")
+            _, payload = chan.recv((P.HELLO,))
+            hello = P.decode_json(payload, "hello")
+            nonce = bytes.fromhex(str(hello.get("nonce", "")))
+            if len(nonce) != P.NONCE_SIZE:
+                raise P.ProtocolError("hello: bad nonce")
+            chan.nonce = nonce
+            self.hb_interval = max(0.01, min(1.0, float(hello.get("heartbeat_ms", 100)) / 1e3))
+            chan.send(P.START, P.encode_json(self.start_info))
+            sock.settimeout(SOCKET_TIMEOUT)   # a send stuck this long (link cut): the standby is lost
+        except (OSError, P.ProtocolError, ValueError) as e:
+            self._lose(f"standby {self.addr} not reachable ({e})", connected=False)
+            return False
+        with self._cond:
+            self.chan = chan
+            self._gen += 1
+            gen = self._gen
+            self._need_full = True
+            self._inflight.clear()
+            self.lost_reason = None
+            if self.gate is not None:
+                self.gate.passthrough = False
+        threading.Thread(target=self._reader, args=(chan, gen), name="replication-acks", daemon=True).start()
+        threading.Thread(target=self._heartbeat, args=(chan, gen), name="replication-heartbeat",
+                         daemon=True).start()
+        return True
+
+    def _lose(self, reason: str, *, connected: bool = True, gen: int | None = None) -> None:
+        with self._cond:
+            if gen is not None and gen != self._gen:
+                return
+            if self._closing and connected and not self._inflight:
+                return   # the end of a finished run: the standby closed after our FINISH
+            was = self.chan
+            self.chan = None
+            self._gen += 1
+            first = self.lost_reason is None
+            self.lost_reason = reason
+            self._inflight.clear()
+            self._cond.notify_all()
+        if was is not None:
+            was.close()
+        if self.required:
+            _warn(f"replication lost: {reason}; stopping (--replicate-required)")
+            os._exit(EXIT_REPLICATION_LOST)
+        if first:
+            _warn(f"replication lost: {reason}; continuing without a standby")
+        if self.gate is not None:
+            self.gate.open()
+
+    def _reader(self, chan: P.Channel, gen: int) -> None:
+        waited = 0.0
+        try:
+            while True:
+                try:
+                    _, payload = chan.recv((P.ACK,))
+                except socket.timeout:
+                    if not chan.between_frames:
+                        raise P.ProtocolError("timed out in the middle of a frame") from None
+                    with self._cond:
+                        busy = bool(self._inflight)
+                    waited = waited + SOCKET_TIMEOUT if busy else 0.0
+                    if waited >= ACK_TIMEOUT:
+                        raise P.ProtocolError(f"no acknowledgement for {ACK_TIMEOUT:.0f} s") from None
+                    continue
+                waited = 0.0
+                ack = P.decode_json(payload, "ack")
+                ckpt = int(ack.get("id", -1))
+                with self._cond:
+                    if gen != self._gen:
+                        return
+                    bound = self._inflight.pop(ckpt, None)
+                    if bound is None:
+                        raise P.ProtocolError(f"ack for checkpoint {ckpt}, which is not in flight")
+                    for k in [k for k in self._inflight if k < ckpt]:   # acks are in order
+                        self._inflight.pop(k)
+                    self.acked = ckpt
+                    self._cond.notify_all()
+                if self.gate is not None and bound:
+                    # the channel's lock first: no other frame may wait between the output's
+                    # write() and the `released` frame (the window a kill repeats output in)
+                    with chan.lock:
+                        self.gate.release(bound)
+                        chan.send(P.RELEASED, P.encode_json({"id": ckpt}))
+        except (OSError, P.ProtocolError, ValueError) as e:
+            self._lose(f"standby {self.addr}: {e}", gen=gen)
+
+    def _heartbeat(self, chan: P.Channel, gen: int) -> None:
+        while True:
+            time.sleep(self.hb_interval)
+            if gen != self._gen:
+                return
+            try:
+                chan.send(P.HEARTBEAT)
+            except OSError as e:
+                self._lose(f"standby {self.addr}: {e}", gen=gen)
+                return
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def bind_output(self, output) -> None:
+        """Route a program's live output through the gate (released on acks)."""
+        self.gate = OutputGate()   # holds from the start; opened if the standby is lost
+        output.sink = self.gate.write
+
+    def after_commit(self, ckpt: int, cap, stats: dict) -> None:
+        """Send checkpoint ``ckpt`` (just committed by the writer thread) to the standby."""
+        for fd, name in ((1, "stream/stdout"), (2, "stream/stderr")):
+            self._stream_totals[fd] += len(cap.states.get(name, b""))
+        index = self._index
+        if cap.trigger != "base":
+            self._index += 1
+            index = self._index
+        if self.chan is None:
+            first = self._attempts == 0
+            if not first and (self._closing or self.required
+                              or time.monotonic() - self._last_attempt < RECONNECT_EVERY):
+                return
+            if not self.connect():
+                return
+            if not first:
+                _warn(f"replication: standby {self.addr} connected again; re-syncing from checkpoint {ckpt}")
+        with self._cond:
+            chan, gen, full = self.chan, self._gen, self._need_full
+            if chan is None:
+                return
+            deadline = time.monotonic() + ACK_TIMEOUT
+            while len(self._inflight) >= WINDOW and gen == self._gen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if gen != self._gen:
+                return
+            if len(self._inflight) >= WINDOW:
+                stuck = True
+            else:
+                stuck = False
+                # the bytes this checkpoint covers: everything up to its streams' end
+                self._inflight[ckpt] = dict(self._stream_totals) if self.gate is not None else {}
+        if stuck:
+            self._lose(f"standby {self.addr} acknowledged nothing for {ACK_TIMEOUT:.0f} s", gen=gen)
+            return
+        try:
+            n = self._send(chan, ckpt, cap, stats, full, index)
+        except (OSError, P.ProtocolError) as e:
+            self._lose(f"standby {self.addr}: {e}", gen=gen)
+            return
+        with self._cond:
+            if gen == self._gen:
+                self._need_full = False
+        self._last_sent = ckpt
+        self.sent += 1
+        self.wire_bytes += n
+
+    def _npages(self) -> int:
+        return int(self.start_info["config"]["mem_size"]) // P.PAGE
+
+    def _store(self) -> Store:
+        if self._ro is None:
+            self._ro = Store.open(self.store_path, readonly=True)
+        return self._ro
+
+    def _send(self, chan: P.Channel, ckpt: int, cap, stats: dict, full: bool, index: int) -> int:
+        before = chan.bytes_sent
+        meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
+                "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
+                "digest": stats.get("digest"), "full": full,
+                # a re-sync's own output went out while there was no standby to cover it
+                "released_before": full and cap.trigger != "base"}
+        if full and cap.trigger != "base":
+            st = self._store()
+            st_states = {n: st.state(ckpt, n) for n in st.state_names(ckpt)}
+            for c in st.path(ckpt)[:-1]:   # files a failover may need, first opened earlier
+                for n in st.state_names(c):
+                    if n.startswith("inherited/") and n not in st_states:
+                        st_states[n] = st.state(c, n)
+            img = np.empty((st.page_count, P.PAGE), np.uint8)
+            st.materialize(ckpt, img)
+            pages = np.flatnonzero(img.any(axis=1))
+            data = img
+            take = True
+        else:
+            st_states = _states_of(cap)
+            cap.flatten()
+            pages, data, take = cap.pages, cap.data, False
+            if full:   # the base: every page; zero pages need not travel
+                pages, take = np.flatnonzero(cap.data.any(axis=1)), True
+        chan.send(P.CKPT, P.encode_checkpoint(meta, st_states))
+        if full:   # the shadow: the image the standby will hold once this checkpoint is in
+            if self._shadow is None:
+                self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
+            else:
+                self._shadow[:] = 0
+        sh = self._shadow
+        for i in range(0, pages.size, P.CHUNK_PAGES):
+            chunk = pages[i:i + P.CHUNK_PAGES]
+            rows = data[chunk] if take else data[i:i + P.CHUNK_PAGES]   # take: pages index data
+            chan.send(P.PAGES, P.encode_pages(chunk, rows, None if full else sh[chunk]))
+            sh[chunk] = rows
+        chan.send(P.END)
+        return chan.bytes_sent - before
+
+    def finish(self, summary: dict) -> None:
+        """The run is over: wait until every checkpoint is acknowledged (or the standby is
+        lost), release the rest of the output, tell the standby, close."""
+        self._closing = True
+        with self._cond:
+            deadline = time.monotonic() + ACK_TIMEOUT
+            while self._inflight and self.chan is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            chan, pending = self.chan, bool(self._inflight)
+        if chan is not None and pending:
+            self._closing = False
+            self._lose(f"standby {self.addr} did not acknowledge the last checkpoint")
+        if self.gate is not None:
+            self.gate.release(None)
+        if chan is not None and not pending:
+            try:
+                chan.send(P.FINISH, P.encode_json(summary))
+                chan.sock.settimeout(ACK_TIMEOUT)
+                chan.sock.shutdown(socket.SHUT_WR)
+                while chan.sock.recv(4096):   # until the standby closes: it has the summary
+                    pass
+            except OSError:
+                pass
+            with self._cond:
+                self._gen += 1
+                self.chan = None
+            chan.close()
+        if self._ro is not None:
+            self._ro.close()
+
+    def abandon(self) -> None:
+        """Drop the connection without a word: what the standby sees when this process dies
+        (the benchmark's failover, tests)."""
+        self._closing = True
+        with self._cond:
+            chan, self.chan = self.chan, None
+            self._gen += 1
+        if chan is not None:
+            chan.close()
+        if self.gate is not None:
+            self.gate.open()
+
+    def stats(self) -> dict:
+        return {"standby": self.addr, "checkpoints_sent": self.sent, "last_acknowledged": self.acked,
+                "wire_bytes": self.wire_bytes, "lost": self.lost_reason}
+
+
+def _states_of(cap) -> dict[str, bytes]:
+    """The named states ``engine.commit`` writes for a capture."""
+    import json
+
+    from ..checkpoint.engine import MACHINE_STATE, vcpu_state_name
+    out = {vcpu_state_name(i): st.to_bytes() for i, st in enumerate(cap.vcpus)}
+    out[MACHINE_STATE] = json.dumps({"steps": cap.steps}).encode()
+    out.update(cap.states)
+    return out

@@ -1,0 +1,409 @@
+"""The standby's side: receive checkpoints, commit each in one transaction, keep the
+latest image warm in a guest RAM mapping, and fail over when the primary is lost.
+
+One session at a time. Before a session is established (the primary's START
+verified), a peer that sends anything wrong -- garbage, a truncated frame, a
+wrong MAC, nothing at all within the timeout -- is refused with one log line
+and the standby listens again; nothing is allocated beyond the 64 KiB
+handshake limit and nothing is written to the store. Once a session holds a
+complete checkpoint, losing it (reset, EOF, a bad frame, no heartbeat within
+``failover_timeout``) means failover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import Store
+
+from ..checkpoint.engine import Checkpointer, Schedule, vcpu_state_name
+from ..machine import Machine, MachineConfig, VcpuState
+from ..machine.memory import GuestMemory
+from . import protocol as P
+from .primary import write_all
+
+DEFAULT_FAILOVER_MS = 500.0
+EXIT_NO_CHECKPOINT = 3
+
+
+def log(msg: str) -> None:
+    print(f"standby: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Latest:
+    """The newest complete checkpoint of this session."""
+
+    local: int
+    primary: int
+    meta: dict
+    vcpus: list[bytes]
+
+
+@dataclass
+class StandbyResult:
+    outcome: str                      #: "finished", "failover", "no-checkpoint"
+    exit_status: int
+    received: list[int] = field(default_factory=list)    #: the standby's ids, in order
+    primary_ids: list[int] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)           #: the primary's FINISH summary
+    failover_ms: float | None = None
+    resumed_from: int | None = None
+    refused: int = 0
+    run: dict | None = None
+
+    def as_dict(self) -> dict:
+        return {"outcome": self.outcome, "exit_status": self.exit_status, "checkpoints": self.received,
+                "primary_checkpoints": self.primary_ids, "count": len(self.received),
+                "failover_ms": self.failover_ms, "resumed_from": self.resumed_from,
+                "refused_peers": self.refused, "primary_summary": self.summary, "run": self.run}
+
+
+class Standby:
+    def __init__(self, listen: str, store_path: str, *, token: bytes | None = None,
+                 failover_timeout_ms: float = DEFAULT_FAILOVER_MS, kvm_path: str = "/dev/kvm",
+                 max_sessions: int = 1000):
+        self.host, self.port = P.parse_addr(listen)
+        self.store_path = store_path
+        self.token = token
+        self.timeout = failover_timeout_ms / 1e3
+        if not self.timeout > 0:
+            raise ValueError(f"--failover-timeout must be > 0 ms, got {failover_timeout_ms}")
+        self.kvm_path = kvm_path
+        self.max_sessions = max_sessions
+        self.store: Store | None = None
+        self.warm: GuestMemory | None = None
+        self.config: dict | None = None
+        self.start: dict = {}
+        self.latest: Latest | None = None
+        self.released: int | None = None      # primary id whose output the primary released
+        self.result = StandbyResult("no-checkpoint", EXIT_NO_CHECKPOINT)
+        self._local_of: dict[int, int] = {}
+        self.sock: socket.socket | None = None
+
+    # -- serving --------------------------------------------------------------------------------
+    def bind(self) -> tuple[str, int]:
+        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.host, self.port))
+        s.listen(4)
+        self.sock = s
+        return s.getsockname()[:2]
+
+    def serve(self) -> StandbyResult:
+        """Accept primaries until one session ends (finished or failed over)."""
+        if self.sock is None:
+            self.bind()
+        try:
+            for _ in range(self.max_sessions):
+                conn, peer = self.sock.accept()
+                outcome = self._session(conn, f"{peer[0]}:{peer[1]}")
+                if outcome is not None:
+                    return outcome
+            return self.result
+        finally:
+            self.sock.close()
+            if self.store is not None:
+                self.store.close()
+            if self.warm is not None:
+                self.warm.close()
+
+    def _session(self, conn: socket.socket, peer: str) -> StandbyResult | None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self.timeout)
+        chan = P.Channel(conn, self.token, b"S")
+        nonce = P.new_nonce()
+        try:
+            chan.send(P.HELLO, P.encode_json({"nonce": nonce.hex(), "heartbeat_ms": self.timeout * 1e3 / 5,
+                                              "auth": self.token is not None}))
+            chan.nonce = nonce
+            _, payload = chan.recv((P.START,))
+            start = P.decode_json(payload, "start")
+            self._open(start)
+        except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
+            self.result.refused += 1
+            log(f"refused peer {peer}: {e}")
+            chan.close()
+            return None
+        self.start = start
+        self.latest = None
+        self.released = None
+        log(f"primary {peer} connected ({start.get('kind', 'run')} of {self.config.get('guest')}, "
+            f"{self.config['mem_size'] >> 20} MiB)")
+        chan.limit = max(P.PAGES_LIMIT, P.STATE_LIMIT)
+        t_lost = None
+        self._q = queue.Queue(maxsize=64)
+        self._lost_at = None
+        reader = threading.Thread(target=self._reader, args=(chan, self._q), name="standby-reader", daemon=True)
+        reader.start()
+        try:
+            self._receive(chan)
+            chan.close()
+            return self.result
+        except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
+            t_lost = self._lost_at or time.perf_counter()
+            reason = "no heartbeat within the failover timeout" if isinstance(e, socket.timeout) else str(e)
+            # What the dead primary sent before it died (a `released` frame) is still to be
+            # read: the reader drains up to the reset/EOF (at most the failover timeout).
+            reader.join(self.timeout)
+            chan.close()
+        if self.latest is None:
+            log(f"primary {peer} lost before any complete checkpoint ({reason}); listening again")
+            return None
+        log(f"primary lost: {reason}")
+        return self.failover(t_lost)
+
+    def _open(self, start: dict) -> None:
+        cfg = start.get("config")
+        if not isinstance(cfg, dict):
+            raise P.ProtocolError("start: no machine configuration")
+        mc = MachineConfig.from_dict(cfg)
+        mc.validate()
+        if self.store is None:
+            if os.path.lexists(self.store_path):
+                st = Store.open(self.store_path)
+                if st.config != cfg:
+                    st.close()
+                    raise ValueError(f"{self.store_path} holds another machine's checkpoints")
+            else:
+                st = Store.create(self.store_path, cfg)
+            self.store, self.config = st, cfg
+        elif self.config != cfg:
+            raise ValueError("a different machine than this standby's store holds")
+        if self.warm is None:
+            self.warm = GuestMemory(mc.mem_size)
+            cks = self.store.checkpoints()
+            if cks:   # the image a re-sync is a child of
+                self.store.materialize(cks[-1].id, self.warm.pages, out_is_zero=True)
+                self._warm_ckpt = cks[-1].id
+            else:
+                self._warm_ckpt = None
+
+    def _reader(self, chan: P.Channel, q: queue.Queue) -> None:
+        """Drain the socket as frames arrive. A RELEASED frame is taken at once: when the
+        primary dies, the reset that follows may discard what is still queued in the kernel."""
+        while True:
+            try:
+                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.PAGES, P.END, P.RELEASED, P.FINISH))
+                if ftype == P.RELEASED:
+                    self._released(payload)
+                    continue
+                if ftype == P.HEARTBEAT:
+                    continue
+            except BaseException as e:   # noqa: BLE001 - handed to the receiving thread
+                self._lost_at = time.perf_counter()   # detection: failover time counts from here
+                q.put((None, e))
+                return
+            q.put((ftype, payload))
+            if ftype == P.FINISH:
+                return
+
+    def _next(self, expect: tuple[int, ...]) -> tuple[int, bytearray]:
+        ftype, payload = self._q.get()
+        if ftype is None:
+            raise payload
+        if ftype not in expect:
+            raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame")
+        return ftype, payload
+
+    def _receive(self, chan: P.Channel) -> None:
+        st = self.store
+        npages = st.page_count
+        while True:
+            ftype, payload = self._next((P.CKPT, P.FINISH))
+            if ftype == P.FINISH:
+                self.result.outcome, self.result.exit_status = "finished", 0
+                self.result.summary = P.decode_json(payload, "finish")
+                return
+            meta, states = P.decode_checkpoint(payload)
+            pid, full = meta.get("id"), bool(meta.get("full"))
+            steps = meta.get("steps")
+            if (not isinstance(pid, int) or not isinstance(steps, list) or not steps
+                    or not all(isinstance(x, int) for x in steps) or not isinstance(meta.get("index"), int)
+                    or meta.get("trigger") not in ("base", "sync", "async", "exit")):
+                raise P.ProtocolError("checkpoint frame: malformed metadata")
+            if full:
+                parent = self._warm_ckpt   # a re-sync: a child of what the store (and warm memory) holds
+            else:
+                if self.latest is None or meta.get("parent") != self.latest.primary:
+                    raise P.ProtocolError("checkpoint frame: its parent is not the last checkpoint received")
+                parent = self.latest.local
+            vcpus = [states.get(vcpu_state_name(i)) for i in range(len(steps))]
+            if any(v is None for v in vcpus):
+                raise P.ProtocolError("checkpoint frame: vCPU state missing")
+            local_meta = {"step": steps[0], "steps": steps, "trigger": meta["trigger"], "replica_of": pid}
+            pending: list[tuple[np.ndarray, np.ndarray]] = []
+            count = 0
+            with st.checkpoint(parent=parent, meta=local_meta) as w:   # one transaction; rolled back on error
+                while True:
+                    ftype, payload = self._next((P.PAGES, P.END))
+                    if ftype == P.END:
+                        break
+                    # deltas are against the previous checkpoint's image: warm memory until END
+                    pages, data = P.decode_pages(payload, npages, None if full else self.warm.pages)
+                    count += pages.size
+                    if count > npages:
+                        raise P.ProtocolError("checkpoint frame: more pages than the guest has")
+                    w.add_pages(pages, data)
+                    pending.append((pages, data))
+                if full and parent is not None:   # pages the image no longer has: zero now
+                    sent = np.concatenate([p for p, _ in pending]) if pending else np.zeros(0, np.int64)
+                    nz = np.flatnonzero(self.warm.pages.any(axis=1))
+                    gone = np.setdiff1d(nz, sent, assume_unique=True)
+                    for i in range(0, gone.size, 4096):
+                        g = gone[i:i + 4096]
+                        w.add_pages(g, np.zeros((g.size, P.PAGE), np.uint8))
+                for name, blob in states.items():
+                    w.add_state(name, blob)
+                w.set_stats({"replica_of": pid, "pages_received": count})
+            if meta.get("digest") and w.digest != meta["digest"]:
+                log(f"checkpoint {w.id} (primary {pid}): image digest {w.digest} differs from the "
+                    f"primary's {meta['digest']}")
+                raise P.ProtocolError("image digest mismatch")
+            # warm memory: now exactly the image of this checkpoint
+            mem = self.warm.pages
+            if full:
+                mem[:] = 0
+            for pages, data in pending:
+                mem[pages] = data
+            self._warm_ckpt = w.id
+            self._local_of[pid] = w.id
+            self.latest = Latest(w.id, pid, meta, vcpus)
+            if meta.get("released_before"):
+                self.released = pid
+            self.result.received.append(w.id)
+            self.result.primary_ids.append(pid)
+            chan.send(P.ACK, P.encode_json({"id": pid}))
+
+    def _released(self, payload) -> None:
+        rid = P.decode_json(payload, "released").get("id")
+        if not isinstance(rid, int) or rid not in self._local_of:
+            raise P.ProtocolError("released: unknown checkpoint")
+        self.released = rid
+
+    # -- failover -------------------------------------------------------------------------------
+    def failover(self, t_lost: float) -> StandbyResult:
+        r = self.result
+        lt = self.latest
+        cfg = MachineConfig.from_dict(self.config)
+        vcpus = [VcpuState.from_bytes(b) for b in lt.vcpus]
+        r.outcome, r.resumed_from, r.exit_status = "failover", lt.local, 0
+        sched = self.start.get("schedule") or {}
+        index = int(lt.meta.get("index", 0))
+        warm, self.warm = self.warm, None
+
+        def started(m: Machine):
+            orig = m.start
+
+            def start():
+                orig()
+                r.failover_ms = round((time.perf_counter() - t_lost) * 1e3, 2)
+                # one write(): the resumed program's stderr writes go to the same fd from now on
+                sys.stderr.flush()
+                os.write(2, f"failover: resumed from checkpoint {lt.local} in {r.failover_ms:.1f} ms\n".encode())
+            m.start = start
+
+        if cfg.guest == "program":
+            return self._failover_program(cfg, warm, vcpus, sched, index, started)
+        count = sched.get("count", 0) or 0
+        if sched.get("stop_after") is not None:
+            count = 0 if index >= 1 else 1
+        remaining = max(0, int(count) - index)
+        with Machine(cfg, kvm_path=self.kvm_path, boot=False, memory=warm) as m:
+            m.restore_state(None, vcpus)
+            if remaining == 0:
+                r.failover_ms = round((time.perf_counter() - t_lost) * 1e3, 2)
+                print(f"failover: checkpoint {lt.local} ended the schedule; nothing left to run "
+                      f"({r.failover_ms:.1f} ms)", file=sys.stderr, flush=True)
+                return r
+            started(m)
+            cp = Checkpointer(m, self.store, lt.local)
+            if sched.get("stop_after") is not None:
+                s = Schedule(count=1, stop_after=int(sched["stop_after"]))
+            else:
+                s = Schedule(count=remaining, every_steps=sched.get("every_steps"),
+                             interval_ms=sched.get("interval_ms"))
+            summary = cp.run(s)
+            r.run = summary.as_dict()
+        return r
+
+    def _failover_program(self, cfg, warm, vcpus, sched, index, started) -> StandbyResult:
+        from ..checkpoint.program import (ProgramSchedule, continue_program, file_loader, program_spec,
+                                          program_state)
+        from ..program import STDERR, STDOUT, ProgramGuest
+        r, lt, st = self.result, self.latest, self.store
+        # Output commit: what the primary never released, the standby writes now, from its store.
+        path = st.path(lt.local)
+        released_local = self._local_of.get(self.released) if self.released is not None else None
+        start_at = path.index(released_local) + 1 if released_local in path else \
+            path.index(self.result.received[0]) if self.result.received[0] in path else len(path)
+        log(f"output: the primary released through checkpoint {released_local}; writing the output of "
+            f"checkpoints {path[start_at] if start_at < len(path) else '-'}..{lt.local} again")
+        for c in path[start_at:]:
+            names = st.state_names(c)
+            for name, fd in ((STDOUT, 1), (STDERR, 2)):
+                if name in names:
+                    write_all(fd, st.state(c, name))
+        spec = program_spec(st)
+        state = program_state(st, lt.local)
+        if state.get("exited"):
+            warm.close()
+            ex = state["exited"]
+            r.failover_ms = 0.0
+            print(f"failover: the program had exited by checkpoint {lt.local}; nothing left to run",
+                  file=sys.stderr, flush=True)
+            r.exit_status = int(ex.get("status") or 0)
+            return r
+        count = sched.get("count")
+        if sched.get("stop_after") is not None:
+            s = ProgramSchedule(count=1, stop_after=int(sched["stop_after"])) if index < 1 else None
+        else:
+            left = None if count is None else int(count) - index
+            s = None if left is not None and left <= 0 else ProgramSchedule(
+                count=left, every_syscalls=sched.get("every_syscalls"), interval_ms=sched.get("interval_ms"))
+        if s is None:
+            warm.close()
+            r.failover_ms = 0.0
+            print(f"failover: checkpoint {lt.local} ended the schedule; nothing left to run",
+                  file=sys.stderr, flush=True)
+            return r
+        stdin = (os.fdopen(os.dup(0), "rb", buffering=0) if spec.stdin is None else open(spec.stdin, "rb"))
+        try:
+            if spec.stdin is not None:
+                stdin.seek(int(state.get("stdin_pos", 0)))
+            driver = ProgramGuest.resuming(spec, state, file_loader(st, path), live_output=True, stdin=stdin)
+            with Machine(cfg, kvm_path=self.kvm_path, boot=False, driver=driver, memory=warm) as m:
+                m.restore_state(None, vcpus)
+                started(m)
+                res = continue_program(m, st, lt.local, driver, s)
+            d = res.as_dict()
+            r.run = d
+            r.exit_status = 0 if d["running"] else int(d["exit_status"] or 0)
+        finally:
+            stdin.close()
+        return r
+
+
+def summary_line(res: StandbyResult) -> str:
+    d = res.as_dict()
+    if res.outcome == "finished":
+        return (f"standby: primary finished; {d['count']} checkpoints replicated "
+                f"({d['checkpoints'][0] if d['checkpoints'] else '-'}..{d['checkpoints'][-1] if d['checkpoints'] else '-'})")
+    if res.outcome == "failover":
+        return (f"standby: failed over from checkpoint {res.resumed_from}; the run ended with status "
+                f"{res.exit_status}")
+    return "standby: no checkpoint was received"
+
+
+def as_json(res: StandbyResult) -> str:
+    return json.dumps(res.as_dict(), indent=2, default=str)

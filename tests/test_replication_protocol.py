@@ -1,0 +1,222 @@
+"""The replication channel against garbage, truncated, oversized, replayed and forged frames.
+
+No KVM: a standby refuses hostile peers before anything reaches its store or
+its guest memory, and the framing is checked on socket pairs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from snapctl.replication import protocol as P
+from snapctl.replication.standby import Standby
+
+TOKEN = b"0123456789abcdef-test-token"
+
+
+def pair(token=TOKEN):
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.settimeout(5)
+    return P.Channel(a, token, b"P"), P.Channel(b, token, b"S")
+
+
+def test_roundtrip_and_sequence():
+    p, s = pair()
+    p.nonce = s.nonce = b"n" * 16
+    p.send(P.HEARTBEAT)
+    p.send(P.ACK, b'{"id": 3}')
+    assert s.recv() == (P.HEARTBEAT, bytearray())
+    assert s.recv((P.ACK,)) == (P.ACK, bytearray(b'{"id": 3}'))
+
+
+def test_wrong_token_is_refused():
+    a, b = socket.socketpair()
+    p, s = P.Channel(a, b"x" * 20, b"P"), P.Channel(b, TOKEN, b"S")
+    p.send(P.HEARTBEAT)
+    with pytest.raises(P.AuthError):
+        s.recv()
+
+
+def test_missing_token_is_refused():
+    a, b = socket.socketpair()
+    b.settimeout(2)
+    p, s = P.Channel(a, None, b"P"), P.Channel(b, TOKEN, b"S")
+    for _ in range(3):   # the receiver reads the next headers as the first frame's MAC
+        p.send(P.HEARTBEAT)
+    with pytest.raises(P.AuthError):
+        s.recv()
+
+
+def test_reflected_frame_is_refused():
+    """A frame the standby sent, played back to it, does not verify (the MAC binds the direction)."""
+    a, b = socket.socketpair()
+    s1, s2 = P.Channel(a, TOKEN, b"S"), P.Channel(b, TOKEN, b"S")
+    s1.send(P.ACK, b'{"id": 1}')
+    with pytest.raises(P.AuthError):
+        s2.recv()
+
+
+def test_replayed_frame_is_refused():
+    a, b = socket.socketpair()
+    p, s = P.Channel(a, TOKEN, b"P"), P.Channel(b, TOKEN, b"S")
+    p.send(P.HEARTBEAT)
+    s.recv()
+    raw = P.HEADER.pack(P.MAGIC, P.VERSION, P.HEARTBEAT, 0, 0, 0)
+    a.sendall(raw + p._mac(b"P", raw, b""))   # frame 0 again, correctly signed
+    with pytest.raises(P.ProtocolError, match="sequence"):
+        s.recv()
+
+
+def test_garbage_and_truncation():
+    a, b = socket.socketpair()
+    s = P.Channel(b, TOKEN, b"S")
+    b.settimeout(10)
+    a.sendall(b"GET / HTTP/1.1\r\nHost: standby\r\n\r\n")
+    with pytest.raises(P.ProtocolError, match="magic"):
+        s.recv()
+    a, b = socket.socketpair()
+    s = P.Channel(b, TOKEN, b"S")
+    a.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, P.CKPT, 0, 0, 100) + b"x" * 10)
+    a.close()
+    with pytest.raises(P.PeerClosed):
+        s.recv()
+
+
+def test_length_is_checked_before_reading():
+    a, b = socket.socketpair()
+    s = P.Channel(b, TOKEN, b"S")
+    a.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, P.CKPT, 0, 0, 0xFFFFFFFF))
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
+        s.recv()
+
+
+def test_pages_frame_validation():
+    pages = np.array([3, 7, 9], np.int64)
+    data = np.random.default_rng(1).integers(0, 256, (3, P.PAGE), dtype=np.uint8)
+    blob = P.encode_pages(pages, data)
+    got_p, got_d = P.decode_pages(blob, 16)
+    assert (got_p == pages).all() and (got_d == data).all()
+    with pytest.raises(P.ProtocolError, match="out of range"):
+        P.decode_pages(blob, 8)
+    bad = P.encode_pages(np.array([7, 3], np.int64), data[:2])
+    with pytest.raises(P.ProtocolError, match="not increasing"):
+        P.decode_pages(bad, 16)
+    head = P.PAGES_HEAD.size + 24
+    corrupt = blob[:head] + bytes(len(blob) - head)
+    with pytest.raises(P.ProtocolError):
+        P.decode_pages(corrupt, 16)
+    with pytest.raises(P.ProtocolError):
+        P.decode_pages(blob[:-5], 16)
+    # a delta against the previous image: a page with one changed word costs a few bytes
+    image = np.zeros((16, P.PAGE), np.uint8)
+    image[pages] = data
+    new = data.copy()
+    new[:, 8] ^= 0x5A
+    delta = P.encode_pages(pages, new, image[pages])
+    assert len(delta) < 200
+    got_p, got_d = P.decode_pages(delta, 16, image)
+    assert (got_d == new).all()
+    with pytest.raises(P.ProtocolError, match="full image"):
+        P.decode_pages(delta, 16)
+
+
+def test_checkpoint_frame_validation():
+    blob = P.encode_checkpoint({"id": 1}, {"vcpu/0": b"abc", "machine": b"{}"})
+    meta, states = P.decode_checkpoint(blob)
+    assert meta == {"id": 1} and states == {"vcpu/0": b"abc", "machine": b"{}"}
+    for bad in (blob[:-1], blob + b"x", b"\x00\x00\x00\x05{}", b"\xff\xff\xff\xff",
+                b"\xff\xff\xff\xff" + blob[4:]):
+        with pytest.raises(P.ProtocolError):
+            P.decode_checkpoint(bad)
+    import lz4.block
+    for inner in (b"\x00\x00\x00\x05{}", b"\x00\x00\x00\x02{}" + b"junk", b"\x00\x00\x00\x02[]"):
+        with pytest.raises(P.ProtocolError):
+            P.decode_checkpoint(P.STATE_HEAD.pack(len(inner)) + lz4.block.compress(inner, store_size=False))
+
+
+def _standby(tmp_path, sessions: int, token=TOKEN):
+    sb = Standby("127.0.0.1:0", str(tmp_path / "standby.snap"), token=token, failover_timeout_ms=1000,
+                 max_sessions=sessions)
+    host, port = sb.bind()
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", sb.serve()), daemon=True)
+    t.start()
+    return sb, (host, port), t, box
+
+
+def _hello_nonce(c) -> bytes:
+    """Read the standby's HELLO without checking its MAC (a peer without the token)."""
+    head = b""
+    while len(head) < P.HEADER.size:
+        head += c.recv(P.HEADER.size - len(head))
+    n = P.HEADER.unpack(head)[5]
+    body = b""
+    while len(body) < n + P.MAC_SIZE:
+        body += c.recv(n + P.MAC_SIZE - len(body))
+    return bytes.fromhex(P.decode_json(body[:n], "hello")["nonce"])
+
+
+def _connect(addr):
+    return socket.create_connection(addr, timeout=10)
+
+
+def test_standby_refuses_hostile_peers_and_writes_nothing(tmp_path, capfd):
+    """Garbage, a truncated frame, an oversized length, a wrong token, a peer that says
+    nothing, and a legitimate session's frames replayed into a new session: each is
+    refused with one log line, and no store file is ever created."""
+    sb, addr, t, box = _standby(tmp_path, sessions=7)
+    start = P.encode_json({"kind": "run", "schedule": {"count": 1},
+                           "config": {"guest": "stamp", "mem_size": 64 << 20, "vcpus": 1}})
+    # 1 garbage
+    c = _connect(addr); c.recv(4096); c.sendall(b"\x00" * 64); c.close()
+    # 2 truncated
+    c = _connect(addr); c.recv(4096); c.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, P.START, 0, 0, 50) + b"{"); c.close()
+    # 3 oversized length
+    c = _connect(addr); c.recv(4096); c.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, P.START, 0, 0, 1 << 30)); c.close()
+    # 4 wrong token
+    c = _connect(addr)
+    ch = P.Channel(c, b"w" * 32, b"P")
+    ch.nonce = _hello_nonce(c)
+    ch.send(P.START, start)
+    c.close()
+    # 5 silent peer (the failover timeout)
+    c = _connect(addr); c.recv(4096)
+    # 6 no token at all
+    c2 = _connect(addr)
+    ch = P.Channel(c2, None, b"P")
+    _hello_nonce(c2)
+    ch.send(P.START, start)
+    c2.close()
+    c.close()
+    # 7 a legitimate START recorded in one session, replayed verbatim in another
+    rec = P.Channel(socket.socket(), TOKEN, b"P")
+    rec.nonce = b"\x01" * 16   # the nonce of the session it was recorded in
+    header = P.HEADER.pack(P.MAGIC, P.VERSION, P.START, 0, 0, len(start))
+    recorded = header + start + rec._mac(b"P", header, start)
+    c = _connect(addr); c.recv(4096); c.sendall(recorded); c.close()
+    t.join(60)
+    assert not t.is_alive()
+    res = box["res"]
+    assert res.refused == 7 and res.received == []
+    assert not (tmp_path / "standby.snap").exists()
+    err = capfd.readouterr().err
+    refusals = [line for line in err.splitlines() if "refused peer" in line]
+    assert len(refusals) == 7, err
+    assert sum("authentication failed" in line for line in refusals) >= 2, err   # wrong token, replayed START
+
+
+def test_bench_rows_show_the_four_replication_goals():
+    from snapctl.bench import verdict_rows
+    r = {"replication": {"guest": "random 64 MiB",
+                         "checkpoint_rate": {"per_s": 75.0, "goal": ">= 100/s", "met": False},
+                         "pause_ratio": {"ratio": 1.1, "goal": "<= 1.2x", "met": True},
+                         "failover_ms": {"ms": 6.4, "goal": "<= 50 ms", "met": True},
+                         "wire_ratio": {"ratio": 0.4, "goal": "<= 1.1x", "met": True}}}
+    rows = verdict_rows(r)
+    assert [row[0] for row in rows] == ["replication checkpoint_rate", "replication pause_ratio",
+                                        "replication failover_ms", "replication wire_ratio"]
+    assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
