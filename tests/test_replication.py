@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import ok
+from test_cli_json import validate
 from storage import Store
 from program_helpers import cc, native  # noqa: F401  (cc: fixture)
 from replication_helpers import hosts, wait_for  # noqa: F401  (hosts: fixture)
@@ -90,6 +91,7 @@ def test_run_replicates_every_checkpoint(hosts, tmp_path):
     assert sb.wait(TIMEOUT) == 0, sb_err.read_text()
     err = sb_err.read_text()
     summary = json.loads(err[err.index("{"):])
+    validate("standby", summary)          # the documented schema (snapctl/schemas/cli.json)
     assert summary["outcome"] == "finished" and summary["count"] == 9
     want = digests(tmp_path / "primary.snap")
     assert digests(tmp_path / "standby.snap") == want and len(want) == 9
