@@ -599,7 +599,7 @@ def restore(
 @app.command()
 def standby(
     listen: str = typer.Option(..., "--listen", metavar="HOST:PORT", help="Where the primary connects."),
-    store: str = typer.Option(..., "--store", help="The standby's own store (created, or re-synced into)."),
+    store: str = typer.Option(..., "--store", metavar="PATH", help="The standby's own store (created, or re-synced into)."),
     token_file: Optional[str] = typer.Option(None, "--token-file", metavar="F",
                                              help="The shared secret: frames without its HMAC are refused."),
     failover_timeout: float = typer.Option(500.0, "--failover-timeout", metavar="MS",
