@@ -8,9 +8,10 @@ versions.  Nothing here knows about KVM.  Format: docs/store-format.md.
 from .codec import PAGE_SIZE, ZERO_HASH_HEX
 from .errors import (CorruptionError, InvalidArgumentError, NotAStoreError,
                      SchemaVersionError, StoreBusyError, StoreError, UnknownCheckpointError)
-from .maintenance import PruneReport, VerifyReport
+from .maintenance import PruneReport
 from .schema import SCHEMA_VERSION
 from .store import CheckpointInfo, CheckpointWriter, Store
+from .verify import VerifyReport
 
 __all__ = [
     "Store", "CheckpointWriter", "CheckpointInfo", "VerifyReport", "PruneReport",

@@ -5,7 +5,8 @@ Costs per 4 KiB page that shaped the store (storage-notes.md): xxh3_128 is
 python-lz4 call has ~1 µs of fixed cost.  So: the per-page loops run in C a
 batch at a time (storage/pageloops.py; per-page Python calls only where the
 C loops are not built), numpy for everything that sees the whole batch.
-Encoding lives in the writer (store.py), decoding in packs.py.
+Encoding lives in the writer (writer.py), decoding in packs.py, the row
+formats in formats.py.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ content_hash = xxhash.xxh3_128_digest
 ZERO_HASH: bytes = content_hash(ZERO_PAGE)
 ZERO_HASH_HEX: str = ZERO_HASH.hex()
 
-_MASK128 = (1 << 128) - 1
+#: Image digests are sums modulo 2**128.
+DIGEST_MASK = (1 << 128) - 1
 MASK63 = (1 << 63) - 1
-_xxh64 = xxhash.xxh3_64_intdigest
+#: xxh3_64 of a bytes-like object, as an int.
+xxh3_64 = xxhash.xxh3_64_intdigest
 
 
 def check63(*parts) -> int:
@@ -47,11 +50,13 @@ def check63(*parts) -> int:
         for p in parts:
             h.update(p)
         return h.intdigest() & MASK63
-    return _xxh64(b"".join(parts)) & MASK63
+    return xxh3_64(b"".join(parts)) & MASK63
 
 
-_compress = lz4.block.compress
-_decompress = lz4.block.decompress
+#: LZ4 block (de)compression as the store uses it (``store_size=False``,
+#: ``uncompressed_size=PAGE_SIZE``, ``dict=`` for deltas).
+lz4_compress = lz4.block.compress
+lz4_decompress = lz4.block.decompress
 
 
 # --- image digest -----------------------------------------------------------
@@ -121,16 +126,22 @@ def sum128(terms: np.ndarray) -> int:
              + (int((lo >> s32).sum(dtype=np.uint64)) << 32)
              + (int((hi & m).sum(dtype=np.uint64)) << 64)
              + (int((hi >> s32).sum(dtype=np.uint64)) << 96))
-    return total & _MASK128
+    return total & DIGEST_MASK
 
 
 def digest_hex(value: int) -> str:
-    return format(value & _MASK128, "032x")
+    return format(value & DIGEST_MASK, "032x")
 
 
 def digest_to_bytes(value: int) -> bytes:
-    return (value & _MASK128).to_bytes(16, "little")
+    return (value & DIGEST_MASK).to_bytes(16, "little")
 
 
 def digest_from_bytes(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
+
+
+def digest_update(digest: int, pages: np.ndarray, old_hashes: np.ndarray, new_hashes: np.ndarray) -> int:
+    """The digest of an image whose ``pages`` changed from contents
+    ``old_hashes`` to ``new_hashes``, given its digest ``digest`` before."""
+    return (digest - sum128(terms(pages, old_hashes)) + sum128(terms(pages, new_hashes))) & DIGEST_MASK

@@ -14,93 +14,20 @@ reads), or the same steps as Python loops when the C loops are not built.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
-import xxhash
 
-from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_NAMES, CODEC_RAW, MASK63, PAGE_SIZE,
-                    ZERO_HASH, _decompress, check63, content_hash)
+from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, ZERO_HASH, check63,
+                    content_hash)
+from .codec import lz4_decompress as _decompress
 from . import pageloops
 from .errors import CorruptionError, StoreError
-from .validate import MAX_BLOB_ID, MAX_CHECKPOINT_ID, MAX_PACK_BLOBS, MAX_PACK_BYTES
+# The row formats, defined in formats.py (re-exported here for the callers that know them here).
+from .formats import (CODEC_FREED, MAX_PACK_ID, PACK_COLUMNS, VALID_CODEC, PackInfo,  # noqa: F401
+                      blob_crc, pack_meta_check, parse_pack_row)
 
-_HEAD = np.dtype("<i8")
-_VALID_CODEC = np.zeros(256, bool)
-_VALID_CODEC[list(CODEC_NAMES)] = True
-#: Codec of a slot whose blob prune() removed from a partly dead pack: no
-#: bytes, not a blob any more (the ids of the other slots never change).
-CODEC_FREED = 255
-
-
-@dataclass(frozen=True)
-class PackInfo:
-    id: int
-    ckpt: int
-    first: int
-    n: int
-    size: int
-    crc: int
-    damaged: str | None = None      # why the metadata cannot be trusted
-
-
-#: Pack ids stay below this (checked on load): the decoder sorts on
-#: pack << 33 | offset in one int64.
-MAX_PACK_ID = 1 << 30
-
-
-def pack_meta_check(pid: int, first: int, n: int, codecs: bytes, bases: bytes,
-                    hashes: bytes, ends: bytes, crcs: bytes) -> int:
-    """Check value of a pack's metadata, its own id included (a row whose id
-    changed would otherwise pass)."""
-    return check63(np.array([pid, first, n], _HEAD).tobytes(), codecs, bases, hashes, ends, crcs)
-
-
-#: Checksum of one blob's stored bytes.  Reads check the pack's checksum
-#: (one call per pack); only when that fails are the blobs a read needs
-#: checked one by one, so damage elsewhere in the pack does not stop it.
-blob_crc = xxhash.xxh3_64_intdigest
-
-
-def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
-    """A ``packs`` row -> (info, arrays) with arrays = (codec, base, hash,
-    start, end, crc), or ``None`` when the metadata are damaged."""
-    pid, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc = row
-    info = PackInfo(pid, ckpt, first, n, size, crc)
-    try:
-        if not 0 < pid < MAX_PACK_ID:
-            raise ValueError(f"pack id {pid} out of range")
-        for name, v, hi in (("ckpt", ckpt, MAX_CHECKPOINT_ID - 1), ("first", first, MAX_BLOB_ID - 1),
-                            ("n", n, MAX_PACK_BLOBS), ("size", size, MAX_PACK_BYTES),
-                            ("mchk", mchk, MASK63), ("crc", crc, MASK63)):
-            if type(v) is not int or not 0 <= v <= hi:
-                raise ValueError(f"packs.{name} is not an integer in 0..{hi} ({v!r:.40})")
-        if first + n > MAX_BLOB_ID:
-            raise ValueError(f"blob ids beyond the limit {MAX_BLOB_ID}")
-        if not all(isinstance(x, bytes) for x in (codecs, bases, hashes, ends, crcs)):
-            raise ValueError("metadata column is not a blob")
-        if pack_meta_check(pid, first, n, codecs, bases, hashes, ends, crcs) != mchk:
-            raise ValueError("metadata fail their check value")
-        if (len(codecs), len(bases), len(hashes), len(ends), len(crcs)) != \
-                (n, 8 * n, 16 * n, 4 * n, 8 * n) \
-                or n <= 0 or first <= 0:
-            raise ValueError("metadata arrays have the wrong length")
-        end = np.frombuffer(ends, "<u4").astype(np.int64)
-        start = np.concatenate(([0], end[:-1]))
-        if (end < start).any() or end[-1] != size:
-            raise ValueError("blob offsets are not increasing up to the pack size")
-        base = np.frombuffer(bases, "<i8")
-        if ((base < 0) | (base >= first + np.arange(n))).any():
-            raise ValueError("a delta base is not an older blob")
-        arrays = (np.frombuffer(codecs, np.uint8), base.astype(np.int64),
-                  np.frombuffer(hashes, np.uint8).reshape(n, 16), start, end,
-                  np.frombuffer(crcs, "<u8").astype(np.uint64))
-    except ValueError as exc:
-        # only plain ints in a damaged pack's info: reports and prune add them up
-        ints = [v if type(v) is int and 0 <= v < MAX_PACK_BYTES else 0 for v in (ckpt, first, n, size)]
-        return PackInfo(pid, *ints, crc=0, damaged=str(exc)), None
-    return info, arrays
+_VALID_CODEC = VALID_CODEC
 
 
 class Catalog:
@@ -110,7 +37,7 @@ class Catalog:
     grow by doubling and are shared with older catalogues, which only ever
     look below their own ``n``, so readers need no lock."""
 
-    PACK_COLUMNS = "id, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc"
+    PACK_COLUMNS = PACK_COLUMNS
     ARRAYS = ("pack", "start", "end", "codec", "base", "hash", "crc")
 
     def __init__(self, generation: int) -> None:
@@ -214,14 +141,11 @@ def lz4_entry_points(kind: str):
     caller's array (no bytes object, no copy).  ``kind`` "cffi": pointers
     declared as ``uintptr_t`` so plain ints pass without wrapping, 1.46 us a
     page -- as fast as python-lz4 returning bytes (1.49), without its copy;
-    "ctypes": 1.76 us.  From python-lz4's own extension (which exports them:
-    the library that compressed the pages), else the system liblz4.
-    Returns (plain, with_dict), or (None, None) when unavailable; decoding
-    then goes through python-lz4 and a copy."""
-    import ctypes.util
-    import lz4.block
-    libs = [c for c in (getattr(lz4.block._block, "__file__", None),
-                        ctypes.util.find_library("lz4")) if c]
+    "ctypes": 1.76 us.  From the libraries pageloops.lz4_libraries() names
+    (the same the C loops use).  Returns (plain, with_dict), or (None, None)
+    when unavailable; decoding then goes through python-lz4 and a copy."""
+    import ctypes
+    libs = pageloops.lz4_libraries()
     if kind == "cffi":
         try:
             import cffi
@@ -251,18 +175,20 @@ def lz4_entry_points(kind: str):
     return None, None
 
 
-def _first_available():
-    for kind in ("cffi", "ctypes"):
-        pair = lz4_entry_points(kind)
-        if pair[0] is not None:
-            return kind, pair
-    return "python-lz4", (None, None)
+#: The LZ4 decoders the Python loops call: {"plain": f, "dict": f} (None:
+#: python-lz4 plus a copy), chosen on first use -- cffi, else ctypes -- or
+#: set by a test (``monkeypatch.setitem``).
+PYTHON_DECODER: dict = {}
 
 
-#: Which decoder the Python loops use ("cffi", "ctypes" or "python-lz4").
-DECODER, (_DEC, _DEC_DICT) = _first_available()
-#: Reads decode whole packs in C (storage.pageloops) when it is built.
-_USE_NATIVE = pageloops.NATIVE
+def _python_decoder():
+    if not PYTHON_DECODER:
+        for kind in ("cffi", "ctypes"):
+            pair = lz4_entry_points(kind)
+            if pair[0] is not None:
+                break
+        PYTHON_DECODER.update(plain=pair[0], dict=pair[1])
+    return PYTHON_DECODER["plain"], PYTHON_DECODER["dict"]
 
 
 def _address(data: bytes) -> int:
@@ -275,6 +201,7 @@ def _decode_plain(data: bytes, st: np.ndarray, ln, cd, dst) -> bool:
     the addresses ``dst``; False if any does not decode to exactly one page."""
     import ctypes
     P, move = PAGE_SIZE, ctypes.memmove
+    _DEC = _python_decoder()[0]
     if _DEC is None:
         mv = memoryview(data)
         try:
@@ -301,6 +228,7 @@ def _decode_deltas(data: bytes, st: np.ndarray, ln, dst, dict_at) -> bool:
     address of blob i's 4096-byte dictionary (its base, already decoded)."""
     import ctypes
     P = PAGE_SIZE
+    _DEC_DICT = _python_decoder()[1]
     if _DEC_DICT is None:
         mv = memoryview(data)
         try:
@@ -490,7 +418,8 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                     "decode to its content hash", checkpoint=ckpt, page=page_of(j), blob=b)
         _raise_first_bad(cat, order[list(sel)], blobs, data, dicts, ckpt, page_of)
 
-    if _USE_NATIVE:
+    native = pageloops.native("read")
+    if native:
         # A base decoded only as its delta's dictionary skips its own hash
         # check (NO_CHECK): the delta's check covers the bytes returned.
         cd_n = cd_a | np.where(order >= n_req, pageloops.NO_CHECK, 0).astype(np.uint8)
@@ -537,7 +466,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
     # In C, packs decode on two threads (the GIL is released) while this one
     # reads the next rows; a pack with deltas first waits for the packs that
     # hold their bases (all older).
-    jobs = _Jobs(_USE_NATIVE and len(blobs) >= _PARALLEL_MIN)
+    jobs = _Jobs(native and len(blobs) >= _PARALLEL_MIN)
     seen = set()
     with jobs:
         for pid, data in conn.execute("SELECT id, data FROM pack_data WHERE id IN "
@@ -547,7 +476,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
             seen.add(pid)
             info = cat.packs[pid]
             if not isinstance(data, bytes) or len(data) != info.size \
-                    or (not _USE_NATIVE and check63(data) != info.crc):
+                    or (not native and check63(data) != info.crc):
                 _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
             if hi > mid and base_pack[mid:hi].max() >= pid:     # only metadata damage can do this
                 i = int(order[mid + int(np.argmax(base_pack[mid:hi]))])

@@ -7,9 +7,11 @@ threads use both cores.  It links no library: it calls LZ4 and xxh3 through
 pointers to the functions inside python-lz4's and xxhash's extension
 modules, the code that encodes and checks everything else in the store.
 
-``NATIVE`` is False when the extension or those functions are missing, or
-when ``SNAPCTL_PURE_PYTHON=1``; the callers then use their Python loops,
-which the tests also run and hold to the same results.
+:func:`native` is False when the extension or those functions are missing,
+or when ``SNAPCTL_PURE_PYTHON=1`` (``NATIVE``/``KIND`` say the same, loaded on
+first use); the callers then use their Python loops, which the tests also
+run and hold to the same results.  ``USE`` is the one switch the store's
+readers and writers consult.
 """
 
 from __future__ import annotations
@@ -20,12 +22,36 @@ import threading
 
 import numpy as np
 
-from .codec import PAGE_SIZE
+from .codec import MASK63, PAGE_SIZE
 
 
 _LZ4_NAMES = ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict", "LZ4_compress_default",
               "LZ4_createStream", "LZ4_freeStream", "LZ4_loadDict", "LZ4_compress_fast_continue")
 _XXH_NAMES = ("XXH3_128bits", "XXH3_64bits")
+
+#: The store's one C-or-Python switch, per direction: "read" (decoding
+#: packs), "write" (hashing and encoding new pages).  Both True: the C loops
+#: wherever they are loaded (:func:`native`).  Tests turn a part off to hold
+#: the Python loops to the same results (``monkeypatch.setitem(USE, ...)``).
+USE = {"read": True, "write": True}
+
+
+def lz4_libraries() -> list[str]:
+    """Where LZ4's C functions are looked for, in order: python-lz4's own
+    extension (the library that compresses the pages; it exports them on
+    Linux), else the system's liblz4."""
+    import ctypes.util
+
+    import lz4.block
+    return [p for p in (getattr(lz4.block._block, "__file__", None), ctypes.util.find_library("lz4")) if p]
+
+
+def xxhash_libraries() -> list[str]:
+    """The same for xxh3: python-xxhash's extension, else the system's libxxhash."""
+    import ctypes.util
+
+    import xxhash._xxhash
+    return [p for p in (getattr(xxhash._xxhash, "__file__", None), ctypes.util.find_library("xxhash")) if p]
 
 
 def _entry_points(candidates, names):
@@ -40,6 +66,15 @@ def _entry_points(candidates, names):
     return None, None
 
 
+def encode_table(lib, fns: dict) -> np.ndarray:
+    """pc_encode's function table, in the order the C side names
+    (``pc_encode_fns()``), from ``fns`` (name -> address): by name on both
+    sides, so the two can never disagree silently."""
+    from ._pagecodec import ffi
+    names = ffi.string(lib.pc_encode_fns()).decode().split()
+    return np.array([fns[n] for n in names], np.uint64)
+
+
 def _load():
     if os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0"):
         return None, "pure Python (SNAPCTL_PURE_PYTHON set)"
@@ -47,30 +82,23 @@ def _load():
         from . import _pagecodec
     except ImportError as exc:
         return None, f"pure Python (C extension not built: {exc})"
-    import ctypes.util
-
-    import lz4.block
-    import xxhash._xxhash
-    # The extensions that encode and check everything else in the store
-    # first (they export these functions on Linux), else the system's.
-    lz4_fns, lz4_from = _entry_points(
-        [p for p in (getattr(lz4.block._block, "__file__", None), ctypes.util.find_library("lz4")) if p],
-        _LZ4_NAMES)
-    xxh_fns, xxh_from = _entry_points(
-        [p for p in (getattr(xxhash._xxhash, "__file__", None), ctypes.util.find_library("xxhash")) if p],
-        _XXH_NAMES)
+    if not hasattr(_pagecodec.lib, "pc_encode_fns"):
+        return None, "pure Python (C extension out of date: rebuild it, python setup.py build_ext --inplace)"
+    lz4_fns, lz4_from = _entry_points(lz4_libraries(), _LZ4_NAMES)
+    xxh_fns, xxh_from = _entry_points(xxhash_libraries(), _XXH_NAMES)
     if lz4_fns is None or xxh_fns is None:
         return None, "pure Python (no library exports the LZ4 and xxh3 functions the C loops call)"
-    fns = (lz4_fns["LZ4_decompress_safe"], lz4_fns["LZ4_decompress_safe_usingDict"],
-           xxh_fns["XXH3_128bits"],
-           np.array([lz4_fns[n] for n in ("LZ4_compress_default", "LZ4_createStream", "LZ4_freeStream",
-                                          "LZ4_loadDict", "LZ4_compress_fast_continue")]
-                    + [xxh_fns["XXH3_64bits"]], np.uint64))
+    fns = dict(lz4_fns, **xxh_fns)
+    try:
+        table = encode_table(_pagecodec.lib, fns)
+    except KeyError as exc:
+        return None, f"pure Python (the C loops want a function no library gave: {exc})"
+    loaded = (fns["LZ4_decompress_safe"], fns["LZ4_decompress_safe_usingDict"], fns["XXH3_128bits"], table)
     names = lambda p: os.path.basename(p)  # noqa: E731
-    why = _self_check(_pagecodec.lib, fns)
+    why = _self_check(_pagecodec.lib, loaded)
     if why:
         return None, f"pure Python (C loops disagree with python-lz4/xxhash: {why})"
-    return (_pagecodec.lib, fns), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
+    return (_pagecodec.lib, loaded), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
 
 
 def _self_check(lib, fns) -> str:
@@ -86,7 +114,7 @@ def _self_check(lib, fns) -> str:
                 got.ctypes.data, h128)
     if got.tobytes() != xxhash.xxh3_128_digest(page):
         return "xxh3_128 differs"
-    if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, int(enc[5]))) != xxhash.xxh3_64_intdigest(page):
+    if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, _xxh64_of(lib, enc))) != xxhash.xxh3_64_intdigest(page):
         return "xxh3_64 differs"
     buf = np.empty(PAGE_SIZE, np.uint8)
     codec, size, crc = np.empty(1, np.uint8), np.empty(1, np.int64), np.empty(1, np.uint64)
@@ -98,10 +126,66 @@ def _self_check(lib, fns) -> str:
     return ""
 
 
-_NATIVE, KIND = _load()
-NATIVE = _NATIVE is not None
-if NATIVE:
-    _lib, (_DEC, _DEC_DICT, _H128, _ENC_FNS) = _NATIVE
+def _xxh64_of(lib, table: np.ndarray) -> int:
+    """XXH3_64bits' address in pc_encode's function table."""
+    from ._pagecodec import ffi
+    return int(table[ffi.string(lib.pc_encode_fns()).decode().split().index("XXH3_64bits")])
+
+
+# Set by _ensure() on first use; until then module __getattr__ loads them.
+NATIVE: bool
+KIND: str
+_lib: object
+_DEC: int
+_DEC_DICT: int
+_H128: int
+_ENC_FNS: np.ndarray
+_XXH64: int
+_state: dict = {}
+_state_lock = threading.Lock()
+#: Loaded on first use (not at import: `snapctl list` needs none of it).
+_LAZY = ("NATIVE", "KIND", "_lib", "_DEC", "_DEC_DICT", "_H128", "_ENC_FNS", "_XXH64")
+
+
+def _ensure() -> None:
+    with _state_lock:
+        if _state:
+            return
+        loaded, kind = _load()
+        g = globals()
+        g["KIND"] = kind
+        g["NATIVE"] = loaded is not None
+        if loaded is not None:
+            g["_lib"], (g["_DEC"], g["_DEC_DICT"], g["_H128"], g["_ENC_FNS"]) = loaded
+            g["_XXH64"] = _xxh64_of(g["_lib"], g["_ENC_FNS"])
+        _state["done"] = True
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        _ensure()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def loaded() -> bool:
+    """Whether the C loops are loaded (loads them on the first call)."""
+    if not _state:
+        _ensure()
+    return NATIVE
+
+
+def native(part: str) -> bool:
+    """Whether ``part`` ("read" or "write") runs in C: the loops are loaded
+    and the switch (USE) is on."""
+    return USE[part] and loaded()
+
+
+def kind() -> str:
+    """How the page loops were loaded (C, and from which libraries; or why pure Python)."""
+    loaded()
+    return KIND
 
 
 #: Added to a codec passed to :func:`decode`: skip that blob's hash check.
@@ -191,8 +275,7 @@ def image_digest(img: np.ndarray, pack: np.ndarray, nblobs: int, hashes: np.ndar
 
 def check63(data: bytes) -> int:
     """``codec.check63(data)`` (xxh3_64, 63 bits) without the GIL."""
-    return int(_lib.pc_xxh3_64(_p(np.frombuffer(data, np.uint8)), len(data), int(_ENC_FNS[5]))) \
-        & ((1 << 63) - 1)
+    return int(_lib.pc_xxh3_64(_p(np.frombuffer(data, np.uint8)), len(data), _XXH64)) & MASK63
 
 
 _scratch = threading.local()

@@ -15,8 +15,6 @@ import os
 import sqlite3
 import struct
 
-import sqlite_utils
-
 from . import validate
 from .errors import NotAStoreError, SchemaVersionError, StoreError
 
@@ -35,9 +33,9 @@ BUSY_TIMEOUT_MS = 60_000
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 MMAP_SIZE = 2**31 - 2**16          # SQLite's default compile-time ceiling
 
-# Page contents live in packs: one row per add_pages() call (split above
-# PACK_MAX_BLOBS), holding many independently encoded pages ("blobs") back to
-# back, so a checkpoint costs a handful of rows instead of one per page.
+# Page contents live in packs: rows of up to about 1 MiB (writer.PACK_BYTES)
+# holding many independently encoded pages ("blobs") back to back, so a
+# checkpoint costs a handful of rows instead of one per page.
 # Blob ids are global: slot i of a pack is blob ``first + i``.  The per-blob
 # metadata are little-endian numpy arrays; ``pack_data`` keeps the bytes
 # apart so loading the catalogue of every blob never reads page data.
@@ -158,18 +156,21 @@ def check_synchronous(value: str) -> str:
     return mode
 
 
+# The first four tables as sqlite_utils created them in every store so far
+# (the same text: SQLite keeps it in the file; validate.schema compares it).
+META_DDL = 'CREATE TABLE "meta" (\n   "key" TEXT PRIMARY KEY,\n   "value" TEXT NOT NULL\n)'
+CHECKPOINTS_DDL = ('CREATE TABLE "checkpoints" (\n   "id" INTEGER PRIMARY KEY,\n   "parent" INTEGER,\n'
+                   '   "created" REAL NOT NULL,\n   "trigger" TEXT NOT NULL,\n   "step" INTEGER,\n'
+                   '   "meta" TEXT NOT NULL,\n   "stats" TEXT NOT NULL,\n   "digest" BLOB NOT NULL\n)')
+TAGS_DDL = 'CREATE TABLE "tags" (\n   "name" TEXT PRIMARY KEY,\n   "ckpt" INTEGER NOT NULL\n)'
+STATES_DDL = ('CREATE TABLE "states" (\n   "ckpt" INTEGER,\n   "name" TEXT,\n   "hash" BLOB NOT NULL,\n'
+              '   "data" BLOB NOT NULL,\n   PRIMARY KEY ("ckpt", "name")\n)')
+
+
 def create_tables(conn: sqlite3.Connection) -> None:
     """Every table of the store, on ``conn`` (inside the caller's transaction)."""
-    db = sqlite_utils.Database(conn)
-    db["meta"].create({"key": str, "value": str}, pk="key", not_null={"value"})
-    db["checkpoints"].create(
-        {"id": int, "parent": int, "created": float, "trigger": str,
-         "step": int, "meta": str, "stats": str, "digest": bytes},
-        pk="id", not_null={"created", "trigger", "meta", "stats", "digest"})
-    db["tags"].create({"name": str, "ckpt": int}, pk="name", not_null={"ckpt"})
-    db["states"].create({"ckpt": int, "name": str, "hash": bytes, "data": bytes},
-                        pk=("ckpt", "name"), not_null={"hash", "data"})
-    for ddl in (PACKS_DDL, PACK_DATA_DDL, REFS_DDL, MAPS_DDL):
+    for ddl in (META_DDL, CHECKPOINTS_DDL, TAGS_DDL, STATES_DDL, PACKS_DDL, PACK_DATA_DDL, REFS_DDL,
+                MAPS_DDL):
         conn.execute(ddl)
 
 
@@ -179,16 +180,15 @@ def initialise(conn: sqlite3.Connection, config: dict) -> None:
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
         raise StoreError(f"cannot switch the store to WAL mode (got {mode})")
-    db = sqlite_utils.Database(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
         create_tables(conn)
-        db["meta"].insert_all([
-            {"key": "format", "value": FORMAT_NAME},
-            {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-            {"key": "config", "value": json.dumps(config, sort_keys=True)},
-            {"key": "next_checkpoint_id", "value": "0"},
-            {"key": "generation", "value": "0"},   # bumped by prune
+        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)", [
+            ("format", FORMAT_NAME),
+            ("schema_version", str(SCHEMA_VERSION)),
+            ("config", json.dumps(config, sort_keys=True)),
+            ("next_checkpoint_id", "0"),
+            ("generation", "0"),   # bumped by prune
         ])
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

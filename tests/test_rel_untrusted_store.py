@@ -307,8 +307,7 @@ def test_diff_compares_contents_not_blob_ids(base, tmp_path):
 from storage.codec import check63
 from storage.packs import pack_meta_check
 st = Store.open(path, readonly=True)
-with st._read() as c:
-    img1 = st._view(c, st._path_in(c, 1)).blob.copy()
+img1 = st.page_index(1).blob.copy()
 st.close()
 conn = sqlite3.connect(path, isolation_level=None)
 pid, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc = conn.execute(

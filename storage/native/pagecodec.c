@@ -123,13 +123,24 @@ typedef int (*load_dict_fn)(void *, const char *, int);
 typedef int (*comp_continue_fn)(void *, const char *, char *, int, int, int);
 typedef uint64_t (*h64_fn)(const void *, size_t);
 
+/* pc_encode's function table, by name: the caller builds it in this order
+ * from pc_encode_fns() (the names, space-separated), so neither side holds
+ * a positional list the other could silently disagree with. */
+enum { F_COMPRESS, F_CREATE_STREAM, F_FREE_STREAM, F_LOAD_DICT, F_COMPRESS_CONTINUE, F_XXH3_64, F_COUNT };
+static const char ENCODE_FNS[] = "LZ4_compress_default LZ4_createStream LZ4_freeStream LZ4_loadDict "
+                                 "LZ4_compress_fast_continue XXH3_64bits";
+
+const char *pc_encode_fns(void)
+{
+    return ENCODE_FNS;
+}
+
 /* Encode the n pages at pages + 4096 idx[i] back to back into out, which has
  * room for n raw pages: LZ4 with the 4096 bytes at dict[i] as dictionary
  * where dict[i] != 0, plain LZ4 elsewhere, and the page itself (raw) when
  * the block would not be smaller than a page.  codec[i], size[i] and crc[i]
- * (xxh3_64 of the stored bytes) describe each.  fn: LZ4_compress_default,
- * LZ4_createStream, LZ4_freeStream, LZ4_loadDict, LZ4_compress_fast_continue,
- * XXH3_64bits.  Returns the bytes used, or -1 when no LZ4 stream could be
+ * (xxh3_64 of the stored bytes) describe each.  fn: the table named by
+ * pc_encode_fns().  Returns the bytes used, or -1 when no LZ4 stream could be
  * had. */
 int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, uintptr_t out_,
                   uintptr_t codec_, uintptr_t size_, uintptr_t crc_, uintptr_t fn_)
@@ -141,10 +152,10 @@ int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, 
     uint8_t *codec = (uint8_t *)codec_;
     int64_t *size = (int64_t *)size_;
     uint64_t *crc = (uint64_t *)crc_;
-    comp_fn comp = (comp_fn)fn[0];
-    load_dict_fn load_dict = (load_dict_fn)fn[3];
-    comp_continue_fn comp_continue = (comp_continue_fn)fn[4];
-    h64_fn h64 = (h64_fn)fn[5];
+    comp_fn comp = (comp_fn)fn[F_COMPRESS];
+    load_dict_fn load_dict = (load_dict_fn)fn[F_LOAD_DICT];
+    comp_continue_fn comp_continue = (comp_continue_fn)fn[F_COMPRESS_CONTINUE];
+    h64_fn h64 = (h64_fn)fn[F_XXH3_64];
     void *stream = NULL;
     int64_t used = 0;
 
@@ -153,7 +164,7 @@ int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, 
         char *o = out + used;
         int r;
         if (dict[i]) {
-            if (!stream && !(stream = ((create_fn)fn[1])()))
+            if (!stream && !(stream = ((create_fn)fn[F_CREATE_STREAM])()))
                 return -1;
             load_dict(stream, (const char *)dict[i], PAGE);
             r = comp_continue(stream, page, o, PAGE, PAGE - 1, 1);
@@ -172,7 +183,7 @@ int64_t pc_encode(int64_t n, uintptr_t pages_, uintptr_t idx_, uintptr_t dict_, 
         used += r;
     }
     if (stream)
-        ((free_fn)fn[2])(stream);
+        ((free_fn)fn[F_FREE_STREAM])(stream);
     return used;
 }
 

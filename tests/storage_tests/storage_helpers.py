@@ -76,3 +76,12 @@ def delta_on_delta(path: str) -> int:
     """Number of delta blobs whose base is itself a delta (must stay 0)."""
     t = blob_table(path)
     return sum(1 for c, b in t.values() if c == 2 and t.get(b, (None,))[0] == 2)
+
+
+def seed_for(test: str, default: int) -> int:
+    """The seed of a random test: ``SNAPCTL_TEST_SEED`` if set (to repeat a
+    run), else ``default``; printed either way (pytest shows it on failure)."""
+    env = os.environ.get("SNAPCTL_TEST_SEED", "")
+    seed = int(env, 0) if env else int(default)
+    print(f"{test}: seed {seed} (repeat with SNAPCTL_TEST_SEED={seed})")
+    return seed

@@ -416,7 +416,7 @@ def test_a_prune_by_another_store_object_is_seen(make_store, store_path):
 def test_durable_writes_with_early_wal_flushes(store_path, monkeypatch):
     """synchronous=FULL: the insert thread flushes the WAL while the
     checkpoint is written (here every pack); the data are right."""
-    import storage.store as store_mod
+    import storage.writer as store_mod
     monkeypatch.setattr(store_mod, "EARLY_SYNC_BYTES", 1)
     monkeypatch.setattr(store_mod, "PACK_BYTES", 1)       # a pack per 256 contents
     synced = []
@@ -512,8 +512,8 @@ def base_and_wal_copies(st_, pages: int, rng) -> list:
     with st_.checkpoint(None, {"step": 0}) as w:
         w.add_pages(np.arange(pages), random_pages(rng, pages))
     pokes: list = []
-    real = st_._wal.poke
-    st_._wal.poke = lambda: (pokes.append(1), real())
+    real = st_._conns._wal.poke
+    st_._conns._wal.poke = lambda: (pokes.append(1), real())
     return pokes
 
 
@@ -528,7 +528,7 @@ def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
     WAL_CHECKPOINT_COMMITS commits (or sooner for big ones), not after each:
     each copy is waited for before the next write begins, and for many small
     checkpoints a second that wait was a quarter of the commit."""
-    from storage import store as store_module
+    from storage import connection as store_module
     st_ = make_store(2048)
     rng = np.random.default_rng(3)
     pokes = base_and_wal_copies(st_, 2048, rng)
@@ -538,7 +538,7 @@ def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
     with st_.checkpoint(n, {"step": n + 1}) as w:      # a big one starts a copy at once
         big = store_module.WAL_CHECKPOINT_BYTES // PAGE + 16
         w.add_pages(np.arange(big), random_pages(rng, big, "random"))
-    assert len(pokes) >= 4 and st_._wal_commits == 0
+    assert len(pokes) >= 4 and st_._conns._wal_commits == 0
     assert st_.verify().ok
 
 
@@ -547,7 +547,7 @@ def test_a_wal_copy_a_reader_held_back_is_retried_after_the_next_commit(make_sto
     WAL_CHECKPOINT_COMMITS commits before retrying let the WAL grow several
     times over under a busy reader (a review found 90 MiB against 11)."""
     import sqlite3
-    from storage import store as store_module
+    from storage import connection as store_module
     st_ = make_store(512)
     rng = np.random.default_rng(4)
     pokes = base_and_wal_copies(st_, 512, rng)
@@ -593,7 +593,7 @@ def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path
         def close(self):
             self.conn.close()
 
-    st_._wal._conn = SlowCopy(st_._wal._conn)
+    st_._conns._wal._conn = SlowCopy(st_._conns._wal._conn)
     sizes = []
     for k in range(1, 61):
         with st_.checkpoint(k - 1, {"step": k}) as w:

@@ -293,15 +293,14 @@ def test_every_decoder_path_reads_right_and_catches_damage(damaged_store, monkey
         if os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0"):
             pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
         assert pageloops.NATIVE, f"C page loops not built: {pageloops.KIND}"
-        monkeypatch.setattr(packs, "_USE_NATIVE", True)
+        monkeypatch.setitem(pageloops.USE, "read", True)
         monkeypatch.setattr(packs, "_PARALLEL_MIN", 1 if kind == "native-threads" else 10**9)
     else:
         pair = packs.lz4_entry_points(kind) if kind != "python-lz4" else (None, None)
         if kind != "python-lz4":
             assert pair[0] is not None, f"{kind} decoder not available here"
-        monkeypatch.setattr(packs, "_USE_NATIVE", False)
-        monkeypatch.setattr(packs, "_DEC", pair[0])
-        monkeypatch.setattr(packs, "_DEC_DICT", pair[1])
+        monkeypatch.setitem(pageloops.USE, "read", False)
+        monkeypatch.setattr(packs, "PYTHON_DECODER", {"plain": pair[0], "dict": pair[1]})
     st_, path, images = damaged_store
     out = np.zeros((N, PAGE), np.uint8)
     for ckpt, img in images.items():

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from storage_helpers import PAGE, _ROOT
+from storage_helpers import PAGE, _ROOT, seed_for
 from storage import Store
 
 N = 64
@@ -72,7 +72,7 @@ def test_sigkill_never_leaves_partial_checkpoint(tmp_path, rounds):
     Store.create(path, {"mem_size": N * PAGE}).close()
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(root=_ROOT, n=N))
-    rng = np.random.default_rng(int(time.time()))
+    rng = np.random.default_rng(seed_for("sigkill", time.time_ns() % 2**32))
     out = np.empty((N, PAGE), np.uint8)
     for r in range(rounds):
         proc = subprocess.Popen([sys.executable, str(script), path],

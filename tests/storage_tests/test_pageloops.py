@@ -13,7 +13,6 @@ import xxhash
 
 from storage_helpers import PAGE, blob_table, random_pages
 from storage import Store, packs, pageloops
-from storage import store as store_module
 
 PURE = os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0")
 native = pytest.mark.skipif(PURE, reason="SNAPCTL_PURE_PYTHON set: the Python loops only")
@@ -104,8 +103,8 @@ def test_reads_of_a_delta_chain_match_the_model(tmp_path, monkeypatch, mode, wri
     each encoding path and read whole and in pieces by each decoding path."""
     if (mode != "python" or writer != "python") and PURE:
         pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
-    monkeypatch.setattr(store_module, "_USE_NATIVE", writer == "native")
-    monkeypatch.setattr(packs, "_USE_NATIVE", mode != "python")
+    monkeypatch.setitem(pageloops.USE, "write", writer == "native")
+    monkeypatch.setitem(pageloops.USE, "read", mode != "python")
     monkeypatch.setattr(packs, "_PARALLEL_MIN", 1 if mode == "native-threads" else 10**9)
     rng = np.random.default_rng(5)
     n = 3000
@@ -206,7 +205,7 @@ def test_dictionary_only_bases_are_judged_by_their_delta_on_both_paths(tmp_path,
     from storage.packs import pack_meta_check
     if mode == "native" and PURE:
         pytest.skip("SNAPCTL_PURE_PYTHON set: the Python loops only")
-    monkeypatch.setattr(packs, "_USE_NATIVE", mode == "native")
+    monkeypatch.setitem(pageloops.USE, "read", mode == "native")
     rng = np.random.default_rng(8)
     n = 64
     img = random_pages(rng, n, "text")
@@ -273,10 +272,8 @@ def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(monkeypatch):
     monkeypatch.setattr(pageloops, "_DEC", lz4_fns["LZ4_decompress_safe"])
     monkeypatch.setattr(pageloops, "_DEC_DICT", lz4_fns["LZ4_decompress_safe_usingDict"])
     monkeypatch.setattr(pageloops, "_H128", xxh_fns["XXH3_128bits"])
-    monkeypatch.setattr(pageloops, "_ENC_FNS", np.array(
-        [lz4_fns[n] for n in ("LZ4_compress_default", "LZ4_createStream", "LZ4_freeStream",
-                              "LZ4_loadDict", "LZ4_compress_fast_continue")] + [xxh_fns["XXH3_64bits"]],
-        np.uint64))
+    monkeypatch.setattr(pageloops, "_ENC_FNS", pageloops.encode_table(pageloops._lib, dict(lz4_fns, **xxh_fns)))
+    monkeypatch.setattr(pageloops, "_XXH64", xxh_fns["XXH3_64bits"])
     words, got_h = pageloops.scan(pages)
     assert (got_h[words > 0] == want_h[words > 0]).all()
     data2, codec2, size2, crc2 = pageloops.encode(pages, idx, np.zeros(len(idx), np.int64))
@@ -297,6 +294,6 @@ def test_loaded_functions_that_hash_differently_are_refused():
     fns = (pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, pageloops._ENC_FNS)
     assert pageloops._self_check(pageloops._lib, fns) == ""
     # XXH3_64bits where XXH3_128bits belongs: the high half is whatever rdx held
-    wrong_h128 = int(fns[3][5])
+    wrong_h128 = pageloops._XXH64
     assert pageloops._self_check(pageloops._lib, (fns[0], fns[1], wrong_h128, fns[3])) == \
         "xxh3_128 differs"

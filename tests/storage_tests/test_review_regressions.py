@@ -95,7 +95,7 @@ def test_a_failed_add_pages_means_the_checkpoint_is_not_committed(tmp_path):
     with new_store(tmp_path, pages=1024) as st:
         with st.checkpoint(None) as w:
             w.add_pages([1023], rows(rnd()))
-        st._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 512 * 1024)   # rows > 512 KiB fail
+        st._conns._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 512 * 1024)   # rows > 512 KiB fail
         big = np.stack([rnd() for _ in range(256)])                    # one ~1 MiB pack
         failures = []
         with pytest.raises(StoreError, match="checkpoint not written"):
@@ -106,7 +106,7 @@ def test_a_failed_add_pages_means_the_checkpoint_is_not_committed(tmp_path):
                         w.add_pages([300 + i], rows(rnd()))
                     except StoreError as exc:
                         failures.append(str(exc))
-        st._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000_000)
+        st._conns._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000_000)
         assert failures and "too big" in failures[0]               # not "database damaged"
         assert [c.id for c in st.checkpoints()] == [0]
         assert st.verify().ok
@@ -119,24 +119,24 @@ def test_a_reader_between_commit_and_catalogue_update(tmp_path, monkeypatch):
     """A reader thread that extends the shared catalogue with the pack just
     committed, before the writer folds it in, made the writer mark its own
     pack damaged."""
-    import storage.store as store_mod
+    from storage.index import BlobIndex
     with new_store(tmp_path) as st:
         with st.checkpoint(None) as w:
             w.add_pages([0], rows(rnd()))
-        orig = store_mod.Store._after_commit
+        orig = BlobIndex.after_commit
         seen = []
 
         def reader_first(self, *args):
-            t = threading.Thread(target=lambda: seen.append(self.read_page(1, 1)))
+            t = threading.Thread(target=lambda: seen.append(st.read_page(1, 1)))
             t.start()
             t.join()
             return orig(self, *args)
 
-        monkeypatch.setattr(store_mod.Store, "_after_commit", reader_first)
+        monkeypatch.setattr(BlobIndex, "after_commit", reader_first)
         p1 = rnd()
         with st.checkpoint(0) as w:
             w.add_pages([1], rows(p1))
-        monkeypatch.setattr(store_mod.Store, "_after_commit", orig)
+        monkeypatch.setattr(BlobIndex, "after_commit", orig)
         assert seen == [p1.tobytes()]
         assert st.read_page(1, 1) == p1.tobytes()
         with st.checkpoint(1) as w:                                # and it goes on

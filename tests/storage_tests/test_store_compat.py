@@ -104,3 +104,17 @@ def test_old_store_restores_and_replays(tmp_path):
     with Store.open(path, readonly=True) as st:
         assert st.verify().ok
         assert st.get(ran["checkpoints"][0]).parent == 6
+
+
+def test_new_stores_have_the_old_tables_word_for_word(tmp_path):
+    """The tables this code creates are the ones the old store holds, to the
+    character (SQLite keeps the CREATE text in the file)."""
+    import sqlite3
+    old = sqlite3.connect(unpack(tmp_path))
+    new_path = str(tmp_path / "new.snap")
+    Store.create(new_path, {"mem_size": 16 * PAGE}).close()
+    new = sqlite3.connect(new_path)
+    query = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+    assert old.execute(query).fetchall() == new.execute(query).fetchall()
+    old.close()
+    new.close()

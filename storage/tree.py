@@ -1,0 +1,36 @@
+"""The checkpoint tree as stored (``checkpoints.id``, ``parent``), checked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import validate
+from .errors import InvalidArgumentError, UnknownCheckpointError
+
+
+def parents(conn) -> dict[int, int | None]:
+    """id -> parent, checked: parents exist and are older, one root."""
+    return validate.tree(conn.execute("SELECT id, parent FROM checkpoints"))
+
+
+def check_id(ckpt, known) -> int:
+    """``ckpt`` as an int, if it is a checkpoint of ``known`` (id -> parent)."""
+    if isinstance(ckpt, bool) or not isinstance(ckpt, (int, np.integer)):
+        raise InvalidArgumentError(f"checkpoint id must be an int, not {ckpt!r}")
+    ckpt = int(ckpt)
+    if ckpt not in known:
+        raise UnknownCheckpointError(f"no checkpoint {ckpt} in this store")
+    return ckpt
+
+
+def path_in(conn, ckpt: int) -> list[int]:
+    """Checkpoint ids from the base to ``ckpt`` inclusive."""
+    ps = parents(conn)
+    ckpt = check_id(ckpt, ps)
+    path = []
+    node: int | None = ckpt
+    while node is not None:          # parents are older (validate.tree): this ends
+        path.append(node)
+        node = ps[node]
+    path.reverse()
+    return path
