@@ -2,7 +2,7 @@
 
 Everything else is in pyproject.toml.  ``optional=True``: without a C
 compiler the install still succeeds and the store uses its pure-Python loops
-(``storage.pageloops.NATIVE`` says which, ``storage.pageloops.KIND`` how they were loaded)."""
+(``storage.pageloops.loaded()`` says which, ``storage.pageloops.kind()`` how they were loaded)."""
 import runpy
 from pathlib import Path
 

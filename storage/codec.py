@@ -12,8 +12,9 @@ formats in formats.py.
 from __future__ import annotations
 
 import lz4.block
-import numpy as np
 import xxhash
+
+from .deferred import numpy as np
 
 PAGE_SIZE = 4096
 
@@ -74,19 +75,27 @@ lz4_decompress = lz4.block.decompress
 # checks 262 144 pages in a few milliseconds).  Zero pages contribute 0, so
 # a page never written and a page written back to zero are the same image.
 
-_G = np.uint64(0x9E3779B97F4A7C15)
-_C = np.uint64(0x632BE59BD9B4E019)
-_F1 = np.uint64(0xFF51AFD7ED558CCD)
-_F2 = np.uint64(0xC4CEB9FE1A85EC53)
-_S33 = np.uint64(33)
+_K: dict = {}
+
+
+def _k() -> dict:
+    """The uint64 constants below, made on first use (numpy is imported then)."""
+    if not _K:
+        u = np.uint64
+        zlo, zhi = (u(x) for x in np.frombuffer(ZERO_HASH, "<u8"))
+        _K.update(G=u(0x9E3779B97F4A7C15), C=u(0x632BE59BD9B4E019), F1=u(0xFF51AFD7ED558CCD),
+                  F2=u(0xC4CEB9FE1A85EC53), S33=u(33), ZLO=zlo, ZHI=zhi)
+    return _K
 
 
 def _fmix64(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> _S33)
-    x = x * _F1
-    x = x ^ (x >> _S33)
-    x = x * _F2
-    return x ^ (x >> _S33)
+    k = _k()
+    s33 = k["S33"]
+    x = x ^ (x >> s33)
+    x = x * k["F1"]
+    x = x ^ (x >> s33)
+    x = x * k["F2"]
+    return x ^ (x >> s33)
 
 
 def hash_halves(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,14 +113,12 @@ def terms(pages: np.ndarray, hashes: np.ndarray) -> np.ndarray:
         return out
     hashes = np.ascontiguousarray(hashes, np.uint8).reshape(n, 16)
     lo, hi = hash_halves(hashes)
-    k = np.asarray(pages).astype(np.uint64) * _G
+    c = _k()
+    k = np.asarray(pages).astype(np.uint64) * c["G"]
     out[:, 0] = _fmix64(lo ^ k)
-    out[:, 1] = _fmix64(hi ^ (k + _C))
-    out[(lo == _ZLO) & (hi == _ZHI)] = 0
+    out[:, 1] = _fmix64(hi ^ (k + c["C"]))
+    out[(lo == c["ZLO"]) & (hi == c["ZHI"])] = 0
     return out
-
-
-_ZLO, _ZHI = (np.uint64(x) for x in np.frombuffer(ZERO_HASH, "<u8"))
 
 
 def sum128(terms: np.ndarray) -> int:

@@ -182,6 +182,21 @@ def native(part: str) -> bool:
     return USE[part] and loaded()
 
 
+def library():
+    """The loaded C extension's ``lib`` (cffi), or None: for the lazy-restore
+    handler (storage/lazy.py), built into the same extension."""
+    return _lib if loaded() else None
+
+
+def functions() -> dict[str, int]:
+    """The addresses of the LZ4 and xxh3 functions the C loops call, by
+    name ({} when not loaded): what other C code in the extension is handed."""
+    if not loaded():
+        return {}
+    return {"LZ4_decompress_safe": _DEC, "LZ4_decompress_safe_usingDict": _DEC_DICT,
+            "XXH3_128bits": _H128, "XXH3_64bits": _XXH64}
+
+
 def kind() -> str:
     """How the page loops were loaded (C, and from which libraries; or why pure Python)."""
     loaded()
@@ -264,7 +279,7 @@ def encode(pages: np.ndarray, idx: np.ndarray, dict_at: np.ndarray):
 def image_digest(img: np.ndarray, pack: np.ndarray, nblobs: int, hashes: np.ndarray) -> tuple[int, int]:
     """(first page whose blob id is unknown or -1, image digest) of the image ``img`` (blob id
     per page) from the catalogue arrays ``pack`` and ``hashes`` (blob 0: the zero page): the
-    check and sum ``Store._view`` does in numpy, in one pass without the GIL."""
+    check and sum ``BlobIndex.view`` does in numpy, in one pass without the GIL."""
     img = np.ascontiguousarray(img, np.int64)
     assert pack.dtype == np.int64 and pack.flags.c_contiguous and hashes.flags.c_contiguous
     assert len(pack) >= nblobs and len(hashes) >= nblobs

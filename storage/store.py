@@ -27,20 +27,31 @@ from __future__ import annotations
 
 import collections
 import json
+import numbers
 import os
 from dataclasses import dataclass
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable
 
 from . import codec, lock, schema, tree, validate
 from .codec import PAGE_SIZE, content_hash
 from .connection import Connections, sqlite_errors
+from .deferred import numpy as np
 from .errors import CorruptionError, InvalidArgumentError, StoreError, UnknownCheckpointError
-from .formats import MAP_COLUMNS, ids_sql, parse_map
-from .index import BlobIndex
-from .packs import Catalog
-from .writer import CheckpointWriter
+
+if TYPE_CHECKING:
+    from .packs import Catalog
+    from .writer import CheckpointWriter
+
+# Imported on first use, not here, so that opening a store and listing its
+# checkpoints (`snapctl list`) loads neither numpy nor the page codecs:
+# .formats, .index, .packs, .writer, .verify, .maintenance.
+
+
+def __getattr__(name):
+    if name == "CheckpointWriter":
+        from .writer import CheckpointWriter
+        return CheckpointWriter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Store", "CheckpointInfo", "CheckpointWriter", "PageIndex", "sqlite_errors"]
 
@@ -79,7 +90,15 @@ class Store:
         self.page_count: int = self.config["mem_size"] // PAGE_SIZE
         self.schema_version = validate.meta_int(meta, "schema_version", path)
         self._conns = Connections(path, wconn, rconn, synchronous, lock_key)
-        self._index = BlobIndex(path, self.page_count)
+        self._blob_index = None
+
+    @property
+    def _index(self):
+        """The blob index (storage.index), made on first use."""
+        if self._blob_index is None:
+            from .index import BlobIndex
+            self._blob_index = BlobIndex(self.filename, self.page_count)
+        return self._blob_index
 
     # --- opening -------------------------------------------------------------
 
@@ -256,7 +275,7 @@ class Store:
                "FROM checkpoints")
         args: tuple = ()
         if ckpt is not None:
-            if isinstance(ckpt, bool) or not isinstance(ckpt, (int, np.integer)):
+            if isinstance(ckpt, bool) or not isinstance(ckpt, numbers.Integral):
                 raise InvalidArgumentError(f"checkpoint id must be an int, not {ckpt!r}")
             sql += " WHERE id = ?"
             args = (int(ckpt),)
@@ -345,6 +364,7 @@ class Store:
         """Start writing a checkpoint; use as a context manager.  Everything
         added inside the ``with`` block commits atomically on exit."""
         self._conns.check_writable()
+        from .writer import CheckpointWriter
         return CheckpointWriter(self._conns, self._index, parent, dict(meta or {}))
 
     # --- images ----------------------------------------------------------------
@@ -413,6 +433,7 @@ class Store:
             path = tree.path_in(conn, ckpt)
             cat = self._index.catalog(conn)
             view = self._index.view(conn, path)
+            from .formats import MAP_COLUMNS, ids_sql, parse_map
             newest = path[1:][::-1][:recent]               # never the base: it is all of memory
             rows = {r[0]: r for r in conn.execute(
                 f"SELECT {MAP_COLUMNS} FROM maps WHERE ckpt IN ({ids_sql(newest)})")}
@@ -425,7 +446,7 @@ class Store:
     def read(self, ckpt: int, gpa: int, length: int) -> bytes:
         """``length`` bytes of guest memory at guest-physical ``gpa`` as of ``ckpt``."""
         for name, v in (("gpa", gpa), ("length", length)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise InvalidArgumentError(f"{name} must be an int, not {v!r}")
         gpa, length = int(gpa), int(length)
         mem = self.page_count * PAGE_SIZE
@@ -451,7 +472,7 @@ class Store:
         return self.read(ckpt, page * PAGE_SIZE, PAGE_SIZE)
 
     def _check_page(self, page) -> int:
-        if isinstance(page, bool) or not isinstance(page, (int, np.integer)):
+        if isinstance(page, bool) or not isinstance(page, numbers.Integral):
             raise InvalidArgumentError(f"page must be an int, not {page!r}")
         if not 0 <= int(page) < self.page_count:
             raise InvalidArgumentError(
@@ -475,6 +496,7 @@ class Store:
         a new version of ``page``, in id order (zero page: ``ZERO_HASH_HEX``)."""
         page = self._check_page(page)
         out = []
+        from .formats import MAP_COLUMNS, parse_map
         with self._conns.read() as conn:
             cat = self._index.catalog(conn)
             for row in conn.execute(f"SELECT {MAP_COLUMNS} FROM maps ORDER BY ckpt"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
+import numbers
 
 from . import validate
 from .errors import InvalidArgumentError, UnknownCheckpointError
@@ -15,7 +15,7 @@ def parents(conn) -> dict[int, int | None]:
 
 def check_id(ckpt, known) -> int:
     """``ckpt`` as an int, if it is a checkpoint of ``known`` (id -> parent)."""
-    if isinstance(ckpt, bool) or not isinstance(ckpt, (int, np.integer)):
+    if isinstance(ckpt, bool) or not isinstance(ckpt, numbers.Integral):
         raise InvalidArgumentError(f"checkpoint id must be an int, not {ckpt!r}")
     ckpt = int(ckpt)
     if ckpt not in known:

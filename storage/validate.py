@@ -17,9 +17,9 @@ import json
 import math
 import sqlite3
 
-import numpy as np
 
 from .codec import PAGE_SIZE
+from .deferred import numpy as np
 from .errors import CorruptionError, NotAStoreError
 
 #: Largest guest memory a store may describe (the page tables snapctl's
@@ -215,6 +215,10 @@ def _tree_ok(parents: dict) -> bool:
         return True
     if set(map(type, parents)) != {int} or not set(map(type, parents.values())) <= {int, type(None)}:
         return False
+    if len(parents) < 4096:              # small: in Python, without importing numpy (`snapctl list`)
+        roots = sum(p is None for p in parents.values())
+        return roots <= 1 and all(0 <= c < MAX_CHECKPOINT_ID and (p is None or (0 <= p < c and p in parents))
+                                  for c, p in parents.items())
     try:
         ids = np.fromiter(parents, np.int64, len(parents))
         par = np.fromiter([-1 if p is None else p for p in parents.values()], np.int64, len(parents))
