@@ -79,10 +79,10 @@ def _load():
     if os.environ.get("SNAPCTL_PURE_PYTHON", "") not in ("", "0"):
         return None, "pure Python (SNAPCTL_PURE_PYTHON set)"
     try:
-        from . import _pagecodec
+        from ._pagecodec import lib as pagecodec
     except ImportError as exc:
         return None, f"pure Python (C extension not built: {exc})"
-    if not hasattr(_pagecodec.lib, "pc_encode_fns"):
+    if not hasattr(pagecodec, "pc_encode_fns"):
         return None, "pure Python (C extension out of date: rebuild it, python setup.py build_ext --inplace)"
     lz4_fns, lz4_from = _entry_points(lz4_libraries(), _LZ4_NAMES)
     xxh_fns, xxh_from = _entry_points(xxhash_libraries(), _XXH_NAMES)
@@ -90,15 +90,15 @@ def _load():
         return None, "pure Python (no library exports the LZ4 and xxh3 functions the C loops call)"
     fns = dict(lz4_fns, **xxh_fns)
     try:
-        table = encode_table(_pagecodec.lib, fns)
+        table = encode_table(pagecodec, fns)
     except KeyError as exc:
         return None, f"pure Python (the C loops want a function no library gave: {exc})"
     loaded = (fns["LZ4_decompress_safe"], fns["LZ4_decompress_safe_usingDict"], fns["XXH3_128bits"], table)
     names = lambda p: os.path.basename(p)  # noqa: E731
-    why = _self_check(_pagecodec.lib, loaded)
+    why = _self_check(pagecodec, loaded)
     if why:
         return None, f"pure Python (C loops disagree with python-lz4/xxhash: {why})"
-    return (_pagecodec.lib, loaded), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
+    return (pagecodec, loaded), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
 
 
 def _self_check(lib, fns) -> str:

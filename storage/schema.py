@@ -203,7 +203,7 @@ def initialise(conn: sqlite3.Connection, config: dict) -> None:
 
 def read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
     """The ``meta`` table, after the schema has been checked (validate.schema)."""
-    validate.schema(conn, path)
+    validate.schema(conn, path, create_tables)
     try:
         rows = conn.execute("SELECT key, value FROM meta LIMIT 1000").fetchall()
     except sqlite3.DatabaseError as exc:

@@ -281,11 +281,10 @@ def _ddl_words(sql: str) -> list[str]:
 _REFERENCE = None
 
 
-def _reference():
-    """sqlite_master and each table's columns as this code creates them."""
+def _reference(create_tables):
+    """sqlite_master and each table's columns as ``create_tables`` makes them."""
     global _REFERENCE
     if _REFERENCE is None:
-        from .schema import create_tables
         conn = sqlite3.connect(":memory:", isolation_level=None)
         try:
             create_tables(conn)
@@ -298,11 +297,11 @@ def _reference():
     return _REFERENCE
 
 
-def schema(conn: sqlite3.Connection, path: str) -> None:
+def schema(conn: sqlite3.Connection, path: str, create_tables) -> None:
     """Refuse a store whose schema is not exactly ours: only our tables (no
     view, trigger or other index, which would run the store's own SQL when
     we query or write), with our columns, nothing that computes a value."""
-    master, cols = _reference()
+    master, cols = _reference(create_tables)
     try:
         rows = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
     except sqlite3.DatabaseError as exc:
