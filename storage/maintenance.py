@@ -216,7 +216,7 @@ def _compact(conn, cat: Catalog, maps: dict, live: set, progress) -> tuple[int, 
         bases = np.where(keep, cat.base[ids], 0).astype("<i8")
         hashes = cat.hash[ids].copy()
         hashes[~keep] = 0
-        crcs = np.where(keep, cat.crc[ids], 0)
+        crcs = np.where(keep, cat.crc[ids], np.uint64(0))
         ends = np.cumsum([len(p) for p in parts])
         blob = b"".join(parts)
         row = pack_row(pid, pk.ckpt, pk.first, codecs, bases, hashes.tobytes(), ends, crcs, blob)

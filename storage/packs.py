@@ -27,8 +27,6 @@ from .errors import CorruptionError, StoreError
 from .formats import (CODEC_FREED, MAX_PACK_ID, PACK_COLUMNS, VALID_CODEC, PackInfo,  # noqa: F401
                       blob_crc, pack_meta_check, parse_pack_row)
 
-_VALID_CODEC = VALID_CODEC
-
 
 class Catalog:
     """Every blob of one store generation, indexed by blob id.
@@ -327,7 +325,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
                 f"{_where(ckpt, page_of(i), int(blobs[i]))}: pack {pid} is damaged ({info.damaged})",
                 checkpoint=ckpt, page=page_of(i), blob=int(blobs[i]))
     codec = cat.codec[blobs]
-    bad = ~_VALID_CODEC[codec]
+    bad = ~VALID_CODEC[codec]
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise CorruptionError(f"{_where(ckpt, page_of(i), int(blobs[i]))}: unknown codec "

@@ -55,6 +55,8 @@ def main() -> None:
     import snapctl.machine  # noqa: F401
     import storage  # noqa: F401
     import storage.maintenance  # noqa: F401
+    import storage.writer  # noqa: F401
+    storage.pageloops.loaded()        # the C loops load on first use: once here, not per child
     limit, timeout, jobs = spec["limit"], spec["timeout"], spec["jobs"]
     results: list = [None] * len(jobs)
     tmp = tempfile.mkdtemp(prefix="snapctl-fork-")
