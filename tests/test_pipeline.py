@@ -18,7 +18,9 @@ def _cap(pages, data):
 
 
 def test_merge_equals_applying_both_in_order():
-    rng = np.random.default_rng(5)
+    seed = 5
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
     for _ in range(50):
         image = np.zeros((64, PAGE), np.uint8)
         a_pages = np.unique(rng.integers(0, 64, 20))
