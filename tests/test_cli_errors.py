@@ -8,13 +8,12 @@ import sqlite3
 import pytest
 
 from cli_helpers import file_digest, ok, one_line_error, snapctl
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 
 
 @pytest.fixture(scope="module")
 def good_store(tmp_path_factory):
-    if not __import__("os").path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     store = tmp_path_factory.mktemp("good") / "good.db"
     ok("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store)
     return store

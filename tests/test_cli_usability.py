@@ -11,14 +11,13 @@ import re
 import signal
 import socket
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cli_helpers import file_digest, ok, one_line_error, snapctl, spawn
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 
 ROOT = Path(__file__).parents[1]
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
@@ -27,8 +26,7 @@ ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
 @pytest.fixture(scope="module")
 def branched(tmp_path_factory):
     """0..4 sync (4000 steps apart), then a branch 5, 6 from 2; 3 tagged with a long name."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     store = tmp_path_factory.mktemp("branched") / "b.db"
     ok("run", "--mem", "8M", "--checkpoints", 4, "--every-steps", 4000, store=store)
     ok("restore", 2, "--checkpoints", 2, "--every-steps", 3000, store=store)

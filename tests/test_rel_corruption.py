@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import ok, one_line_error, snapctl
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 from rel_helpers import image, open_ro, scaled, tree_state
 
 MEM = 8 << 20
@@ -31,8 +31,7 @@ from storage.schema import DB_PAGE_SIZE as DB_PAGE  # the stores' SQLite page si
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     """(path, {ckpt: image}, {db page number: owning b-tree}) of a closed, self-contained store."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     d = tmp_path_factory.mktemp("pristine")
     store = d / "p.db"
     ok("run", "--mem", "8M", "--guest", "random", "--seed", 3, "--checkpoints", 4, "--every-steps", 1500,

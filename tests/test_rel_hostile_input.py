@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from cli_helpers import ok, one_line_error, snapctl
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 from rel_helpers import tree_state
 from storage import SCHEMA_VERSION
 
@@ -26,8 +26,7 @@ def _stable(state: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     d = tmp_path_factory.mktemp("hostile")
     store = d / "good.db"
     ok("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store)

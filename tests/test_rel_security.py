@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import ok, one_line_error, snapctl
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 from rel_helpers import open_ro, image, tree_state
 
 
@@ -51,8 +51,7 @@ def test_the_store_api_creates_0600_under_umask_0(tmp_path):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     s = tmp_path_factory.mktemp("sec") / "s.db"
     ok("run", "--mem", "8M", "--checkpoints", 1, "--every-steps", 1000, store=s)
     return s

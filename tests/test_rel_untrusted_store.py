@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cli_helpers import ok, one_line_error, snapctl, snapctl_many, spawn
-from kvm_helpers import kvm
+from kvm_helpers import kvm, require_kvm
 from rel_helpers import scaled
 from untrusted_helpers import (MEMORY_LIMIT, READERS, TIMEOUT, WRITERS, check_all_commands, copy_store, data_state,
                                env_seconds, problem, recompute_checks, run_limited, sql)
@@ -39,8 +39,7 @@ MEM = 8 << 20
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A real store: checkpoints 0..3 (a chain), a tag."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     d = tmp_path_factory.mktemp("untrusted")
     store = d / "base.db"
     ok("run", "--mem", "8M", "--checkpoints", 3, "--every-steps", 3000, store=store)
