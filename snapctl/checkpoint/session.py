@@ -27,6 +27,7 @@ from .captures import STAGING_HINT_PAGES, Capture, StagingBuffer, StagingPool, c
 from .schedule import Schedule
 from .writer import QUEUE_DEPTH, Writer
 
+
 @dataclass
 class RunSummary:
     store: str
