@@ -45,8 +45,9 @@ def harvest_reset_cost(mem_size: int, dirty_pages: int, tracking: str, repeats: 
         for k in _sweep_rounds(m, dirty_pages, repeats):
             got = m.collect_dirty()
             if k > 1:
-                harvest.append(m.tracker.stats.last_harvest_ms)
-                reset.append(m.tracker.stats.last_reset_ms)
+                t = m.collect_timings()
+                harvest.append(t["harvest_ms"])
+                reset.append(t["reset_ms"])
                 pages.append(int(got.size))
         ring_full = m.stats()["ring_full_exits"]
     h, r = statistics.median(harvest), statistics.median(reset)
@@ -123,7 +124,7 @@ def downtime(quick: bool, tracking: str = "ring", dirty: int = 16384, mem: int |
     pauses, floors, parts = [], [], []
     pool = StagingPool(1)
     with Machine(cfg) as m:
-        m.tracker.precopy = precopy
+        m.set_precopy(precopy)
         for k in _sweep_rounds(m, dirty, repeats):
             buf = pool.acquire()
             cap = capture(m, "async", buffer=buf)  # pause() finds it parked; times the full pause

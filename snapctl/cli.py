@@ -14,10 +14,8 @@ by the commands that use them.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import stat
 import sys
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
@@ -26,6 +24,7 @@ import typer
 
 from . import __version__
 from . import render as R
+from .kvm.constants import DEFAULT_KVM_PATH, PAGE_SIZE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
@@ -67,7 +66,7 @@ def _store_path(store: Optional[str]) -> str:
 
 def _kvm() -> str:
     """The KVM device ($SNAPCTL_KVM overrides /dev/kvm)."""
-    return os.environ.get("SNAPCTL_KVM", "/dev/kvm")
+    return os.environ.get("SNAPCTL_KVM", DEFAULT_KVM_PATH)
 
 
 def _out(text: str = "") -> None:
@@ -109,33 +108,28 @@ def _params(items: list[str]) -> dict[str, int]:
 
 @contextmanager
 def _open(store: Optional[str], *, write: bool = False) -> Iterator["Store"]:  # noqa: F821
-    from storage import Store, StoreError
+    from .stored import NoStoreError, open_store
 
     path = _store_path(store)
-    if not os.path.lexists(path):
-        raise Failure(f"no store at {path} (run `snapctl run` first, or give --store / $SNAPCTL_STORE)")
-    if os.path.isdir(path):
-        raise Failure(f"{path} is a directory, not a store")
     try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise Failure(f"{path}: {e.strerror}") from None
-    if not stat.S_ISREG(mode):
-        # a FIFO would block the open forever; a device (/dev/zero) is never a store
-        raise Failure(f"{path} is not a regular file, not a store")
-    # Read-write even for reading: a read-only SQLite connection cannot remove the
-    # -wal/-shm sidecars at close, so every `list` would leave two files behind.
-    # The main file is not changed by reading either way.
-    try:
-        st = Store.open(path, readonly=False)
-    except (PermissionError, StoreError):
-        if write or not os.access(path, os.R_OK) or Store.writable(path):
-            raise
-        st = Store.open(path, readonly=True)  # a store we may only read
+        st = open_store(path, write=write)
+    except NoStoreError as e:
+        raise Failure(f"{e} (run `snapctl run` first, or give --store / $SNAPCTL_STORE)") from None
     try:
         yield st
     finally:
         st.close()
+
+
+@contextmanager
+def _usage() -> Iterator[None]:
+    """A value the library refuses by the option it came from (a ScheduleError): a usage error, exit 2."""
+    from .checkpoint.schedule import ScheduleError
+
+    try:
+        yield
+    except ScheduleError as e:
+        raise typer.BadParameter(e.message, param_hint=e.option) from None
 
 
 def _resolve(st, ref: str) -> int:
@@ -320,17 +314,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[float], steps: Optional[str] = None):
     from .checkpoint import Schedule
 
-    if every_steps is not None and interval is not None:
-        raise typer.BadParameter("give either --every-steps or --interval, not both", param_hint="--every-steps")
-    if checkpoints < 0:
-        raise typer.BadParameter(f"must be >= 0, got {checkpoints}", param_hint="--checkpoints")
-    if interval is not None and not (math.isfinite(interval) and 0 < interval <= 86_400_000):
-        raise typer.BadParameter(f"must be a number of ms from > 0 to 86400000 (one day), got {interval}",
-                                 param_hint="--interval")
-    return Schedule(count=checkpoints,
-                    every_steps=_number(every_steps, "--every-steps", allow_zero=False) if every_steps else None,
-                    interval_ms=interval,
-                    stop_after=_number(steps, "--steps", allow_zero=False) if steps else None)
+    sched = Schedule(count=checkpoints, interval_ms=interval,
+                     every_steps=_number(every_steps, "--every-steps") if every_steps else None,
+                     stop_after=_number(steps, "--steps") if steps else None)
+    with _usage():
+        sched.validate()
+    return sched
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -415,17 +404,12 @@ def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str],
                       steps: Optional[str] = None):
     from .checkpoint.program import ProgramSchedule
 
-    if every_syscalls is not None and interval is not None:
-        raise typer.BadParameter("give either --every-syscalls or --interval, not both", param_hint="--every-syscalls")
-    if checkpoints is not None and checkpoints < 0:
-        raise typer.BadParameter(f"must be >= 0, got {checkpoints}", param_hint="--checkpoints")
-    if interval is not None and not (math.isfinite(interval) and 0 < interval <= 86_400_000):
-        raise typer.BadParameter(f"must be a number of ms from > 0 to 86400000 (one day), got {interval}",
-                                 param_hint="--interval")
-    return ProgramSchedule(
-        count=checkpoints, interval_ms=interval,
-        every_syscalls=_number(every_syscalls, "--every-syscalls", allow_zero=False) if every_syscalls else None,
-        stop_after=_number(steps, "--steps", allow_zero=False) if steps else None)
+    sched = ProgramSchedule(count=checkpoints, interval_ms=interval,
+                            every_syscalls=_number(every_syscalls, "--every-syscalls") if every_syscalls else None,
+                            stop_after=_number(steps, "--steps") if steps else None)
+    with _usage():
+        sched.validate()
+    return sched
 
 
 def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
@@ -495,20 +479,11 @@ def _tree_label(c) -> str:
 def show(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag."), store: Optional[str] = StoreOpt,
          as_json: bool = JsonOpt) -> None:
     """Show one checkpoint: tree position, statistics, vCPU registers."""
-    from .checkpoint.engine import vcpu_state_name
-    from .machine import MachineConfig, VcpuState
-    from .stored import checked_info
+    from .checkpoint.describe import describe
 
     with _open(store) as st:
-        c = checked_info(st.get(_resolve(st, id)))
-        vcpus = []
-        for i in range(MachineConfig.from_dict(st.config).vcpus):
-            name = vcpu_state_name(i)
-            if name in st.state_names(c.id):
-                vcpus.append(VcpuState.from_bytes(st.state(c.id, name)).registers())
-        children = st.children(c.id)
-        from .checkpoint.program import is_program_store, program_info
-        prog = program_info(st, c.id) if is_program_store(st) else None
+        view = describe(st, _resolve(st, id))
+    c, children, vcpus, prog = view.info, view.children, view.vcpus, view.program
     d = R.checkpoint_json(c)
     d["children"] = children
     d["vcpus"] = [R.registers_json(r) for r in vcpus]
@@ -578,7 +553,7 @@ def restore(
             raise typer.BadParameter("--every-syscalls is for program guests", param_hint="--every-syscalls")
         sched = _schedule(10 if checkpoints is None else checkpoints, every_steps, interval, steps)
         last_before = max(c.id for c in st.checkpoints())
-        total = 1 if sched.stop_after else sched.count
+        total = sched.checkpoints_expected
         try:
             with _on_demand(control) as hook, _progress(total, f"restore {ckpt}", as_json, live=True) as adv:
                 if rep is not None:
@@ -624,21 +599,19 @@ def replay(
 
     Sync targets compare memory and registers; async and manual ones memory only (the kick landed mid-loop)."""
     from .checkpoint import replay as replay_
-    from .checkpoint.engine import unreachable
-
     from .checkpoint.program import is_program_store
+    from .checkpoint.replaying import ReplayUnreachable, check_reachable, next_in_branch
 
     with _open(store) as st:
         a = _resolve(st, id)
         b = _resolve(st, to) if to is not None else None
         if b is not None:
-            why = unreachable(st, a, b)
-            if why:
-                raise UsageFailure(f"cannot replay {a} -> {b}: {why}; replay reaches only later checkpoints "
-                                   f"of {a}'s own branch")
+            try:
+                check_reachable(st, a, b)
+            except ReplayUnreachable as e:
+                raise UsageFailure(str(e)) from None
         if is_program_store(st):
             from . import cli_program as P
-            from .checkpoint.engine import next_in_branch
             from .checkpoint.program import replay_program
 
             if lazy:
@@ -706,16 +679,6 @@ def export(
         _note(f"wrote {'stdout' if out_path == '-' else R.safe(out_path)}: checkpoint {ckpt}, {R.human(size)}")
 
 
-def _hexdump(base: int, data: bytes) -> str:
-    lines = []
-    for off in range(0, len(data), 16):
-        chunk = data[off:off + 16]
-        hexes = " ".join(f"{b:02x}" for b in chunk)
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
-        lines.append(f"{base + off:012x}  {hexes:<47}  {text}")
-    return "\n".join(lines)
-
-
 @app.command()
 def read(
     id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag."),
@@ -746,19 +709,7 @@ def read(
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        print(_hexdump(gpa, data))
-
-
-def _ranges(pages: list[int]) -> list[str]:
-    outl, i = [], 0
-    while i < len(pages):
-        j = i
-        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
-            j += 1
-        a, b = pages[i] * 4096, pages[j] * 4096 + 4095
-        outl.append(f"{a:#x}-{b:#x}" if j > i else f"{a:#x}")
-        i = j + 1
-    return outl
+        print(R.hexdump(gpa, data))
 
 
 @app.command()
@@ -777,19 +728,19 @@ def diff(a: str = typer.Argument(..., metavar="A", help="Checkpoint id or tag.")
 
             virt = virtual_pages(st, ib, pages)
     if as_json:
-        d = {"from": ia, "to": ib, "count": len(pages), "pages": [R.hexa(p * 4096) for p in pages]}
+        d = {"from": ia, "to": ib, "count": len(pages), "pages": [R.hexa(p * PAGE_SIZE) for p in pages]}
         if virt is not None:
-            d["virtual"] = {R.hexa(p * 4096): R.hexa(va) for p, va in virt.items()}
+            d["virtual"] = {R.hexa(p * PAGE_SIZE): R.hexa(va) for p, va in virt.items()}
         R.print_json(d)
         return
     _out(f"{len(pages)} pages differ")
     if virt is not None:
         vas = sorted(virt.values())
         _out(f"{len(vas)} of them mapped in the program at {ib} (virtual addresses):")
-        for r in _ranges([va // 4096 for va in vas]):
+        for r in R.page_ranges([va // PAGE_SIZE for va in vas]):
             _out(r)
         _out("guest-physical:")
-    for r in _ranges(pages):
+    for r in R.page_ranges(pages):
         _out(r)
 
 
@@ -820,10 +771,10 @@ def history(addr: str = typer.Argument(..., metavar="ADDR|SYMBOL",
             return
     gpa = _number(addr, "ADDR")
     with _open(store) as st:
-        if gpa >= st.page_count * 4096:
-            raise Failure(f"address {gpa:#x} is beyond the end of guest RAM ({st.page_count * 4096:#x})")
-        rows = st.history(gpa // 4096)
-    page = gpa // 4096 * 4096
+        if gpa >= st.page_count * PAGE_SIZE:
+            raise Failure(f"address {gpa:#x} is beyond the end of guest RAM ({st.page_count * PAGE_SIZE:#x})")
+        rows = st.history(gpa // PAGE_SIZE)
+    page = gpa // PAGE_SIZE * PAGE_SIZE
     if as_json:
         R.print_json({"page": R.hexa(page), "checkpoints": [i for i, _ in rows],
                       "versions": [{"checkpoint": i, "digest": h} for i, h in rows]})
@@ -866,7 +817,7 @@ def verify(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     with _open(store) as st:
         with _progress(None, "verifying", as_json):
             rep = st.verify()
-    checked = dict(getattr(rep, "checked", {}) or {})
+    checked = rep.checked
     if as_json:
         R.print_json({"ok": rep.ok, "problems": list(rep.problems), "checked": checked})
     elif rep.ok:
@@ -989,14 +940,12 @@ def dirty_rate(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure how fast a guest dirties memory (pages/s, MiB/s, per vCPU); stores nothing."""
-    from .checkpoint.dirtyrate import measure
-    from .checkpoint.engine import load_machine
+    from .checkpoint import load_machine
+    from .checkpoint.dirtyrate import check_args, measure
     from .machine import Machine, MachineConfig
 
-    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
-        raise typer.BadParameter(f"must be from > 0 to 3600, got {seconds}", param_hint="--seconds")
-    if not (math.isfinite(sample_ms) and 1 <= sample_ms <= 60_000):
-        raise typer.BadParameter(f"must be from 1 to 60000, got {sample_ms}", param_hint="--sample-ms")
+    with _usage():
+        check_args(seconds, sample_ms)
     if tracking not in ("ring", "bitmap"):
         raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
     ckpt = None
@@ -1187,7 +1136,7 @@ def demo(store: Optional[str] = typer.Option(None, "--store", metavar="PATH", he
 def _known_errors() -> tuple[type[BaseException], ...]:
     from storage import StoreError
 
-    from .checkpoint.engine import CheckpointWriteError
+    from .checkpoint.writer import CheckpointWriteError
     from .kvm import KvmError
     from .machine import MachineError
 

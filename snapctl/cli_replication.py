@@ -19,8 +19,8 @@ def replicator(addr: Optional[str], token_file: Optional[str], required: bool, s
 
 
 def schedule_dict(sched) -> dict:
-    return {k: getattr(sched, k) for k in ("count", "every_steps", "every_syscalls", "interval_ms", "stop_after")
-            if hasattr(sched, k)}
+    """A Schedule's or a ProgramSchedule's fields, for the standby's start message."""
+    return sched.as_dict()
 
 
 def finish(rep, summary: dict) -> None:

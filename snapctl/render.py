@@ -1,7 +1,8 @@
 """Rendering for the command line: JSON documents (the schema in
 snapctl/schemas/cli.json), plain and terminal tables, the branch tree.
 
-Standard library only, so that `snapctl list` and `--help` stay quick to start.
+Standard library only (and snapctl.kvm.constants, which is too), so that
+`snapctl list` and `--help` stay quick to start.
 Every string that came out of a store goes through :func:`safe` before it
 reaches a terminal: a trigger or tag may hold escape sequences.
 """
@@ -16,7 +17,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 
-PAGE = 4096
+from .kvm.constants import PAGE_SIZE
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def summary_json(s: dict) -> dict:
 def replay_json(d: dict) -> dict:
     """ReplayResult.as_dict() with addresses and register values as hex strings."""
     out = dict(d)
-    out["differing_pages"] = [hexa(p * PAGE) for p in d["differing_pages"]]
+    out["differing_pages"] = [hexa(p * PAGE_SIZE) for p in d["differing_pages"]]
     out["differing_registers"] = {k: {"replayed": hexa(v["replayed"]), "recorded": hexa(v["recorded"])}
                                   for k, v in d["differing_registers"].items()}
     out["compared"] = ["memory", "registers"] if d.get("registers_compared") else ["memory"]
@@ -229,3 +230,27 @@ def tree(cks, label) -> list[str]:
                 stack.append((ch, rest + ("└─ " if last else "├─ "), rest + ("   " if last else "│  ")))
     return lines
 
+
+
+def hexdump(base: int, data: bytes) -> str:
+    """``data`` as lines of 16 bytes: address, hex, printable text."""
+    lines = []
+    for off in range(0, len(data), 16):
+        chunk = data[off:off + 16]
+        hexes = " ".join(f"{b:02x}" for b in chunk)
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{base + off:012x}  {hexes:<47}  {text}")
+    return "\n".join(lines)
+
+
+def page_ranges(pages: list[int]) -> list[str]:
+    """Sorted page numbers as address ranges: [0x200, 0x201, 0x300] -> ["0x200000-0x201fff", "0x300000"]."""
+    out, i = [], 0
+    while i < len(pages):
+        j = i
+        while j + 1 < len(pages) and pages[j + 1] == pages[j] + 1:
+            j += 1
+        a, b = pages[i] * PAGE_SIZE, pages[j] * PAGE_SIZE + PAGE_SIZE - 1
+        out.append(f"{a:#x}-{b:#x}" if j > i else f"{a:#x}")
+        i = j + 1
+    return out

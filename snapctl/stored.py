@@ -1,5 +1,6 @@
 """snapctl's own fields of a stored checkpoint, type-checked (the store checks
-its own): a light module, so that `snapctl list` need not import the VMM."""
+its own), and opening a store for a command: a light module, so that `snapctl list`
+need not import the VMM."""
 
 from __future__ import annotations
 
@@ -24,3 +25,39 @@ def checked_info(info):
 #: Statistics the CLI formats as numbers (the store's own and the pipeline's).
 _NUMERIC_STATS = {"pages", "zero_pages", "unchanged_pages", "dedup_pages", "new_blobs", "delta_blobs",
                   "raw_blobs", "stored_bytes", "raw_bytes", "packs", "write_ms", "dirty_pages", "downtime_ms"}
+
+
+class NoStoreError(ValueError):
+    """Nothing at the store path."""
+
+
+def open_store(path: str, *, write: bool = False):
+    """Open the store at ``path`` for a command: read-write, or read-only when this
+    process may only read it (and ``write`` is False). A path that is not a regular
+    file (a directory, a FIFO that would block the open, a device) is a ValueError
+    before anything opens it; nothing at all is :class:`NoStoreError`.
+
+    Read-write even for reading: a read-only SQLite connection cannot remove the
+    -wal/-shm sidecars at close, so every `list` would leave two files behind. The
+    main file is not changed by reading either way."""
+    import os
+    import stat
+
+    from storage import Store, StoreError
+
+    if not os.path.lexists(path):
+        raise NoStoreError(f"no store at {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a store")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file, not a store")
+    try:
+        return Store.open(path, readonly=False)
+    except (PermissionError, StoreError):
+        if write or not os.access(path, os.R_OK) or Store.writable(path):
+            raise
+        return Store.open(path, readonly=True)  # a store we may only read

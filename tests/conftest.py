@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-KVM_PATH = "/dev/kvm"
+from kvm_helpers import KVM_PATH
+
 _counts = {"kvm_present": os.path.exists(KVM_PATH), "ran": 0, "passed": 0, "failed": 0, "skipped": 0}
 
 

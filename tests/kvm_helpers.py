@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from guest_models import DATA_GPA, PAGE, data_split
+from snapctl.kvm.constants import DEFAULT_KVM_PATH as KVM_PATH
 
 kvm = pytest.mark.kvm
+
+
+def require_kvm() -> None:
+    """Skip (a fixture that builds stores with the real CLI) when this machine has no KVM device:
+    the only reason a KVM test may skip (tests/conftest.py)."""
+    if not os.path.exists(KVM_PATH):
+        pytest.skip(f"{KVM_PATH} is absent")
 
 
 def data_view(machine, vcpu: int = 0) -> np.ndarray:

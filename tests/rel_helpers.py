@@ -11,7 +11,6 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,36 +26,8 @@ def scaled(ci: int) -> int:
     return max(1, int(round(ci * SCALE)))
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-
-def cli_env(extra: dict | None = None) -> dict:
-    e = dict(os.environ, COLUMNS="200")
-    e.pop("SNAPCTL_STORE", None)
-    e.update(extra or {})
-    return e
-
-
-def spawn_snapctl(*args, store: Path | None = None, umask: int | None = None, cwd=None) -> subprocess.Popen:
-    """Start the real CLI in the background (stdout discarded, stderr kept)."""
-    argv = [sys.executable, "-m", "snapctl", *map(str, args)]
-    if store is not None:
-        argv += ["--store", str(store)]
-    pre = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), cwd=cwd,
-                            preexec_fn=pre)
-
-
-def run_cli(*args, store: Path | None = None, umask: int | None = None, cwd=None, timeout: float = 300):
-    """Like cli_helpers.snapctl, plus umask and cwd control. Returns cli_helpers.Result."""
-    from cli_helpers import Result
-
-    argv = [sys.executable, "-m", "snapctl", *map(str, args)]
-    if store is not None:
-        argv += ["--store", str(store)]
-    pre = (lambda: os.umask(umask)) if umask is not None else None
-    p = subprocess.run(argv, capture_output=True, timeout=timeout, env=cli_env(), cwd=cwd, preexec_fn=pre)
-    return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.stdout)
-
+# -- processes ------------------------------------------------------------------------------------
+# (the CLI itself is run by tests/cli_helpers.py: snapctl(), spawn(), snapctl_many())
 
 def sigkill(proc: subprocess.Popen) -> None:
     try:
@@ -64,19 +35,6 @@ def sigkill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def one_line_error(r, code: int, *needles: str) -> str:
-    """Exit ``code``, stderr exactly one line starting with ``error:`` (no blank line
-    before it either), no traceback."""
-    assert r.code == code, (r.code, r.out[-500:], r.err[-2000:])
-    assert "Traceback" not in r.err, r.err
-    lines = [l for l in r.err.splitlines() if l.strip()]
-    assert len(lines) == 1 and r.err == lines[0] + "\n", repr(r.err)
-    assert lines[0].startswith("error: "), lines[0]
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
-    return lines[0]
 
 
 # -- files ----------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import spawn
 
 _count = itertools.count()
 
@@ -37,11 +38,8 @@ class Hosts:
     procs: list = field(default_factory=list)
 
     def spawn(self, ns: str, args: list, out: Path, err: Path, *, stdin=None) -> subprocess.Popen:
-        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "snapctl", *map(str, args)]
-        env = dict(os.environ)
-        env.pop("SNAPCTL_STORE", None)
-        p = subprocess.Popen(argv, stdout=open(out, "wb"), stderr=open(err, "wb"), env=env,
-                             stdin=stdin if stdin is not None else subprocess.DEVNULL)
+        p = spawn(*args, prefix=["ip", "netns", "exec", ns], stdout=open(out, "wb"), stderr=open(err, "wb"),
+                  stdin=stdin if stdin is not None else subprocess.DEVNULL)
         self.procs.append(p)
         return p
 

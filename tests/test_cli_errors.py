@@ -7,26 +7,16 @@ import sqlite3
 
 import pytest
 
-from cli_helpers import file_digest, ok, snapctl
-from kvm_helpers import kvm
+from cli_helpers import file_digest, ok, one_line_error, snapctl
+from kvm_helpers import kvm, require_kvm
 
 
 @pytest.fixture(scope="module")
 def good_store(tmp_path_factory):
-    if not __import__("os").path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     store = tmp_path_factory.mktemp("good") / "good.db"
     ok("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store)
     return store
-
-
-def _one_line_error(r, code: int, *needles: str) -> None:
-    assert r.code == code, (r.code, r.out, r.err)
-    lines = [l for l in r.err.splitlines() if l.strip()]
-    assert len(lines) == 1, r.err
-    assert lines[0].startswith("error: ") and "Traceback" not in r.err
-    for n in needles:
-        assert n.lower() in lines[0].lower(), (n, lines[0])
 
 
 RUN_CASES = [
@@ -48,21 +38,21 @@ RUN_CASES = [
 def test_run_refuses_bad_values_and_creates_nothing(tmp_path, args, code, needle):
     store = tmp_path / "new.db"
     r = snapctl("run", *args, store=store)
-    _one_line_error(r, code, needle)
+    one_line_error(r, code, needle)
     assert not store.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_no_kvm_device_is_one_line_and_creates_nothing(tmp_path):
     store = tmp_path / "new.db"
     r = snapctl("run", store=store, env={"SNAPCTL_KVM": str(tmp_path / "kvm")})
-    _one_line_error(r, 1, "does not exist", "no kvm")
+    one_line_error(r, 1, "does not exist", "no kvm")
     assert not store.exists()
 
 
 @kvm
 def test_run_refuses_an_existing_store(good_store):
     before = file_digest(good_store)
-    _one_line_error(snapctl("run", store=good_store), 1, "already exists")
+    one_line_error(snapctl("run", store=good_store), 1, "already exists")
     assert file_digest(good_store) == before
 
 
@@ -79,7 +69,7 @@ def test_run_refuses_an_existing_store(good_store):
 ])
 def test_bad_ids_and_ranges_do_not_change_the_store(good_store, args, code, needle):
     before = file_digest(good_store)
-    _one_line_error(snapctl(*args, store=good_store), code, needle)
+    one_line_error(snapctl(*args, store=good_store), code, needle)
     assert file_digest(good_store) == before
 
 
@@ -90,7 +80,7 @@ def test_export_never_overwrites_or_follows_a_symlink_without_force(good_store, 
     link = tmp_path / "link.raw"
     link.symlink_to(target)
     for path in (target, link):
-        _one_line_error(snapctl("export", 1, path, store=good_store), 1, "already exists", "--force")
+        one_line_error(snapctl("export", 1, path, store=good_store), 1, "already exists", "--force")
     assert target.read_bytes() == b"keep me"
     ok("export", 1, link, "--force", store=good_store)
     assert target.read_bytes() == b"keep me" and not link.is_symlink()  # replaced, not written through
@@ -110,18 +100,18 @@ def test_foreign_files_are_refused_and_untouched(tmp_path, content):
     before = path.read_bytes()
     for cmd in (["list"], ["show", "0"], ["verify"], ["tag", "0", "x"], ["prune", "--keep-last", "1"]):
         r = snapctl(*cmd, store=path)
-        _one_line_error(r, 1)
+        one_line_error(r, 1)
         assert "store" in r.err.lower() or "database" in r.err.lower()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db"]
 
 
 def test_missing_store_and_directory(tmp_path):
-    _one_line_error(snapctl("list", store=tmp_path / "none.db"), 1, "no store at")
-    _one_line_error(snapctl("list", store=tmp_path), 1, "is a directory")
-    _one_line_error(snapctl("list", store=tmp_path / "no" / "dir.db"), 1, "no store at")
+    one_line_error(snapctl("list", store=tmp_path / "none.db"), 1, "no store at")
+    one_line_error(snapctl("list", store=tmp_path), 1, "is a directory")
+    one_line_error(snapctl("list", store=tmp_path / "no" / "dir.db"), 1, "no store at")
 
 
 def test_usage_errors_exit_2():
-    _one_line_error(snapctl("frobnicate"), 2, "no such command")
-    _one_line_error(snapctl("show"), 2, "missing argument")
+    one_line_error(snapctl("frobnicate"), 2, "no such command")
+    one_line_error(snapctl("show"), 2, "missing argument")

@@ -11,15 +11,13 @@ import re
 import signal
 import socket
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cli_helpers import file_digest, ok, snapctl, spawn
-from kvm_helpers import kvm
-from rel_helpers import one_line_error
+from cli_helpers import file_digest, ok, one_line_error, snapctl, spawn
+from kvm_helpers import kvm, require_kvm
 
 ROOT = Path(__file__).parents[1]
 ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
@@ -28,8 +26,7 @@ ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
 @pytest.fixture(scope="module")
 def branched(tmp_path_factory):
     """0..4 sync (4000 steps apart), then a branch 5, 6 from 2; 3 tagged with a long name."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     store = tmp_path_factory.mktemp("branched") / "b.db"
     ok("run", "--mem", "8M", "--checkpoints", 4, "--every-steps", 4000, store=store)
     ok("restore", 2, "--checkpoints", 2, "--every-steps", 3000, store=store)
@@ -387,37 +384,7 @@ def test_bench_peers_rows_show_the_figures_behind_a_miss():
     assert "bytes vs full_lz4 30.0x fewer (goal >= 20x)" in row[4] and "full_lz4 30.0x fewer (goal >= 20x): MISSED" not in row[4]
 
 
-# -- 12. examples and setup.py -------------------------------------------------------------------
-
-@kvm
-def test_colo_example_runs_and_refuses_its_store_the_second_time(tmp_path):
-    import subprocess
-
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    argv = [sys.executable, str(ROOT / "examples" / "colo_periodic.py"), str(tmp_path / "colo.db"), "0.3"]
-    first = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
-    assert first.returncode == 0 and "verify: ok" in first.stdout, first.stderr
-    second = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
-    assert second.returncode == 1 and second.stderr.count("\n") == 1 and "already exists" in second.stderr
-    assert "Traceback" not in second.stderr
-
-
-@kvm
-def test_time_travel_walkthrough_runs(tmp_path):
-    import subprocess
-
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    shim = bindir / "snapctl"  # this tree's snapctl, whatever is installed
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m snapctl \"$@\"\n")
-    shim.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
-               SNAPCTL_STORE=str(tmp_path / "tt.db"))
-    r = subprocess.run(["bash", str(ROOT / "examples" / "time_travel.sh")], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "last changed in checkpoint" in r.stdout and "match" in r.stdout and "Traceback" not in r.stderr
-
+# -- 12. setup.py (examples/: tests/test_examples.py) -------------------------------------------------------------------
 
 def test_setup_py_names_attributes_that_exist():
     import importlib

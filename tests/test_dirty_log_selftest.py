@@ -44,7 +44,9 @@ def _dirty_log_test(tracking: str, vcpus: int, ring_entries: int) -> dict:
     data_pages_per_vcpu = 8192  # 32 MiB per vCPU, far more than a 256-entry ring holds
     cfg = MachineConfig(guest="dirtylog", mem_size=DATA_GPA + vcpus * data_pages_per_vcpu * PAGE, vcpus=vcpus,
                         seed=0x5EED, steps_per_yield=1 << 62, tracking=tracking, ring_entries=ring_entries)
-    rng = random.Random(1234)
+    seed = 1234
+    print(f"seed {seed}")
+    rng = random.Random(seed)
     split = data_split(cfg.mem_size, vcpus)
     first_data_page = DATA_GPA // PAGE
     owner = np.repeat(np.arange(vcpus), [p for _, p in split])  # data page index -> vCPU

@@ -151,3 +151,16 @@ def test_reset_blocks_signals_only_for_the_ioctl():
         vm.create_vcpu(0)
         assert vm.reset_dirty_rings() == 0
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+def test_one_page_size():
+    """snapctl names the page once (kvm.constants); storage, which imports nothing of
+    snapctl, keeps its own: they must agree, and every snapctl module uses the one."""
+    import storage
+    from snapctl import render
+    from snapctl.checkpoint import engine
+    from snapctl.kvm.constants import PAGE_SIZE
+    from snapctl.machine import layout
+
+    assert PAGE_SIZE == storage.PAGE_SIZE == 4096
+    assert layout.PAGE is PAGE_SIZE and engine.PAGE is PAGE_SIZE and render.PAGE_SIZE is PAGE_SIZE

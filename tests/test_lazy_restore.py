@@ -23,13 +23,14 @@ import random
 import shutil
 import sqlite3
 import time
+from subprocess import DEVNULL
 
 import numpy as np
 import pytest
 
-from cli_helpers import export_image, ok, snapctl, stamp_data, stamp_model
+from cli_helpers import export_image, ok, one_line_error, snapctl, spawn, stamp_data, stamp_model
 from kvm_helpers import kvm
-from rel_helpers import one_line_error, open_ro, run_cli, scaled, sigkill, spawn_snapctl, wait_for
+from rel_helpers import open_ro, scaled, sigkill, wait_for
 
 MEM = 16 << 20
 SEED = 9
@@ -228,7 +229,7 @@ def damaged(fill_store, tmp_path):
 def test_a_damaged_page_stops_the_vm_with_one_error_line(damaged):
     store, blob, page = damaged
     before = len(ok("list", "--json", store=store).json())
-    r = run_cli("restore", 2, "--lazy", "--checkpoints", 50, "--every-steps", 1500, store=store)
+    r = snapctl("restore", 2, "--lazy", "--checkpoints", 50, "--every-steps", 1500, store=store)
     line = one_line_error(r, 1, "checkpoint 2", f"page {page}", f"blob {blob}")
     assert "lazy restore" in line
     # whatever was committed before the stop is exact: the damaged page was never populated,
@@ -237,9 +238,9 @@ def test_a_damaged_page_stops_the_vm_with_one_error_line(damaged):
         for c in st.checkpoints()[before:]:
             assert page not in st.diff(2, c.id).tolist()
     # replay --lazy stops the same way; an eager restore refuses before the guest starts
-    one_line_error(run_cli("replay", 2, "--lazy", "--to", 2, store=store), 1, f"page {page}", f"blob {blob}")
+    one_line_error(snapctl("replay", 2, "--lazy", "--to", 2, store=store), 1, f"page {page}", f"blob {blob}")
     n = len(ok("list", "--json", store=store).json())
-    one_line_error(run_cli("restore", 2, "--steps", 100, store=store), 1, "checkpoint 2", f"page {page}",
+    one_line_error(snapctl("restore", 2, "--steps", 100, store=store), 1, "checkpoint 2", f"page {page}",
                    f"blob {blob}")
     assert len(ok("list", "--json", store=store).json()) == n
 
@@ -274,7 +275,8 @@ def test_sigkill_during_a_lazy_restore_leaves_the_store_intact(stamp_store, tmp_
     for t in range(scaled(5)):
         with open_ro(store) as st:
             last = max(c.id for c in st.checkpoints())
-        proc = spawn_snapctl("restore", last, "--lazy", "--checkpoints", 1000, "--every-steps", 1500, store=store)
+        proc = spawn("restore", last, "--lazy", "--checkpoints", 1000, "--every-steps", 1500, store=store,
+                     stdout=DEVNULL)
         wait_for(lambda: False, rng.uniform(0.0, 1.5))
         sigkill(proc)
         with open_ro(store) as st:

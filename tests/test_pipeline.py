@@ -7,7 +7,7 @@ import pytest
 
 from guest_models import DATA_GPA, PAGE, data_split, stamp_image
 from kvm_helpers import kvm
-from snapctl.checkpoint import engine
+from snapctl.checkpoint import captures
 from snapctl.checkpoint.engine import Capture, Checkpointer, CheckpointWriteError, Schedule, merge
 from snapctl.machine import Machine, MachineConfig
 from storage import Store
@@ -18,7 +18,9 @@ def _cap(pages, data):
 
 
 def test_merge_equals_applying_both_in_order():
-    rng = np.random.default_rng(5)
+    seed = 5
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
     for _ in range(50):
         image = np.zeros((64, PAGE), np.uint8)
         a_pages = np.unique(rng.integers(0, 64, 20))
@@ -45,7 +47,7 @@ def _stamp_ok(store, ckpt, mem):
 
 @kvm
 def test_a_failed_write_is_carried_into_the_next_checkpoint(tmp_path, monkeypatch):
-    real_commit = engine.commit
+    real_commit = captures.commit
     calls = {"n": 0}
 
     def flaky_commit(store, parent, cap, extra=None):
@@ -54,7 +56,7 @@ def test_a_failed_write_is_carried_into_the_next_checkpoint(tmp_path, monkeypatc
             raise OSError(28, "No space left on device (injected)")
         return real_commit(store, parent, cap, extra)
 
-    monkeypatch.setattr(engine, "commit", flaky_commit)
+    monkeypatch.setattr(captures, "commit", flaky_commit)
     mem = 16 << 20
     cfg = MachineConfig(guest="stamp", mem_size=mem, ring_entries=256)
     with Machine(cfg) as m, Store.create(tmp_path / "f.db", cfg.to_dict()) as st:
@@ -70,7 +72,7 @@ def test_a_failed_write_is_carried_into_the_next_checkpoint(tmp_path, monkeypatc
 
 @kvm
 def test_writes_that_keep_failing_stop_the_run_and_keep_what_was_committed(tmp_path, monkeypatch):
-    real_commit = engine.commit
+    real_commit = captures.commit
     calls = {"n": 0}
 
     def broken_after_two(store, parent, cap, extra=None):
@@ -79,7 +81,7 @@ def test_writes_that_keep_failing_stop_the_run_and_keep_what_was_committed(tmp_p
             raise OSError(5, "Input/output error (injected)")
         return real_commit(store, parent, cap, extra)
 
-    monkeypatch.setattr(engine, "commit", broken_after_two)
+    monkeypatch.setattr(captures, "commit", broken_after_two)
     mem = 16 << 20
     cfg = MachineConfig(guest="stamp", mem_size=mem)
     with Machine(cfg) as m, Store.create(tmp_path / "g.db", cfg.to_dict()) as st:

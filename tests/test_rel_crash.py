@@ -9,14 +9,15 @@ inside checkpoint writes (a write of ~1700 pages takes most of each interval).
 from __future__ import annotations
 
 import random
+from subprocess import DEVNULL
 
 import numpy as np
 import pytest
 
-from cli_helpers import export_image, ok
+from cli_helpers import export_image, ok, one_line_error, snapctl, spawn
 from kvm_helpers import kvm
-from rel_helpers import (StampTimeline, data_area, image, one_line_error, open_ro, remove_store, run_cli, scaled,
-                         sigkill, spawn_snapctl, stamp_matches, wait_for)
+from rel_helpers import (StampTimeline, data_area, image, open_ro, remove_store, scaled, sigkill, stamp_matches,
+                         wait_for)
 from guest_models import data_split
 
 MEM = 16 << 20
@@ -28,7 +29,7 @@ KILLS = scaled(30)  # CI 30, full run (SNAPCTL_REL_SCALE=10) 300
 def _check_store(store, tmp_path, *, cli: bool) -> list:
     """verify passes, the tree is well formed, every checkpoint equals the stamp model."""
     if cli:
-        r = run_cli("verify", store=store)
+        r = snapctl("verify", store=store)
         assert r.code == 0 and "Traceback" not in r.err, (r.out, r.err)
     with open_ro(store) as st:
         rep = st.verify()
@@ -48,12 +49,14 @@ def _check_store(store, tmp_path, *, cli: bool) -> list:
 @kvm
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(tmp_path):
-    rng = random.Random(20261121)
+    seed = 20261121
+    print(f"seed {seed}")
+    rng = random.Random(seed)
     landed = {"before base": 0, "after base": 0, "restore killed": 0}
     for t in range(KILLS):
         store = tmp_path / f"k{t}.db"
-        proc = spawn_snapctl("run", "--mem", "16M", "--seed", SEED, "--checkpoints", 1000, "--every-steps", EVERY,
-                             store=store)
+        proc = spawn("run", "--mem", "16M", "--seed", SEED, "--checkpoints", 1000, "--every-steps", EVERY,
+                     store=store, stdout=DEVNULL)
         assert wait_for(lambda: store.exists() or proc.poll() is not None, 30), "run never created its store"
         assert proc.poll() is None, proc.stderr.read().decode()
         # mostly inside the first ~25 checkpoints, sometimes right at creation (base not committed yet)
@@ -67,7 +70,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
                 n = len(st.checkpoints())
         except Exception as e:  # killed before the schema was complete: see the xfail test below
             n = 0
-            r = run_cli("list", store=store)
+            r = snapctl("list", store=store)
             one_line_error(r, 1)
         if n == 0:
             landed["before base"] += 1
@@ -88,7 +91,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path):
         r = ok("restore", last, "--steps", 777, "--json", store=store).json()
         assert r["checkpoints"] == [last + 1]
         if t % 3 == 0:  # and a restore killed mid-branch leaves the store just as sound
-            proc = spawn_snapctl("restore", last + 1, "--checkpoints", 1000, "--every-steps", 1500, store=store)
+            proc = spawn("restore", last + 1, "--checkpoints", 1000, "--every-steps", 1500, store=store, stdout=DEVNULL)
             wait_for(lambda: False, rng.uniform(0.3, 0.9))
             sigkill(proc)
             landed["restore killed"] += 1
@@ -107,8 +110,8 @@ def test_kill_before_the_base_commits_then_a_fresh_run_works(tmp_path):
     for attempt in range(5):
         store = tmp_path / f"early{attempt}.db"
         # a big RAM makes the base write long; kill as soon as the file appears
-        proc = spawn_snapctl("run", "--mem", "256M", "--seed", SEED, "--checkpoints", 1000, "--every-steps", EVERY,
-                             store=store)
+        proc = spawn("run", "--mem", "256M", "--seed", SEED, "--checkpoints", 1000, "--every-steps", EVERY,
+                     store=store, stdout=DEVNULL)
         assert wait_for(lambda: store.exists() or proc.poll() is not None, 30, interval=0.0001)
         sigkill(proc)
         try:
@@ -119,7 +122,7 @@ def test_kill_before_the_base_commits_then_a_fresh_run_works(tmp_path):
         if committed:
             continue  # the base made it: not the case under test, try again
         # nothing was committed: the path must be usable for a fresh run
-        r = run_cli("run", "--mem", "16M", "--seed", SEED, "--checkpoints", 2, "--every-steps", EVERY, store=store)
+        r = snapctl("run", "--mem", "16M", "--seed", SEED, "--checkpoints", 2, "--every-steps", EVERY, store=store)
         assert r.code == 0, r.err
         cks = _check_store(store, tmp_path, cli=True)
         assert [c.step for c in cks] == [0, EVERY, 2 * EVERY]

@@ -11,9 +11,9 @@ import struct
 
 import pytest
 
-from cli_helpers import ok
-from kvm_helpers import kvm
-from rel_helpers import one_line_error, run_cli, tree_state
+from cli_helpers import ok, one_line_error, snapctl
+from kvm_helpers import kvm, require_kvm
+from rel_helpers import tree_state
 from storage import SCHEMA_VERSION
 
 
@@ -26,8 +26,7 @@ def _stable(state: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     d = tmp_path_factory.mktemp("hostile")
     store = d / "good.db"
     ok("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store)
@@ -58,14 +57,14 @@ RUN_CASES = [
 @kvm
 @pytest.mark.parametrize("args, code, needle", RUN_CASES, ids=[" ".join(a) or "empty" for a, _, _ in RUN_CASES])
 def test_run_refuses_hostile_values_and_creates_nothing(tmp_path, args, code, needle):
-    r = run_cli("run", *args, store=tmp_path / "new.db", timeout=60)
+    r = snapctl("run", *args, store=tmp_path / "new.db", timeout=60)
     one_line_error(r, code, needle)
     assert list(tmp_path.iterdir()) == []
 
 
 @kvm
 def test_run_into_a_missing_directory_creates_nothing(tmp_path):
-    one_line_error(run_cli("run", "--mem", "8M", store=tmp_path / "no" / "such" / "x.db"), 1, "does not exist")
+    one_line_error(snapctl("run", "--mem", "8M", store=tmp_path / "no" / "such" / "x.db"), 1, "does not exist")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -75,7 +74,7 @@ def test_run_refuses_a_symlinked_store_path(tmp_path, target):
     link = tmp_path / "s.db"
     link.symlink_to(target if target.startswith("/") else tmp_path / "nowhere")
     before = tree_state(tmp_path)
-    one_line_error(run_cli("run", "--mem", "8M", store=link), 1, "already exists")
+    one_line_error(snapctl("run", "--mem", "8M", store=link), 1, "already exists")
     assert tree_state(tmp_path) == before
 
 
@@ -83,7 +82,7 @@ def test_run_refuses_a_symlinked_store_path(tmp_path, target):
 @pytest.mark.parametrize("value", ["inf", "1e300"])
 def test_run_refuses_an_infinite_interval(tmp_path, value):
     """Regression guard (fixed in c7d490f): used to create the store, then die with an OverflowError."""
-    r = run_cli("run", "--mem", "8M", "--checkpoints", 1, "--interval", value, store=tmp_path / "new.db", timeout=60)
+    r = snapctl("run", "--mem", "8M", "--checkpoints", 1, "--interval", value, store=tmp_path / "new.db", timeout=60)
     one_line_error(r, 2, "--interval")
     assert list(tmp_path.iterdir()) == []
 
@@ -151,7 +150,7 @@ def test_hostile_store_files_are_refused_and_untouched(tmp_path, good, kind, nee
     _make(kind, path, good)
     before = tree_state(tmp_path)
     for args in (["list"], ["tag", "0", "x"], ["export", "0", tmp_path / "out.raw"]):
-        one_line_error(run_cli(*args, store=path, timeout=30), 1, needle)
+        one_line_error(snapctl(*args, store=path, timeout=30), 1, needle)
     assert tree_state(tmp_path) == before
 
 
@@ -162,7 +161,7 @@ def test_a_fifo_as_store_is_refused_at_once(tmp_path):
     os.mkfifo(fifo)
     import subprocess
     try:
-        r = run_cli("list", store=fifo, timeout=10)
+        r = snapctl("list", store=fifo, timeout=10)
     except subprocess.TimeoutExpired:
         pytest.fail("`snapctl list --store FIFO` hung")
     one_line_error(r, 1)
@@ -193,6 +192,6 @@ def test_bad_ids_addresses_and_numbers_change_nothing(good, tmp_path, args, code
     out = tmp_path / "out.raw"
     args = [out if a == "OUT" else good if a == "STORE" else a for a in args]
     before = _stable(tree_state(good.parent))
-    one_line_error(run_cli(*args, store=None if good in args else good, timeout=60), code, needle)
+    one_line_error(snapctl(*args, store=None if good in args else good, timeout=60), code, needle)
     assert _stable(tree_state(good.parent)) == before
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -11,9 +11,9 @@ import stat
 import numpy as np
 import pytest
 
-from cli_helpers import ok
-from kvm_helpers import kvm
-from rel_helpers import one_line_error, open_ro, image, run_cli, tree_state
+from cli_helpers import ok, one_line_error, snapctl
+from kvm_helpers import kvm, require_kvm
+from rel_helpers import open_ro, image, tree_state
 
 
 def _modes(d) -> dict:
@@ -23,13 +23,13 @@ def _modes(d) -> dict:
 @kvm
 def test_every_file_is_0600_under_umask_0(tmp_path):
     store = tmp_path / "s.db"
-    r = run_cli("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store, umask=0)
+    r = snapctl("run", "--mem", "8M", "--checkpoints", 2, "--every-steps", 1000, store=store, umask=0)
     assert r.code == 0, r.err
     assert _modes(tmp_path) and set(_modes(tmp_path).values()) == {0o600}, _modes(tmp_path)
     # every later command, read-only or writing, under umask 0: still nothing but 0600
     for args in (["list"], ["verify"], ["tag", 1, "x"], ["restore", 1, "--steps", 100],
                  ["export", 2, tmp_path / "img.raw"], ["read", 1, 0, 16], ["prune", "--keep-last", 1]):
-        r = run_cli(*args, store=store, umask=0)
+        r = snapctl(*args, store=store, umask=0)
         assert r.code == 0, (args, r.err)
         assert set(_modes(tmp_path).values()) == {0o600}, (args, _modes(tmp_path))
     assert (tmp_path / "img.raw").stat().st_size == 8 << 20
@@ -51,8 +51,7 @@ def test_the_store_api_creates_0600_under_umask_0(tmp_path):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     s = tmp_path_factory.mktemp("sec") / "s.db"
     ok("run", "--mem", "8M", "--checkpoints", 1, "--every-steps", 1000, store=s)
     return s
@@ -63,7 +62,7 @@ def test_export_refuses_a_dangling_symlink_and_creates_no_target(store, tmp_path
     link = tmp_path / "out.raw"
     link.symlink_to(tmp_path / "target.raw")
     before = tree_state(tmp_path)
-    one_line_error(run_cli("export", 1, link, store=store), 1, "already exists", "--force")
+    one_line_error(snapctl("export", 1, link, store=store), 1, "already exists", "--force")
     assert tree_state(tmp_path) == before and not (tmp_path / "target.raw").exists()
 
 
@@ -73,9 +72,9 @@ def test_export_refuses_a_fifo_and_a_directory_without_force(store, tmp_path):
     os.mkfifo(fifo)
     (tmp_path / "dir").mkdir()
     before = tree_state(tmp_path)
-    one_line_error(run_cli("export", 1, fifo, store=store, timeout=30), 1, "already exists")
-    one_line_error(run_cli("export", 1, tmp_path / "dir", store=store), 1)
-    one_line_error(run_cli("export", 1, tmp_path / "dir", "--force", store=store), 1, "directory")
+    one_line_error(snapctl("export", 1, fifo, store=store, timeout=30), 1, "already exists")
+    one_line_error(snapctl("export", 1, tmp_path / "dir", store=store), 1)
+    one_line_error(snapctl("export", 1, tmp_path / "dir", "--force", store=store), 1, "directory")
     assert tree_state(tmp_path) == before
 
 
@@ -97,5 +96,5 @@ def test_a_failed_forced_export_keeps_the_old_file_and_leaves_no_temp_file(store
     out = tmp_path / "out.raw"
     out.write_bytes(b"previous export")
     before = tree_state(tmp_path)
-    one_line_error(run_cli("export", 99, out, "--force", store=store), 1, "no checkpoint 99")
+    one_line_error(snapctl("export", 99, out, "--force", store=store), 1, "no checkpoint 99")
     assert tree_state(tmp_path) == before

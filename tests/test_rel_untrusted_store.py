@@ -20,15 +20,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import DEVNULL
 
 import numpy as np
 import pytest
 
-from cli_helpers import ok, snapctl
-from kvm_helpers import kvm
-from rel_helpers import one_line_error, scaled
-from untrusted_helpers import (READERS, WRITERS, check_all_commands, copy_store, data_state, env_seconds,
-                               problem, recompute_checks, run_limited, run_many, sql)
+from cli_helpers import ok, one_line_error, snapctl, snapctl_many, spawn
+from kvm_helpers import kvm, require_kvm
+from rel_helpers import scaled
+from untrusted_helpers import (MEMORY_LIMIT, READERS, TIMEOUT, WRITERS, check_all_commands, copy_store, data_state,
+                               env_seconds, problem, recompute_checks, run_limited, sql)
 
 pytestmark = kvm
 
@@ -38,8 +39,7 @@ MEM = 8 << 20
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A real store: checkpoints 0..3 (a chain), a tag."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
+    require_kvm()
     d = tmp_path_factory.mktemp("untrusted")
     store = d / "base.db"
     ok("run", "--mem", "8M", "--checkpoints", 3, "--every-steps", 3000, store=store)
@@ -166,7 +166,7 @@ def test_crafted_stores_every_command_exits_cleanly(base, tmp_path):
             jobs.append((list(cmd), copy_store(store, d / f"w{i}.db")))
             owner.append(name)
     before = {n: data_state(s) for n, s in stores.items()}
-    results = run_many(jobs)
+    results = snapctl_many(jobs, memory_limit=MEMORY_LIMIT, timeout=TIMEOUT)
     for name, r in sorted(zip(owner, results), key=lambda x: -x[1]["secs"])[:5]:
         print(f"slowest: {r['secs']} s {name}: {' '.join(r['args'][:-2])}")
     found = [f"{name}: {' '.join(r['args'][:-2])}: {p}"
@@ -489,9 +489,9 @@ def test_a_second_writer_process_is_refused_and_a_new_store_is_never_replaced_wh
 def test_two_runs_on_one_store_path_never_both_succeed(tmp_path):
     """The issue's reproduction: run B starts while run A writes (or has
     written) the store: B exits with one line, A keeps every checkpoint."""
-    from rel_helpers import spawn_snapctl, wait_for
+    from rel_helpers import wait_for
     path = tmp_path / "s.db"
-    a = spawn_snapctl("run", "--seed", 1, "--checkpoints", 6, "--every-steps", 3000, store=path)
+    a = spawn("run", "--seed", 1, "--checkpoints", 6, "--every-steps", 3000, store=path, stdout=DEVNULL)
     assert wait_for(lambda: path.exists(), 60)
     b = snapctl("run", "--seed", 7, "--checkpoints", 3, "--every-steps", 3000, store=path, timeout=120)
     assert a.wait(timeout=120) == 0, a.stderr.read()
@@ -556,9 +556,8 @@ def test_a_guest_that_never_holds_answers_ctrl_c(tmp_path):
     import signal
     store = tmp_path / "never.db"
     ok("run", "--mem", "8M", "--checkpoints", 0, "--steps-per-yield", 1 << 62, store=store)
-    p = subprocess.Popen([sys.executable, "-m", "snapctl", "restore", "0", "--checkpoints", "1", "--every-steps", "10",
-                          "--json", "--store", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = spawn("restore", "0", "--checkpoints", "1", "--every-steps", "10", "--json", store=store, stdout=DEVNULL,
+              sigint_default=True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             p.wait(timeout=8)                  # the guest runs on: it never yields

@@ -12,17 +12,15 @@ import errno
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from cli_helpers import Result
+from cli_helpers import Result, one_line_error, snapctl
 from guest_models import data_split
 from kvm_helpers import kvm
-from rel_helpers import (StampTimeline, cli_env, data_area, image, model_data, one_line_error, open_ro, run_cli,
-                         stamp_matches)
+from rel_helpers import StampTimeline, data_area, image, model_data, open_ro, stamp_matches
 
 MEM = 16 << 20
 
@@ -42,7 +40,7 @@ def tmpfs(tmp_path):
 
 def _disk_full_run(tmpfs):
     store = tmpfs / "full.db"
-    r = run_cli("run", "--guest", "random", "--mem", "16M", "--seed", 11, "--checkpoints", 1000,
+    r = snapctl("run", "--guest", "random", "--mem", "16M", "--seed", 11, "--checkpoints", 1000,
                 "--every-steps", 3000, store=store, timeout=120)
     return store, r
 
@@ -75,7 +73,7 @@ def test_disk_full_stops_the_run_cleanly_and_keeps_committed_checkpoints(tmpfs, 
     ids = sorted(c.id for c in cks)
     assert ids == list(range(len(ids)))
     # the same store still works once there is room: restore from the last checkpoint
-    rr = run_cli("restore", ids[-1], "--steps", 500, "--json", store=safe)
+    rr = snapctl("restore", ids[-1], "--steps", 500, "--json", store=safe)
     assert rr.code == 0, rr.err
     cks2 = _check_random_store(safe)
     assert len(cks2) == len(cks) + 1
@@ -116,11 +114,10 @@ def _run_injected(args, store, fail_from: int, fail_count: int) -> Result:
     """The real CLI, with the store's page writer raising EIO on calls fail_from .. fail_from+count-1
     (call 1 is the base checkpoint)."""
     log = f"{store}.faults"
-    env = cli_env({"REL_FAIL_FROM": str(fail_from), "REL_FAIL_COUNT": str(fail_count), "REL_FAIL_LOG": log})
-    p = subprocess.run([sys.executable, "-c", INJECT, *map(str, args), "--store", str(store)], capture_output=True,
-                       env=env, timeout=120)
+    r = snapctl(*args, store=store, code=INJECT, timeout=120,
+                env={"REL_FAIL_FROM": str(fail_from), "REL_FAIL_COUNT": str(fail_count), "REL_FAIL_LOG": log})
     assert os.path.exists(log), "the injected fault never fired"
-    return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), p.stdout)
+    return r
 
 
 def _check_stamp_store(path, seed: int) -> list:
@@ -169,7 +166,7 @@ def test_persistent_io_errors_stop_the_run_with_one_line_and_keep_the_rest(tmp_p
     cks = _check_stamp_store(store, 13)
     assert [c.id for c in cks] == [0, 1, 2], [c.id for c in cks]
     # the store is fine for a restore afterwards
-    rr = run_cli("restore", 2, "--steps", 100, "--json", store=store)
+    rr = snapctl("restore", 2, "--steps", 100, "--json", store=store)
     assert rr.code == 0, rr.err
     assert len(_check_stamp_store(store, 13)) == 4
 
@@ -177,7 +174,7 @@ def test_persistent_io_errors_stop_the_run_with_one_line_and_keep_the_rest(tmp_p
 @kvm
 def test_an_io_error_during_restore_keeps_the_branch_consistent(tmp_path):
     store = tmp_path / "eio.db"
-    assert run_cli("run", "--mem", "16M", "--seed", 13, "--checkpoints", 3, "--every-steps", 2000,
+    assert snapctl("run", "--mem", "16M", "--seed", 13, "--checkpoints", 3, "--every-steps", 2000,
                    store=store).code == 0
     r = _run_injected(["restore", 1, "--checkpoints", 6, "--every-steps", 1000], store, 3, 1)
     if r.code != 0:

@@ -6,15 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
 import sqlite3
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
-from rel_helpers import cli_env
+from cli_helpers import snapctl, snapctl_many
 
 #: Address space per command: numpy, the C page loops' threads and a 64 MiB
 #: guest fit in well under 1 GiB (measured); a store's claims must not push
@@ -31,20 +28,10 @@ READERS = [("list",), ("show", "1"), ("verify",), ("read", "1", "0x200000", "64"
 WRITERS = [("tag", "1", "newtag"), ("prune", "--keep-last", "1"), ("restore", "2", "--steps", "1", "--json")]
 
 
-def _limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def run_limited(args, store: Path, timeout: float = TIMEOUT) -> dict:
-    """Run the real CLI on ``store`` under MEMORY_LIMIT and ``timeout``."""
-    argv = [sys.executable, "-m", "snapctl", *map(str, args), "--store", str(store)]
-    try:
-        p = subprocess.run(argv, capture_output=True, timeout=timeout, env=cli_env(), preexec_fn=_limit,
-                           stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return {"args": args, "code": None, "err": f"HANG: no exit within {timeout} s", "out": ""}
-    return {"args": args, "code": p.returncode, "err": p.stderr.decode(errors="replace"),
-            "out": p.stdout.decode(errors="replace")[-400:]}
+    """The real CLI on ``store`` under MEMORY_LIMIT and ``timeout``, as a dict for :func:`problem`."""
+    r = snapctl(*args, store=store, timeout=timeout, memory_limit=MEMORY_LIMIT, hang_ok=True, stdin=b"")
+    return {"args": args, "code": r.code, "err": r.err, "out": r.out[-400:]}
 
 
 def problem(r: dict) -> str | None:
@@ -94,18 +81,6 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_many(jobs: list[tuple[list, Path]], timeout: float = TIMEOUT) -> list[dict]:
-    """Each (args, store) as its own CLI process under MEMORY_LIMIT and
-    ``timeout``, forked from one that imported snapctl (tests/fork_runner.py)."""
-    spec = {"limit": MEMORY_LIMIT, "timeout": timeout,
-            "jobs": [[*map(str, args), "--store", str(store)] for args, store in jobs]}
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("fork_runner.py"))],
-                       input=json.dumps(spec).encode(), capture_output=True, env=cli_env(),
-                       timeout=timeout * (len(jobs) + 1))
-    assert p.returncode == 0, p.stderr.decode(errors="replace")[-3000:]
-    return [dict(r, args=[str(a) for a in args]) for r, (args, _) in zip(json.loads(p.stdout), jobs)]
-
-
 def check_all_commands(store: Path, work: Path, readers=READERS, writers=WRITERS) -> list[str]:
     """Every command on ``store`` (writers on copies); the problems found."""
     jobs = []
@@ -115,7 +90,7 @@ def check_all_commands(store: Path, work: Path, readers=READERS, writers=WRITERS
     for i, cmd in enumerate(writers):
         jobs.append((list(cmd), copy_store(store, work / f"{store.stem}-w{i}.db")))
     before = data_state(store)
-    results = run_many(jobs)
+    results = snapctl_many(jobs, memory_limit=MEMORY_LIMIT, timeout=TIMEOUT)
     found = [f"{' '.join(r['args'])}: {p}" for r in results if (p := problem(r))]
     if data_state(store) != before:
         found.append("a read-only command changed the store")

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from storage import Store
 
 from ..machine import MachineConfig
-from .engine import ReplayResult, RunSummary, Schedule, replay, restore, run
+from ..kvm.constants import DEFAULT_KVM_PATH
+from .replaying import ReplayResult, replay
+from .restoring import restore
+from .schedule import Schedule
+from .session import RunSummary, run
 
 
 @dataclass
@@ -20,7 +24,7 @@ class DemoResult:
     verify_problems: list[str] = field(default_factory=list)
 
 
-def demo(store_path: str, *, on_step=None, on_checkpoint=None, kvm_path: str = "/dev/kvm") -> DemoResult:
+def demo(store_path: str, *, on_step=None, on_checkpoint=None, kvm_path: str = DEFAULT_KVM_PATH) -> DemoResult:
     """stamp on 64 MiB with 20 async checkpoints; restore checkpoint 10 and take 5
     sync ones as a branch; replay the first branch checkpoint to the next; verify."""
     say = on_step or (lambda msg: None)

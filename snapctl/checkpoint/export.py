@@ -10,7 +10,8 @@ import numpy as np
 
 from storage import Store
 
-PAGE = 4096
+from ..kvm.constants import PAGE_SIZE
+
 #: Pages read from the store at a time (16 MiB): bounded memory, a progress step.
 CHUNK_PAGES = 4096
 
@@ -60,7 +61,7 @@ def export_raw(store: Store, ckpt: int, out, *, force: bool = False, on_pages=No
     is replaced, never written through -- but never the store itself or its
     -wal/-shm. ``on_pages(n)`` is called as pages are done.
     """
-    size = store.page_count * PAGE
+    size = store.page_count * PAGE_SIZE
     if hasattr(out, "write"):
         for _, pages, nonzero in _chunks(store, ckpt, on_pages):
             pages[~nonzero] = 0
@@ -90,7 +91,7 @@ def export_raw(store: Store, ckpt: int, out, *, force: bool = False, on_pages=No
                 cuts = np.flatnonzero(np.diff(idx) != 1) + 1
                 for run in np.split(idx, cuts):   # runs of pages that hold data, one pwrite each
                     a, b = int(run[0]), int(run[-1]) + 1
-                    _pwrite_all(fd, memoryview(pages[a:b]).cast("B"), (lo + a) * PAGE)
+                    _pwrite_all(fd, memoryview(pages[a:b]).cast("B"), (lo + a) * PAGE_SIZE)
             os.fsync(fd)
         except OSError as exc:
             if exc.errno is None:

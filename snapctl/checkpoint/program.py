@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -24,7 +24,11 @@ from storage import Store
 from ..machine import Machine, MachineConfig, MachineError, VcpuState
 from ..program import FILE_PREFIX, LOG, STATE, STDERR, STDOUT, Log, ProgramGuest, ProgramSpec
 from ..program.kernel import check_state
-from .engine import PAGE, Checkpointer, RunSummary, capture, load_machine, prepare_new_store, vcpu_state_name
+from ..kvm.constants import DEFAULT_KVM_PATH, PAGE_SIZE
+from .captures import capture, vcpu_state_name
+from .restoring import load_machine
+from .schedule import check_common
+from .session import Checkpointer, RunSummary, prepare_new_store
 
 DEFAULT_INTERVAL_MS = 100.0
 
@@ -41,14 +45,11 @@ class ProgramSchedule:
     stop_after: int | None = None
 
     def validate(self) -> None:
-        if self.every_syscalls is not None and self.interval_ms is not None:
-            raise ValueError("give either --every-syscalls or --interval, not both")
-        if self.count is not None and self.count < 0:
-            raise ValueError(f"checkpoint count must be >= 0, got {self.count}")
-        if self.every_syscalls is not None and self.every_syscalls < 1:
-            raise ValueError(f"--every-syscalls must be >= 1, got {self.every_syscalls}")
-        if self.interval_ms is not None and not self.interval_ms > 0:
-            raise ValueError(f"--interval must be > 0 ms, got {self.interval_ms}")
+        check_common(self.count, self.interval_ms, self.stop_after, per="--every-syscalls",
+                     every=self.every_syscalls)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -180,7 +181,7 @@ def _result(driver: ProgramGuest, summary: RunSummary, spec: ProgramSpec, second
 
 
 def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, mem_size: int = 256 << 20,
-                tracking: str = "ring", kvm_path: str = "/dev/kvm", on_checkpoint=None,
+                tracking: str = "ring", kvm_path: str = DEFAULT_KVM_PATH, on_checkpoint=None,
                 live_output: bool = True, replica=None) -> ProgramRun:
     """Load ``spec``'s program into a new VM, checkpoint 0 before its first instruction,
     then run it under ``sched`` into a new store. ``replica`` (snapctl.replication): gets
@@ -240,7 +241,7 @@ def file_loader(store: Store, ckpts: list[int]):
     return load
 
 
-def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path: str = "/dev/kvm",
+def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path: str = DEFAULT_KVM_PATH,
                     on_checkpoint=None, replica=None) -> ProgramRun:
     """Continue the program from ``ckpt`` to its exit (or the schedule's end); new checkpoints branch from it."""
     sched.validate()
@@ -313,14 +314,14 @@ class ProgramReplay:
         return {"from": self.source, "to": self.target, "match": self.match, "trigger": self.trigger,
                 "steps": [self.syscalls], "target_steps": [self.target_syscalls],
                 "compared": [_COMPARED_TOKENS[c] for c in self.compared],
-                "differing_pages": [hex(p * PAGE) for p in self.differing_pages[:64]],
+                "differing_pages": [hex(p * PAGE_SIZE) for p in self.differing_pages[:64]],
                 "differing_page_count": len(self.differing_pages),
                 "differing_registers": {k: {"replayed": hex(v["replayed"]), "recorded": hex(v["recorded"])}
                                         for k, v in self.differing_registers.items()},
                 "differences": self.differences, "note": self.note}
 
 
-def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/dev/kvm",
+def replay_program(store: Store, source: int, target: int, *, kvm_path: str = DEFAULT_KVM_PATH,
                    timeout: float | None = None) -> ProgramReplay:
     """Restore ``source`` and re-execute to ``target`` feeding back the recorded outside-world
     results; compare what the target's trigger allows (see ``compared``)."""
@@ -372,7 +373,7 @@ def replay_program(store: Store, source: int, target: int, *, kvm_path: str = "/
                     "and program state not compared")
         else:
             compared += ["memory (every page)", "registers", "program state (VMAs, fds, brk, frames)"]
-            expected = np.empty((store.page_count, PAGE), np.uint8)
+            expected = np.empty((store.page_count, PAGE_SIZE), np.uint8)
             store.materialize(target, expected)
             pages = np.flatnonzero((m.memory.pages != expected).any(axis=1)).tolist()
             got = m.capture_vcpus()[0].registers()
@@ -455,7 +456,7 @@ def program_history(store: Store, expr: str) -> dict:
     program_spec(store)
     cks = store.checkpoints()
     va, _ = resolve_address(store, cks[-1].id, expr)
-    page_va = va & ~(PAGE - 1)
+    page_va = va & ~(PAGE_SIZE - 1)
     where: dict[int, int | None] = {}
     for c in cks:
         try:
@@ -491,7 +492,7 @@ def write_program_core(store: Store, ckpt: int, out_path: str, *, force: bool = 
     program_spec(store)
     state = program_state(store, ckpt)
     regs, sregs = _regs(store, ckpt)
-    img = np.empty((store.page_count, PAGE), np.uint8)
+    img = np.empty((store.page_count, PAGE_SIZE), np.uint8)
     store.materialize(ckpt, img)
     flat = img.reshape(-1)
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)

@@ -93,5 +93,10 @@ KVM_DIRTY_RING_PML_EXTRA = 512
 
 KVM_MP_STATE_RUNNABLE = 0
 
+#: The x86-64 page: guest RAM, memslots, the dirty ring, the store's pages. snapctl's one definition
+#: (storage keeps its own ``storage.PAGE_SIZE``; tests/test_kvm_api.py checks they agree).
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+
+#: The KVM device snapctl opens unless told otherwise ($SNAPCTL_KVM for the CLI).
+DEFAULT_KVM_PATH = "/dev/kvm"

@@ -87,22 +87,6 @@ class KvmSregs(C.Structure):
     ]
 
 
-class KvmFpu(C.Structure):
-    _fields_ = [
-        ("fpr", (u8 * 16) * 8),
-        ("fcw", u16),
-        ("fsw", u16),
-        ("ftwx", u8),
-        ("pad1", u8),
-        ("last_opcode", u16),
-        ("last_ip", u64),
-        ("last_dp", u64),
-        ("xmm", (u8 * 16) * 16),
-        ("mxcsr", u32),
-        ("pad2", u32),
-    ]
-
-
 class KvmXsave(C.Structure):
     _fields_ = [("region", u32 * 1024)]
 
@@ -222,7 +206,6 @@ _SIZES = {
     KvmSegment: 24,
     KvmDtable: 16,
     KvmSregs: 312,
-    KvmFpu: 416,
     KvmXsave: 4096,
     KvmXcrs: 392,
     KvmDebugregs: 128,

@@ -9,10 +9,8 @@ import os
 from . import ioctls as I
 from . import structs as S
 from ._libc import ioctl
-from .constants import KVM_API_VERSION
+from .constants import DEFAULT_KVM_PATH, KVM_API_VERSION
 from .errors import KvmIoctlError, KvmUnavailableError
-
-DEFAULT_KVM_PATH = "/dev/kvm"
 
 
 class System:

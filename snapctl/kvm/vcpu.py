@@ -145,12 +145,6 @@ class Vcpu:
     def set_sregs(self, sregs: S.KvmSregs) -> None:
         ioctl(self.fd, I.KVM_SET_SREGS, sregs, name="KVM_SET_SREGS")
 
-    def get_fpu(self) -> S.KvmFpu:
-        return self._get(I.KVM_GET_FPU, S.KvmFpu, "KVM_GET_FPU")
-
-    def set_fpu(self, fpu: S.KvmFpu) -> None:
-        ioctl(self.fd, I.KVM_SET_FPU, fpu, name="KVM_SET_FPU")
-
     def get_xsave(self) -> bytes:
         """XSAVE area; KVM_GET_XSAVE2 when the kernel's XSAVE size exceeds 4 KiB."""
         size = self.vm.xsave_size

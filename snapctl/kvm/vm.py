@@ -104,11 +104,9 @@ class Vm:
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: list = []
         self.dirty_ring_entries = 0  # 0: ring not enabled
-        self.dirty_ring_cap = 0
         self.manual_protect = False
         self._ring_lock = threading.RLock()  # harvest (which counts) runs inside it
         self._harvested_since_reset = 0
-        self._tss_set = False
 
     # -- lifecycle -----------------------------------------------------------
     def close(self) -> None:
@@ -138,7 +136,6 @@ class Vm:
     def set_tss_addr(self, addr: int = 0xFFFBD000) -> None:
         """KVM_SET_TSS_ADDR: VMX needs three pages below 4 GiB it may use; harmless elsewhere."""
         ioctl(self.fd, I.KVM_SET_TSS_ADDR, addr, name="KVM_SET_TSS_ADDR")
-        self._tss_set = True
 
     @property
     def xsave_size(self) -> int:
@@ -225,7 +222,6 @@ class Vm:
                 f"from {limits.min_entries} to {limits.max_entries}"
             ) from None
         self.dirty_ring_entries = entries
-        self.dirty_ring_cap = limits.cap
         return limits
 
     def _note_harvested(self, n: int) -> None:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..kvm import structs as S
+from ..kvm.constants import PAGE_SIZE as PAGE  # L.PAGE: the page, under its short name here
 
-PAGE = 4096
 SYSTEM_SIZE = 2 << 20
 PML4_GPA = 0x1000
 PDPT_GPA = 0x2000

@@ -40,9 +40,6 @@ class VcpuState:
     def rip(self) -> int:
         return self.registers()["rip"]
 
-    def sregs_struct(self) -> S.KvmSregs:
-        return S.KvmSregs.from_buffer_copy(self.sregs)
-
     # -- serialisation --------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         fields = {

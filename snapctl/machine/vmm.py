@@ -24,6 +24,7 @@ import numpy as np
 
 from ..kvm import KvmIoctlError, System, Vcpu
 from ..kvm.constants import (
+    DEFAULT_KVM_PATH,
     EXIT_NAMES,
     KVM_EXIT_DIRTY_RING_FULL,
     KVM_EXIT_FAIL_ENTRY,
@@ -176,7 +177,7 @@ class Machine:
     :meth:`restore_state`.
     """
 
-    def __init__(self, config: MachineConfig, *, kvm_path: str = "/dev/kvm", boot: bool = True,
+    def __init__(self, config: MachineConfig, *, kvm_path: str = DEFAULT_KVM_PATH, boot: bool = True,
                  driver: GuestDriver | None = None, memory: GuestMemory | None = None):
         config.validate()
         if memory is not None and memory.size != config.mem_size:
@@ -478,6 +479,24 @@ class Machine:
             for r, t in zip(self._runners, targets):
                 r.step_target = t
 
+    def run_to_steps(self, steps: list[int], *, at_yield: bool, timeout: float | None = 60.0) -> None:
+        """Start the machine and return once every vCPU holds at ``steps``: at its first
+        yield with step >= target (``at_yield``: where a sync checkpoint was taken), or
+        exactly after that step (the guest's stop port; the mailbox's stop field is then
+        put back as it was, so guest memory holds only what the guest wrote)."""
+        saved = None
+        if at_yield:
+            self.pause_at_step(steps)
+        else:
+            if self.driver is None:
+                saved = [self.memory.read_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT) for r in self._runners]
+            self.set_stop_at(steps)
+        self.start()
+        self.wait_parked(timeout=timeout)
+        if saved is not None:
+            for r, v in zip(self._runners, saved):
+                self.memory.write_u64(L.mailbox_gpa(r.index) + G.MB_STOP_AT, v)
+
     def set_stop_at(self, step: int | list[int]) -> None:
         """Make each vCPU's guest hold exactly after step ``step`` (a VMM write to the mailbox;
         a driven guest holds at the yield where its step reaches it)."""
@@ -544,7 +563,9 @@ class Machine:
         """Like :meth:`wait_parked` but returns False instead of raising when time runs out."""
         return self.wait_parked(timeout, or_timeout=True)
 
+    @property
     def paused(self) -> bool:
+        """Every vCPU is out of KVM_RUN (paused, holding, finished, or not started)."""
         return all(r.parked for r in self._runners)
 
     # -- state ------------------------------------------------------------------------------------
@@ -578,6 +599,29 @@ class Machine:
         """Guest pages written since the last collect (must be paused): sorted, unique."""
         self._require_parked()
         return self.tracker.collect()
+
+    def take_early_copies(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(pages, contents)] pre-copied at ring-full exits since the last call, oldest
+        first (see :meth:`DirtyTracker.take_early_copies`); O(1)."""
+        return self.tracker.take_early_copies()
+
+    def set_precopy(self, on: bool) -> None:
+        """Copy the pages harvested at ring-full exits right after their reset (pre-copy)."""
+        self.tracker.precopy = on
+
+    def collect_timings(self) -> dict[str, float]:
+        """The last :meth:`collect_dirty`'s harvest and reset times, in ms."""
+        st = self.tracker.stats
+        return {"harvest_ms": st.last_harvest_ms, "reset_ms": st.last_reset_ms}
+
+    def count_dirty_per_vcpu(self, on: bool) -> None:
+        """Count the distinct pages each vCPU writes, per collect (ring tracking; costs a
+        unique() per vCPU inside the pause, so it is off for checkpoints)."""
+        self.tracker.count_per_vcpu = on
+
+    def dirty_pages_per_vcpu(self) -> dict[int, int]:
+        """vCPU id -> distinct pages it wrote, summed over collects (while counted)."""
+        return dict(self.tracker.stats.per_vcpu_pages)
 
     def capture_vcpus(self) -> list[VcpuState]:
         self._require_parked()

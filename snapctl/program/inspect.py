@@ -38,10 +38,11 @@ import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from ..kvm.constants import PAGE_SIZE as PAGE
+
 ReadPhys = Callable[[int, int], bytes]
 GetFile = Callable[[str], bytes]
 
-PAGE = 4096
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 0x1, 0x2, 0x4, 0x20, 0x40, 0x80
 PTE_NX = 1 << 63
 PTE_ADDR = 0x000F_FFFF_FFFF_F000          # physical address bits 12..51

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..kvm.constants import PAGE_SHIFT
+from ..kvm.constants import PAGE_SIZE as PAGE
 from ..machine.memory import GuestMemory
 
-PAGE = 4096
-PAGE_SHIFT = 12
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D = 0x1, 0x2, 0x4, 0x20, 0x40
 PTE_NX = 1 << 63
 PTE_ADDR = 0x000F_FFFF_FFFF_F000
