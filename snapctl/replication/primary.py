@@ -23,6 +23,7 @@ import numpy as np
 from storage import Store
 
 from . import protocol as P
+from .releaser import OutputGate, Releaser, write_all  # noqa: F401  (write_all: the standby's)
 
 #: unacknowledged checkpoints in flight before the writer waits
 WINDOW = 8
@@ -35,75 +36,6 @@ SOCKET_TIMEOUT = 2.0
 
 def _warn(msg: str) -> None:
     print(f"snapctl: {msg}", file=sys.stderr, flush=True)
-
-
-class OutputGate:
-    """Holds a program's stdout/stderr bytes in write order until released up to a
-    per-stream byte count (the cumulative size of the acknowledged checkpoints' streams)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[tuple[int, bytes]] = []
-        self.written = {1: 0, 2: 0}     # bytes the program wrote so far (held or released)
-        self.released = {1: 0, 2: 0}
-        self.passthrough = False
-
-    def write(self, fd: int, data: bytes) -> None:
-        with self._lock:
-            self.written[fd] += len(data)
-            if self.passthrough and not self._held:
-                self._out(fd, data)
-                self.released[fd] += len(data)
-            else:
-                self._held.append((fd, data))
-
-    def release(self, upto: dict[int, int] | None) -> None:
-        """Write held bytes while each stream stays within ``upto`` (None: everything)."""
-        with self._lock:
-            run_fd, run = None, []   # consecutive bytes of one stream go out in one write()
-            while self._held:
-                fd, data = self._held[0]
-                room = len(data) if upto is None else upto[fd] - self.released[fd]
-                if room <= 0:
-                    break
-                part = data[:room]
-                if fd != run_fd and run:
-                    self._out(run_fd, b"".join(run))
-                    run = []
-                run_fd = fd
-                run.append(part)
-                self.released[fd] += len(part)
-                if len(part) == len(data):
-                    self._held.pop(0)
-                else:
-                    self._held[0] = (fd, data[len(part):])
-                    break
-            if run:
-                self._out(run_fd, b"".join(run))
-
-    def open(self) -> None:
-        """No more replication: release everything, pass future bytes straight through."""
-        self.release(None)
-        self.passthrough = True
-
-    def held_bytes(self) -> int:
-        with self._lock:
-            return sum(len(d) for _, d in self._held)
-
-    @staticmethod
-    def _out(fd: int, data: bytes) -> None:
-        write_all(fd, data)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """All of ``data`` to ``fd`` (a reader that went away ends it quietly)."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BrokenPipeError:
-            return
-        view = view[n:]
 
 
 class Replicator:
@@ -120,7 +52,7 @@ class Replicator:
         self.required = required
         self.store_path = store_path
         self.start_info = start
-        self.gate: OutputGate | None = None
+        self.gate: Releaser | None = None
         self.chan: P.Channel | None = None
         self._cond = threading.Condition()
         self._inflight: dict[int, dict] = {}   # primary id -> output boundary {1: n, 2: n}
@@ -159,7 +91,13 @@ class Replicator:
                 raise P.ProtocolError("hello: bad nonce")
             chan.nonce = nonce
             self.hb_interval = max(0.01, min(1.0, float(hello.get("heartbeat_ms", 100)) / 1e3))
-            chan.send(P.START, P.encode_json(self.start_info))
+            chan.send(P.START, P.encode_json({**self.start_info, "release_channel": self.gate is not None}))
+            if self.gate is not None:
+                # the standby hands out a key for the releaser's own connection and waits for it
+                _, payload = chan.recv((P.SESSION,))
+                key = str(P.decode_json(payload, "session").get("key", ""))
+                if not self.gate.session(self.host, self.port, self.token, key):
+                    raise P.ProtocolError("the output releaser could not attach to the session")
             sock.settimeout(SOCKET_TIMEOUT)   # a send stuck this long (link cut): the standby is lost
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr} not reachable ({e})", connected=False)
@@ -171,8 +109,6 @@ class Replicator:
             self._need_full = True
             self._inflight.clear()
             self.lost_reason = None
-            if self.gate is not None:
-                self.gate.passthrough = False
         threading.Thread(target=self._reader, args=(chan, gen), name="replication-acks", daemon=True).start()
         threading.Thread(target=self._heartbeat, args=(chan, gen), name="replication-heartbeat",
                          daemon=True).start()
@@ -195,6 +131,8 @@ class Replicator:
             was.close()
         if self.required:
             _warn(f"replication lost: {reason}; stopping (--replicate-required)")
+            if self.gate is not None:
+                self.gate.abort()   # what it was told to release is out; the rest never will be
             os._exit(EXIT_REPLICATION_LOST)
         if first:
             _warn(f"replication lost: {reason}; continuing without a standby")
@@ -230,11 +168,9 @@ class Replicator:
                     self.acked = ckpt
                     self._cond.notify_all()
                 if self.gate is not None and bound:
-                    # the channel's lock first: no other frame may wait between the output's
-                    # write() and the `released` frame (the window a kill repeats output in)
-                    with chan.lock:
-                        self.gate.release(bound)
-                        chan.send(P.RELEASED, P.encode_json({"id": ckpt}))
+                    # the releaser writes the output and tells the standby (its own channel):
+                    # one step that this process dying cannot split
+                    self.gate.release(bound, ckpt)
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr}: {e}", gen=gen)
 
@@ -251,8 +187,8 @@ class Replicator:
 
     # -- hooks ----------------------------------------------------------------------------------
     def bind_output(self, output) -> None:
-        """Route a program's live output through the gate (released on acks)."""
-        self.gate = OutputGate()   # holds from the start; opened if the standby is lost
+        """Route a program's live output through the releaser process (released on acks)."""
+        self.gate = Releaser()   # holds from the start; opened if the standby is lost
         output.sink = self.gate.write
 
     def after_commit(self, ckpt: int, cap, stats: dict) -> None:
@@ -358,6 +294,12 @@ class Replicator:
         lost), release the rest of the output, tell the standby, close."""
         self._closing = True
         with self._cond:
+            stopping = self.required and self.lost_reason is not None
+        if stopping:   # the reader thread is stopping the run (exit 4): release nothing more
+            if self.gate is not None:
+                self.gate.abort()
+            os._exit(EXIT_REPLICATION_LOST)
+        with self._cond:
             deadline = time.monotonic() + ACK_TIMEOUT
             while self._inflight and self.chan is not None:
                 left = deadline - time.monotonic()
@@ -369,7 +311,7 @@ class Replicator:
             self._closing = False
             self._lose(f"standby {self.addr} did not acknowledge the last checkpoint")
         if self.gate is not None:
-            self.gate.release(None)
+            self.gate.close()   # everything is acknowledged (or no standby is left): all out
         if chan is not None and not pending:
             try:
                 chan.send(P.FINISH, P.encode_json(summary))
