@@ -13,6 +13,7 @@ never released).
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import sys
 import threading
@@ -72,6 +73,9 @@ class Replicator:
         self._attempts = 0
         #: the standby's image of the last checkpoint sent (pages go as XOR deltas against it)
         self._shadow: np.ndarray | None = None
+        #: increments waiting for the sender thread (encoding + sending, off the writer thread)
+        self._jobs: queue.Queue = queue.Queue()
+        self._sender: threading.Thread | None = None
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -229,17 +233,51 @@ class Replicator:
         if stuck:
             self._lose(f"standby {self.addr} acknowledged nothing for {ACK_TIMEOUT:.0f} s", gen=gen)
             return
-        try:
-            n = self._send(chan, ckpt, cap, stats, full, index)
-        except (OSError, P.ProtocolError) as e:
-            self._lose(f"standby {self.addr}: {e}", gen=gen)
-            return
-        with self._cond:
-            if gen == self._gen:
-                self._need_full = False
+        meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
+                "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
+                "digest": stats.get("digest"), "full": full,
+                # a re-sync's own output went out while there was no standby to cover it
+                "released_before": full and cap.trigger != "base"}
         self._last_sent = ckpt
-        self.sent += 1
-        self.wire_bytes += n
+        if full:
+            # a full image (the base's pages are live guest memory; a re-sync reads the
+            # store): sent from here, once what is queued has gone
+            self._jobs.join()
+            try:
+                n = self._send_full(chan, ckpt, cap, meta)
+            except (OSError, P.ProtocolError) as e:
+                self._lose(f"standby {self.addr}: {e}", gen=gen)
+                return
+            with self._cond:
+                if gen == self._gen:
+                    self._need_full = False
+            self.sent += 1
+            self.wire_bytes += n
+            return
+        # An increment: copy what is needed before the capture is released, and let the
+        # sender thread encode and send it while this thread commits the next checkpoint.
+        cap.flatten()
+        job = (chan, gen, meta, _states_of(cap), cap.pages.copy(), np.array(cap.data[:cap.pages.size]))
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="replication-sender", daemon=True)
+            self._sender.start()
+        self._jobs.put(job)
+
+    def _send_loop(self) -> None:
+        while True:
+            chan, gen, meta, states, pages, data = self._jobs.get()
+            try:
+                if gen != self._gen:
+                    continue
+                try:
+                    n = self._send_increment(chan, meta, states, pages, data)
+                except (OSError, P.ProtocolError) as e:
+                    self._lose(f"standby {self.addr}: {e}", gen=gen)
+                    continue
+                self.sent += 1
+                self.wire_bytes += n
+            finally:
+                self._jobs.task_done()
 
     def _npages(self) -> int:
         return int(self.start_info["config"]["mem_size"]) // P.PAGE
@@ -249,42 +287,48 @@ class Replicator:
             self._ro = Store.open(self.store_path, readonly=True)
         return self._ro
 
-    def _send(self, chan: P.Channel, ckpt: int, cap, stats: dict, full: bool, index: int) -> int:
+    def _send_full(self, chan: P.Channel, ckpt: int, cap, meta: dict) -> int:
+        """Every non-zero page of ``ckpt`` plainly, and the shadow reset to that image."""
         before = chan.bytes_sent
-        meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
-                "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
-                "digest": stats.get("digest"), "full": full,
-                # a re-sync's own output went out while there was no standby to cover it
-                "released_before": full and cap.trigger != "base"}
-        if full and cap.trigger != "base":
+        if cap.trigger != "base":
             st = self._store()
             st_states = {n: st.state(ckpt, n) for n in st.state_names(ckpt)}
             for c in st.path(ckpt)[:-1]:   # files a failover may need, first opened earlier
                 for n in st.state_names(c):
                     if n.startswith("inherited/") and n not in st_states:
                         st_states[n] = st.state(c, n)
-            img = np.empty((st.page_count, P.PAGE), np.uint8)
-            st.materialize(ckpt, img)
-            pages = np.flatnonzero(img.any(axis=1))
-            data = img
-            take = True
+            data = np.empty((st.page_count, P.PAGE), np.uint8)
+            st.materialize(ckpt, data)
         else:
             st_states = _states_of(cap)
             cap.flatten()
-            pages, data, take = cap.pages, cap.data, False
-            if full:   # the base: every page; zero pages need not travel
-                pages, take = np.flatnonzero(cap.data.any(axis=1)), True
+            data = cap.data   # the base: all of memory, in page order
+        pages = np.flatnonzero(data.any(axis=1))   # zero pages need not travel
         chan.send(P.CKPT, P.encode_checkpoint(meta, st_states))
-        if full:   # the shadow: the image the standby will hold once this checkpoint is in
-            if self._shadow is None:
-                self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
-            else:
-                self._shadow[:] = 0
+        # the shadow: the image the standby will hold once this checkpoint is in
+        if self._shadow is None:
+            self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
+        else:
+            self._shadow[:] = 0
         sh = self._shadow
         for i in range(0, pages.size, P.CHUNK_PAGES):
             chunk = pages[i:i + P.CHUNK_PAGES]
-            rows = data[chunk] if take else data[i:i + P.CHUNK_PAGES]   # take: pages index data
-            chan.send(P.PAGES, P.encode_pages(chunk, rows, None if full else sh[chunk]))
+            rows = data[chunk]
+            chan.send(P.PAGES, P.encode_pages(chunk, rows))
+            sh[chunk] = rows
+        chan.send(P.END)
+        return chan.bytes_sent - before
+
+    def _send_increment(self, chan: P.Channel, meta: dict, states: dict, pages: np.ndarray,
+                        data: np.ndarray) -> int:
+        """The dirty pages as XOR deltas against the shadow (what the standby holds)."""
+        before = chan.bytes_sent
+        chan.send(P.CKPT, P.encode_checkpoint(meta, states))
+        sh = self._shadow
+        for i in range(0, pages.size, P.CHUNK_PAGES):
+            chunk = pages[i:i + P.CHUNK_PAGES]
+            rows = data[i:i + P.CHUNK_PAGES]
+            chan.send(P.PAGES, P.encode_pages(chunk, rows, sh[chunk]))
             sh[chunk] = rows
         chan.send(P.END)
         return chan.bytes_sent - before
@@ -299,6 +343,8 @@ class Replicator:
             if self.gate is not None:
                 self.gate.abort()
             os._exit(EXIT_REPLICATION_LOST)
+        if self._sender is not None:
+            self._jobs.join()   # everything queued is sent (or dropped with a lost standby)
         with self._cond:
             deadline = time.monotonic() + ACK_TIMEOUT
             while self._inflight and self.chan is not None:
