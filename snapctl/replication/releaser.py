@@ -52,6 +52,12 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class OutputGate:
     """Holds a program's stdout/stderr bytes in write order until released up to a
     per-stream byte count (the cumulative size of the acknowledged checkpoints' streams)."""
@@ -131,7 +137,12 @@ class Releaser:
         with self._lock:
             if self.closed:
                 return
-            write_all(self._w, CMD.pack(op, fd, ckpt, a, b) + payload)
+            try:
+                _write_fully(self._w, CMD.pack(op, fd, ckpt, a, b) + payload)
+            except BrokenPipeError:
+                self.closed = True
+                print("snapctl: the output releaser is gone: the program's output from here is not written "
+                      "(the checkpoints still hold it)", file=sys.stderr, flush=True)
 
     def write(self, fd: int, data: bytes) -> None:
         self.written[fd] += len(data)
@@ -212,7 +223,7 @@ def _connect(spec: dict):
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the primary decides; EOF ends us
     rfd, back = int(argv[0]), int(argv[1])
-    from . import protocol as P
+    from . import protocol as P   # now, while the primary boots its machine: not at the first connect
     gate = OutputGate()
     chan = None
 
