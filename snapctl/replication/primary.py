@@ -13,6 +13,7 @@ never released).
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import sys
 import threading
@@ -23,6 +24,7 @@ import numpy as np
 from storage import Store
 
 from . import protocol as P
+from .releaser import OutputGate, Releaser, write_all  # noqa: F401  (write_all: the standby's)
 
 #: unacknowledged checkpoints in flight before the writer waits
 WINDOW = 8
@@ -35,75 +37,6 @@ SOCKET_TIMEOUT = 2.0
 
 def _warn(msg: str) -> None:
     print(f"snapctl: {msg}", file=sys.stderr, flush=True)
-
-
-class OutputGate:
-    """Holds a program's stdout/stderr bytes in write order until released up to a
-    per-stream byte count (the cumulative size of the acknowledged checkpoints' streams)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: list[tuple[int, bytes]] = []
-        self.written = {1: 0, 2: 0}     # bytes the program wrote so far (held or released)
-        self.released = {1: 0, 2: 0}
-        self.passthrough = False
-
-    def write(self, fd: int, data: bytes) -> None:
-        with self._lock:
-            self.written[fd] += len(data)
-            if self.passthrough and not self._held:
-                self._out(fd, data)
-                self.released[fd] += len(data)
-            else:
-                self._held.append((fd, data))
-
-    def release(self, upto: dict[int, int] | None) -> None:
-        """Write held bytes while each stream stays within ``upto`` (None: everything)."""
-        with self._lock:
-            run_fd, run = None, []   # consecutive bytes of one stream go out in one write()
-            while self._held:
-                fd, data = self._held[0]
-                room = len(data) if upto is None else upto[fd] - self.released[fd]
-                if room <= 0:
-                    break
-                part = data[:room]
-                if fd != run_fd and run:
-                    self._out(run_fd, b"".join(run))
-                    run = []
-                run_fd = fd
-                run.append(part)
-                self.released[fd] += len(part)
-                if len(part) == len(data):
-                    self._held.pop(0)
-                else:
-                    self._held[0] = (fd, data[len(part):])
-                    break
-            if run:
-                self._out(run_fd, b"".join(run))
-
-    def open(self) -> None:
-        """No more replication: release everything, pass future bytes straight through."""
-        self.release(None)
-        self.passthrough = True
-
-    def held_bytes(self) -> int:
-        with self._lock:
-            return sum(len(d) for _, d in self._held)
-
-    @staticmethod
-    def _out(fd: int, data: bytes) -> None:
-        write_all(fd, data)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """All of ``data`` to ``fd`` (a reader that went away ends it quietly)."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BrokenPipeError:
-            return
-        view = view[n:]
 
 
 class Replicator:
@@ -120,7 +53,7 @@ class Replicator:
         self.required = required
         self.store_path = store_path
         self.start_info = start
-        self.gate: OutputGate | None = None
+        self.gate: Releaser | None = None
         self.chan: P.Channel | None = None
         self._cond = threading.Condition()
         self._inflight: dict[int, dict] = {}   # primary id -> output boundary {1: n, 2: n}
@@ -140,6 +73,9 @@ class Replicator:
         self._attempts = 0
         #: the standby's image of the last checkpoint sent (pages go as XOR deltas against it)
         self._shadow: np.ndarray | None = None
+        #: increments waiting for the sender thread (encoding + sending, off the writer thread)
+        self._jobs: queue.Queue = queue.Queue()
+        self._sender: threading.Thread | None = None
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -159,7 +95,13 @@ class Replicator:
                 raise P.ProtocolError("hello: bad nonce")
             chan.nonce = nonce
             self.hb_interval = max(0.01, min(1.0, float(hello.get("heartbeat_ms", 100)) / 1e3))
-            chan.send(P.START, P.encode_json(self.start_info))
+            chan.send(P.START, P.encode_json({**self.start_info, "release_channel": self.gate is not None}))
+            if self.gate is not None:
+                # the standby hands out a key for the releaser's own connection and waits for it
+                _, payload = chan.recv((P.SESSION,))
+                key = str(P.decode_json(payload, "session").get("key", ""))
+                if not self.gate.session(self.host, self.port, self.token, key):
+                    raise P.ProtocolError("the output releaser could not attach to the session")
             sock.settimeout(SOCKET_TIMEOUT)   # a send stuck this long (link cut): the standby is lost
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr} not reachable ({e})", connected=False)
@@ -171,8 +113,6 @@ class Replicator:
             self._need_full = True
             self._inflight.clear()
             self.lost_reason = None
-            if self.gate is not None:
-                self.gate.passthrough = False
         threading.Thread(target=self._reader, args=(chan, gen), name="replication-acks", daemon=True).start()
         threading.Thread(target=self._heartbeat, args=(chan, gen), name="replication-heartbeat",
                          daemon=True).start()
@@ -195,6 +135,8 @@ class Replicator:
             was.close()
         if self.required:
             _warn(f"replication lost: {reason}; stopping (--replicate-required)")
+            if self.gate is not None:
+                self.gate.abort()   # what it was told to release is out; the rest never will be
             os._exit(EXIT_REPLICATION_LOST)
         if first:
             _warn(f"replication lost: {reason}; continuing without a standby")
@@ -230,11 +172,9 @@ class Replicator:
                     self.acked = ckpt
                     self._cond.notify_all()
                 if self.gate is not None and bound:
-                    # the channel's lock first: no other frame may wait between the output's
-                    # write() and the `released` frame (the window a kill repeats output in)
-                    with chan.lock:
-                        self.gate.release(bound)
-                        chan.send(P.RELEASED, P.encode_json({"id": ckpt}))
+                    # the releaser writes the output and tells the standby (its own channel):
+                    # one step that this process dying cannot split
+                    self.gate.release(bound, ckpt)
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr}: {e}", gen=gen)
 
@@ -251,8 +191,8 @@ class Replicator:
 
     # -- hooks ----------------------------------------------------------------------------------
     def bind_output(self, output) -> None:
-        """Route a program's live output through the gate (released on acks)."""
-        self.gate = OutputGate()   # holds from the start; opened if the standby is lost
+        """Route a program's live output through the releaser process (released on acks)."""
+        self.gate = Releaser()   # holds from the start; opened if the standby is lost
         output.sink = self.gate.write
 
     def after_commit(self, ckpt: int, cap, stats: dict) -> None:
@@ -293,17 +233,51 @@ class Replicator:
         if stuck:
             self._lose(f"standby {self.addr} acknowledged nothing for {ACK_TIMEOUT:.0f} s", gen=gen)
             return
-        try:
-            n = self._send(chan, ckpt, cap, stats, full, index)
-        except (OSError, P.ProtocolError) as e:
-            self._lose(f"standby {self.addr}: {e}", gen=gen)
-            return
-        with self._cond:
-            if gen == self._gen:
-                self._need_full = False
+        meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
+                "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
+                "digest": stats.get("digest"), "full": full,
+                # a re-sync's own output went out while there was no standby to cover it
+                "released_before": full and cap.trigger != "base"}
         self._last_sent = ckpt
-        self.sent += 1
-        self.wire_bytes += n
+        if full:
+            # a full image (the base's pages are live guest memory; a re-sync reads the
+            # store): sent from here, once what is queued has gone
+            self._jobs.join()
+            try:
+                n = self._send_full(chan, ckpt, cap, meta)
+            except (OSError, P.ProtocolError) as e:
+                self._lose(f"standby {self.addr}: {e}", gen=gen)
+                return
+            with self._cond:
+                if gen == self._gen:
+                    self._need_full = False
+            self.sent += 1
+            self.wire_bytes += n
+            return
+        # An increment: copy what is needed before the capture is released, and let the
+        # sender thread encode and send it while this thread commits the next checkpoint.
+        cap.flatten()
+        job = (chan, gen, meta, _states_of(cap), cap.pages.copy(), np.array(cap.data[:cap.pages.size]))
+        if self._sender is None:
+            self._sender = threading.Thread(target=self._send_loop, name="replication-sender", daemon=True)
+            self._sender.start()
+        self._jobs.put(job)
+
+    def _send_loop(self) -> None:
+        while True:
+            chan, gen, meta, states, pages, data = self._jobs.get()
+            try:
+                if gen != self._gen:
+                    continue
+                try:
+                    n = self._send_increment(chan, meta, states, pages, data)
+                except (OSError, P.ProtocolError) as e:
+                    self._lose(f"standby {self.addr}: {e}", gen=gen)
+                    continue
+                self.sent += 1
+                self.wire_bytes += n
+            finally:
+                self._jobs.task_done()
 
     def _npages(self) -> int:
         return int(self.start_info["config"]["mem_size"]) // P.PAGE
@@ -313,42 +287,48 @@ class Replicator:
             self._ro = Store.open(self.store_path, readonly=True)
         return self._ro
 
-    def _send(self, chan: P.Channel, ckpt: int, cap, stats: dict, full: bool, index: int) -> int:
+    def _send_full(self, chan: P.Channel, ckpt: int, cap, meta: dict) -> int:
+        """Every non-zero page of ``ckpt`` plainly, and the shadow reset to that image."""
         before = chan.bytes_sent
-        meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
-                "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
-                "digest": stats.get("digest"), "full": full,
-                # a re-sync's own output went out while there was no standby to cover it
-                "released_before": full and cap.trigger != "base"}
-        if full and cap.trigger != "base":
+        if cap.trigger != "base":
             st = self._store()
             st_states = {n: st.state(ckpt, n) for n in st.state_names(ckpt)}
             for c in st.path(ckpt)[:-1]:   # files a failover may need, first opened earlier
                 for n in st.state_names(c):
                     if n.startswith("inherited/") and n not in st_states:
                         st_states[n] = st.state(c, n)
-            img = np.empty((st.page_count, P.PAGE), np.uint8)
-            st.materialize(ckpt, img)
-            pages = np.flatnonzero(img.any(axis=1))
-            data = img
-            take = True
+            data = np.empty((st.page_count, P.PAGE), np.uint8)
+            st.materialize(ckpt, data)
         else:
             st_states = _states_of(cap)
             cap.flatten()
-            pages, data, take = cap.pages, cap.data, False
-            if full:   # the base: every page; zero pages need not travel
-                pages, take = np.flatnonzero(cap.data.any(axis=1)), True
+            data = cap.data   # the base: all of memory, in page order
+        pages = np.flatnonzero(data.any(axis=1))   # zero pages need not travel
         chan.send(P.CKPT, P.encode_checkpoint(meta, st_states))
-        if full:   # the shadow: the image the standby will hold once this checkpoint is in
-            if self._shadow is None:
-                self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
-            else:
-                self._shadow[:] = 0
+        # the shadow: the image the standby will hold once this checkpoint is in
+        if self._shadow is None:
+            self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
+        else:
+            self._shadow[:] = 0
         sh = self._shadow
         for i in range(0, pages.size, P.CHUNK_PAGES):
             chunk = pages[i:i + P.CHUNK_PAGES]
-            rows = data[chunk] if take else data[i:i + P.CHUNK_PAGES]   # take: pages index data
-            chan.send(P.PAGES, P.encode_pages(chunk, rows, None if full else sh[chunk]))
+            rows = data[chunk]
+            chan.send(P.PAGES, P.encode_pages(chunk, rows))
+            sh[chunk] = rows
+        chan.send(P.END)
+        return chan.bytes_sent - before
+
+    def _send_increment(self, chan: P.Channel, meta: dict, states: dict, pages: np.ndarray,
+                        data: np.ndarray) -> int:
+        """The dirty pages as XOR deltas against the shadow (what the standby holds)."""
+        before = chan.bytes_sent
+        chan.send(P.CKPT, P.encode_checkpoint(meta, states))
+        sh = self._shadow
+        for i in range(0, pages.size, P.CHUNK_PAGES):
+            chunk = pages[i:i + P.CHUNK_PAGES]
+            rows = data[i:i + P.CHUNK_PAGES]
+            chan.send(P.PAGES, P.encode_pages(chunk, rows, sh[chunk]))
             sh[chunk] = rows
         chan.send(P.END)
         return chan.bytes_sent - before
@@ -357,6 +337,14 @@ class Replicator:
         """The run is over: wait until every checkpoint is acknowledged (or the standby is
         lost), release the rest of the output, tell the standby, close."""
         self._closing = True
+        with self._cond:
+            stopping = self.required and self.lost_reason is not None
+        if stopping:   # the reader thread is stopping the run (exit 4): release nothing more
+            if self.gate is not None:
+                self.gate.abort()
+            os._exit(EXIT_REPLICATION_LOST)
+        if self._sender is not None:
+            self._jobs.join()   # everything queued is sent (or dropped with a lost standby)
         with self._cond:
             deadline = time.monotonic() + ACK_TIMEOUT
             while self._inflight and self.chan is not None:
@@ -369,7 +357,7 @@ class Replicator:
             self._closing = False
             self._lose(f"standby {self.addr} did not acknowledge the last checkpoint")
         if self.gate is not None:
-            self.gate.release(None)
+            self.gate.close()   # everything is acknowledged (or no standby is left): all out
         if chan is not None and not pending:
             try:
                 chan.send(P.FINISH, P.encode_json(summary))

@@ -41,9 +41,10 @@ NONCE_SIZE = 16
 PAGE = 4096
 
 #: frame types
-HELLO, START, CKPT, PAGES, END, ACK, HEARTBEAT, RELEASED, FINISH, REFUSED = range(1, 11)
+HELLO, START, CKPT, PAGES, END, ACK, HEARTBEAT, RELEASED, FINISH, REFUSED, SESSION = range(1, 12)
 NAMES = {HELLO: "hello", START: "start", CKPT: "checkpoint", PAGES: "pages", END: "end", ACK: "ack",
-         HEARTBEAT: "heartbeat", RELEASED: "released", FINISH: "finish", REFUSED: "refused"}
+         HEARTBEAT: "heartbeat", RELEASED: "released", FINISH: "finish", REFUSED: "refused",
+         SESSION: "session"}
 
 #: before the handshake completes, no frame may be larger than this
 HANDSHAKE_LIMIT = 64 << 10

@@ -129,7 +129,14 @@ class Standby:
             chan.nonce = nonce
             _, payload = chan.recv((P.START,))
             start = P.decode_json(payload, "start")
+            if "release_for" in start:
+                raise P.ProtocolError("a release channel, but no session is open")
             self._open(start)
+            rel = None
+            if start.get("release_channel"):
+                key = os.urandom(16).hex()
+                chan.send(P.SESSION, P.encode_json({"key": key}))
+                rel = self._attach_releaser(key)
         except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
             self.result.refused += 1
             log(f"refused peer {peer}: {e}")
@@ -149,14 +156,20 @@ class Standby:
         try:
             self._receive(chan)
             chan.close()
+            if rel is not None:
+                rel[0].close()
             return self.result
         except (OSError, P.ProtocolError, ValueError, KeyError, TypeError) as e:
             t_lost = self._lost_at or time.perf_counter()
             reason = "no heartbeat within the failover timeout" if isinstance(e, socket.timeout) else str(e)
-            # What the dead primary sent before it died (a `released` frame) is still to be
-            # read: the reader drains up to the reset/EOF (at most the failover timeout).
             reader.join(self.timeout)
             chan.close()
+            if rel is not None:
+                # The primary's output releaser carries out what the primary told it before
+                # dying (write, then `released`) and closes its channel: only then is it
+                # certain which output went out. (Its host gone too: at most the timeout.)
+                rel[1].join(self.timeout)
+                rel[0].close()
         if self.latest is None:
             log(f"primary {peer} lost before any complete checkpoint ({reason}); listening again")
             return None
@@ -189,15 +202,54 @@ class Standby:
             else:
                 self._warm_ckpt = None
 
+    def _attach_releaser(self, key: str) -> tuple[P.Channel, threading.Thread]:
+        """Accept the primary's output releaser (its START names ``key``) on the listening
+        socket; anyone else meanwhile is refused with one log line."""
+        deadline = time.monotonic() + max(self.timeout, 5.0)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise P.ProtocolError("the primary's output releaser did not connect")
+            self.sock.settimeout(left)
+            try:
+                conn, peer = self.sock.accept()
+            finally:
+                self.sock.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(min(left, self.timeout * 4))
+            ch = P.Channel(conn, self.token, b"S")
+            nonce = P.new_nonce()
+            try:
+                ch.send(P.HELLO, P.encode_json({"nonce": nonce.hex(), "auth": self.token is not None}))
+                ch.nonce = nonce
+                _, payload = ch.recv((P.START,))
+                if P.decode_json(payload, "start").get("release_for") != key:
+                    raise P.ProtocolError("not this session's output releaser")
+                ch.send(P.SESSION, P.encode_json({"key": key}))
+            except (OSError, P.ProtocolError) as e:
+                self.result.refused += 1
+                log(f"refused peer {peer[0]}:{peer[1]}: {e}")
+                ch.close()
+                continue
+            conn.settimeout(None)   # releases come when checkpoints are acknowledged, not on a beat
+            t = threading.Thread(target=self._release_reader, args=(ch,), name="standby-releases", daemon=True)
+            t.start()
+            return ch, t
+
+    def _release_reader(self, ch: P.Channel) -> None:
+        """`released` frames from the output releaser, until it closes its channel."""
+        try:
+            while True:
+                _, payload = ch.recv((P.RELEASED,))
+                self._released(payload)
+        except (OSError, P.ProtocolError, ValueError):
+            return
+
     def _reader(self, chan: P.Channel, q: queue.Queue) -> None:
-        """Drain the socket as frames arrive. A RELEASED frame is taken at once: when the
-        primary dies, the reset that follows may discard what is still queued in the kernel."""
+        """Drain the socket as frames arrive (failure detection is the time of the error)."""
         while True:
             try:
-                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.PAGES, P.END, P.RELEASED, P.FINISH))
-                if ftype == P.RELEASED:
-                    self._released(payload)
-                    continue
+                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.PAGES, P.END, P.FINISH))
                 if ftype == P.HEARTBEAT:
                     continue
             except BaseException as e:   # noqa: BLE001 - handed to the receiving thread
@@ -347,8 +399,8 @@ class Standby:
         released_local = self._local_of.get(self.released) if self.released is not None else None
         start_at = path.index(released_local) + 1 if released_local in path else \
             path.index(self.result.received[0]) if self.result.received[0] in path else len(path)
-        log(f"output: the primary released through checkpoint {released_local}; writing the output of "
-            f"checkpoints {path[start_at] if start_at < len(path) else '-'}..{lt.local} again")
+        log(f"output: the primary released through checkpoint {released_local}; writing the unreleased "
+            f"output of checkpoints {path[start_at] if start_at < len(path) else '-'}..{lt.local}")
         for c in path[start_at:]:
             names = st.state_names(c)
             for name, fd in ((STDOUT, 1), (STDERR, 2)):
