@@ -557,6 +557,9 @@ def restore(
 
     from . import cli_replication as RP
 
+    if lazy and as_json:  # a VMM thread on a damaged page exits from C: in the JSON error form too
+        from storage.lazy import report_as_json
+        report_as_json()
     with _open(store, write=True) as st:
         ckpt = _resolve(st, id)
         rep = RP.replicator(replicate, token_file, replicate_required, st.filename, {"kind": "restore", "from": ckpt})
@@ -628,6 +631,9 @@ def replay(
 
     from .checkpoint.program import is_program_store
 
+    if lazy and as_json:
+        from storage.lazy import report_as_json
+        report_as_json()
     with _open(store) as st:
         a = _resolve(st, id)
         b = _resolve(st, to) if to is not None else None

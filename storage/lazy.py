@@ -85,6 +85,19 @@ def pack_directory(rows) -> np.ndarray:
     return out
 
 
+#: How a host thread that touches a page that failed its checks is reported
+#: (lazyfault.c, lz_segv): it would otherwise die of SIGSEGV on the page, which
+#: is PROT_NONE so that no vCPU ever runs on it.  The process writes one line
+#: to stderr, prefix + message + suffix, and exits 1.
+_FATAL = ["error: ", "\n"]
+
+
+def report_as_json(on: bool = True) -> None:
+    """Write that line in the CLI's ``--json`` error form instead
+    (``{"error": ..., "exit_code": 1}``; the messages hold no quote or backslash)."""
+    _FATAL[:] = ['{"error": "', '", "exit_code": 1}\n'] if on else ["error: ", "\n"]
+
+
 class LazyUnavailable(StoreError):
     """This kernel or process cannot serve memory lazily (no userfaultfd, no permission,
     or the C extension is not built)."""
@@ -183,6 +196,7 @@ class LazyImage:
                                                 self._fns.ctypes.data, os.fsencode(store.filename)))
             if not self._ctx:
                 raise LazyUnavailable(f"{store.filename}: the lazy-restore handler cannot open the store")
+            self._lib.lz_set_fatal(self._ctx, self.ckpt, _FATAL[0].encode(), _FATAL[1].encode(), 2, 1)
             lo, hi = eager
             if hi > lo and int(self._lib.lz_fill_now(self._ctx, lo, hi)):
                 self.raise_error()

@@ -37,6 +37,8 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,6 +211,12 @@ typedef struct lz_ctx {
     volatile int err;
     int64_t err_page, err_blob, err_pack;   /* err_pack: a map's checkpoint for LZE_MAP */
     int err_errno;
+    /* What a host thread that touches a page that failed (PROT_NONE) gets
+     * instead of a crash: this line on fatal_fd, then _exit(fatal_code)
+     * (lz_set_fatal; formatted by lz_fail, written by lz_segv). */
+    int64_t ckpt;
+    char fpre[64], fsuf[32], fatal[512];
+    int fatal_len, fatal_fd, fatal_code;
     pthread_mutex_t err_lock;
 } lz_ctx;
 
@@ -227,6 +235,20 @@ static void lz_signal(lz_ctx *c)
 }
 
 /* Record the first failure; returns the kind. */
+static const char *lz_why(int kind)
+{
+    switch (kind) {
+    case LZE_MISSING: return "references a blob that is missing from the store";
+    case LZE_CHECKSUM: return "stored bytes fail their checksum";
+    case LZE_DECODE: return "does not decode to one page";
+    case LZE_HASH: return "does not decode to its content hash";
+    case LZE_BASE: return "its delta base is missing or damaged";
+    case LZE_UFFD: return "could not be placed (UFFDIO_COPY failed)";
+    case LZE_META: return "its pack has damaged metadata";
+    default: return "failed";
+    }
+}
+
 static int lz_fail(lz_ctx *c, int kind, int64_t page, int64_t blob, int err)
 {
     pthread_mutex_lock(&c->err_lock);
@@ -234,10 +256,90 @@ static int lz_fail(lz_ctx *c, int kind, int64_t page, int64_t blob, int err)
         c->err_page = page;
         c->err_blob = blob;
         c->err_errno = err;
+        const char *then = "; a VMM thread touched it, the restore stopped there";
+        int n;
+        if (kind == LZE_MAP)
+            n = snprintf(c->fatal, sizeof c->fatal, "%scheckpoint %lld: the page map of checkpoint %lld is "
+                         "damaged%s%s", c->fpre, (long long)c->ckpt, (long long)c->err_pack, then, c->fsuf);
+        else if (kind == LZE_DIGEST)
+            n = snprintf(c->fatal, sizeof c->fatal, "%scheckpoint %lld: its page maps do not match the "
+                         "checkpoint's digest%s", c->fpre, (long long)c->ckpt, c->fsuf);
+        else
+            n = snprintf(c->fatal, sizeof c->fatal, "%scheckpoint %lld, page %lld (gpa %#llx), blob %lld: %s%s%s",
+                         c->fpre, (long long)c->ckpt, (long long)page, (unsigned long long)page * LZ_PAGE,
+                         (long long)blob, lz_why(kind), then, c->fsuf);
+        c->fatal_len = n < 0 ? 0 : n < (int)sizeof c->fatal ? n : (int)sizeof c->fatal - 1;
         __atomic_store_n(&c->err, kind, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&c->err_lock);
     return kind;
+}
+
+/* ---- host threads on a page that failed ----
+ * A vCPU on a PROT_NONE page gets EFAULT from KVM_RUN, but a host thread
+ * (a Python VMM thread reading guest memory, with the GIL) gets SIGSEGV.
+ * It cannot be given the page (it failed its checks) nor left waiting (it
+ * holds the GIL the code that would stop the machine needs), so the
+ * process reports the failure in one line and exits; the store is only
+ * read by a lazy restore, and a checkpoint being written is rolled back by
+ * SQLite as after a kill. */
+#define LZ_LIVE 16
+static lz_ctx *volatile lz_live[LZ_LIVE];
+static struct sigaction lz_old_segv, lz_old_bus;
+static pthread_mutex_t lz_sig_lock = PTHREAD_MUTEX_INITIALIZER;
+static int lz_sig_installed;
+
+static void lz_segv(int sig, siginfo_t *si, void *uc)
+{
+    char *a = (char *)si->si_addr;
+    for (int i = 0; i < LZ_LIVE; i++) {
+        lz_ctx *c = lz_live[i];
+        if (!c || a < c->host || a >= c->host + c->npages * LZ_PAGE)
+            continue;
+        if (__atomic_load_n(&c->state[(a - c->host) / LZ_PAGE], __ATOMIC_ACQUIRE) == 2
+            && __atomic_load_n(&c->err, __ATOMIC_ACQUIRE)) {
+            ssize_t r = write(c->fatal_fd, c->fatal, (size_t)c->fatal_len);
+            (void)r;
+            _exit(c->fatal_code);
+        }
+    }
+    struct sigaction *old = sig == SIGSEGV ? &lz_old_segv : &lz_old_bus;
+    if (old->sa_flags & SA_SIGINFO) {
+        old->sa_sigaction(sig, si, uc);
+    } else if (old->sa_handler == SIG_DFL || old->sa_handler == SIG_IGN) {
+        sigaction(sig, old, NULL);            /* the access faults again, as it would have */
+    } else {
+        old->sa_handler(sig);
+    }
+}
+
+static void lz_live_add(lz_ctx *c)
+{
+    pthread_mutex_lock(&lz_sig_lock);
+    if (!lz_sig_installed) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = lz_segv;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        if (sigaction(SIGSEGV, &sa, &lz_old_segv) == 0 && sigaction(SIGBUS, &sa, &lz_old_bus) == 0)
+            lz_sig_installed = 1;
+    }
+    for (int i = 0; i < LZ_LIVE; i++)
+        if (!lz_live[i]) {
+            lz_live[i] = c;
+            break;
+        }
+    pthread_mutex_unlock(&lz_sig_lock);
+}
+
+static void lz_live_remove(lz_ctx *c)
+{
+    pthread_mutex_lock(&lz_sig_lock);
+    for (int i = 0; i < LZ_LIVE; i++)
+        if (lz_live[i] == c)
+            lz_live[i] = NULL;
+    pthread_mutex_unlock(&lz_sig_lock);
 }
 
 static int lz_src_open(lz_ctx *c, lz_src *s, const char *path)
@@ -1089,6 +1191,10 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
     c->sq_coltype = (sq_coltype_fn)fns[17];
     c->sq_finalize = (sq_finalize_fn)fns[18];
     c->t0_ns = lz_now();
+    snprintf(c->fpre, sizeof c->fpre, "error: ");
+    snprintf(c->fsuf, sizeof c->fsuf, "\n");
+    c->fatal_fd = 2;
+    c->fatal_code = 1;
     {   /* the zero page's content hash, in the byte order the catalogue stores */
         static const char zero[LZ_PAGE];
         lz_h128_t z = c->h128(zero, LZ_PAGE);
@@ -1121,7 +1227,20 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
         free(c);
         return 0;
     }
+    lz_live_add(c);
     return (uintptr_t)c;
+}
+
+/* How a host thread's touch of a failed page is reported (see lz_segv):
+ * the line prefix + message + suffix, to fd, then _exit(code). */
+void lz_set_fatal(uintptr_t c_, int64_t ckpt, const char *prefix, const char *suffix, int64_t fd, int64_t code)
+{
+    lz_ctx *c = (lz_ctx *)c_;
+    c->ckpt = ckpt;
+    snprintf(c->fpre, sizeof c->fpre, "%s", prefix);
+    snprintf(c->fsuf, sizeof c->fsuf, "%s", suffix);
+    c->fatal_fd = (int)fd;
+    c->fatal_code = (int)code;
 }
 
 /* Populate pages [lo, hi) now, on the caller's thread (the system area,
@@ -1183,6 +1302,7 @@ void lz_stop(uintptr_t c_)
 {
     lz_ctx *c = (lz_ctx *)c_;
     uint64_t one = 1;
+    lz_live_remove(c);
     c->stop = 1;
     ssize_t r = write(c->stopfd, &one, 8);
     (void)r;
