@@ -567,14 +567,12 @@ def restore(
             from . import cli_program as P
             from .checkpoint.program import restore_program
 
-            if lazy:
-                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
             psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
             if rep is not None:
                 rep.start_info["schedule"] = RP.schedule_dict(psched)
-            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep)
+            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep, lazy=lazy)
             RP.finish(rep, res.as_dict())
             raise typer.Exit(P.render_run(res, as_json, f"restore {ckpt}"))
         if every_syscalls is not None:
@@ -647,9 +645,7 @@ def replay(
             from .checkpoint.engine import next_in_branch
             from .checkpoint.program import replay_program
 
-            if lazy:
-                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
-            res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm())
+            res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm(), lazy=lazy)
             if not P.render_replay(res, as_json):
                 what = "; ".join(res.differences) or (f"{len(res.differing_pages)} pages and "
                                                        f"{len(res.differing_registers)} registers differ")
