@@ -138,7 +138,7 @@ typedef struct {
     int ncache;
     int64_t cache_bytes;
     uint64_t tick;
-    int64_t last;                 /* directory entry of the last blob looked up */
+    int64_t last, prev;           /* directory entries of the last two packs looked up */
 } lz_src;
 
 typedef int (*lz_dec_fn)(const char *, char *, int, int);
@@ -171,6 +171,7 @@ typedef struct lz_ctx {
     const int64_t *mck, *mn;      /* the path's maps, oldest first: checkpoint, entries */
     int64_t nmaps, nrecent, recent_max;
     lz_pk *pk;                    /* the pack directory, by first blob id */
+    int64_t *pk_first;            /* its first ids alone: the binary search stays in a few cache lines */
     int64_t npk;
     pthread_mutex_t pk_lock;      /* held while a pack's metadata are read */
     uint64_t digest_lo, digest_hi;
@@ -345,7 +346,7 @@ static void lz_live_remove(lz_ctx *c)
 static int lz_src_open(lz_ctx *c, lz_src *s, const char *path)
 {
     s->pack = -1;
-    s->last = -1;
+    s->last = s->prev = -1;
     s->blob = NULL;
     s->buf = malloc(2 * LZ_PAGE + 64);
     s->run = malloc((size_t)LZ_RUN * LZ_PAGE);
@@ -531,16 +532,22 @@ static int lz_find(lz_ctx *c, lz_src *s, int64_t b, lz_blob *o)
     int64_t lo = 0, hi = c->npk;             /* the last entry with first <= b */
     if (s->last >= 0 && c->pk[s->last].first <= b && b < c->pk[s->last].first + c->pk[s->last].n) {
         lo = s->last;
+    } else if (s->prev >= 0 && c->pk[s->prev].first <= b && b < c->pk[s->prev].first + c->pk[s->prev].n) {
+        lo = s->prev;                        /* page order alternates base and delta packs */
+        s->prev = s->last;
+        s->last = lo;
     } else {
+        const int64_t *f = c->pk_first;
         while (hi - lo > 1) {
             int64_t mid = (lo + hi) / 2;
-            if (c->pk[mid].first <= b)
+            if (f[mid] <= b)
                 lo = mid;
             else
                 hi = mid;
         }
         if (!c->npk || b < c->pk[lo].first || b >= c->pk[lo].first + c->pk[lo].n)
             return LZE_MISSING;
+        s->prev = s->last;
         s->last = lo;
     }
     lz_pk *k = &c->pk[lo];
@@ -575,9 +582,12 @@ static int lz_find(lz_ctx *c, lz_src *s, int64_t b, lz_blob *o)
     return 0;
 }
 
-/* The stored bytes of blob bl (*at: in s->buf or in a cached pack), checked;
- * 0 or an error kind. */
-static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at, int *len)
+/* The stored bytes of blob bl (*at: in s->buf or in a cached pack); with
+ * `check`, against their checksum.  0 or an error kind.  Pages are read
+ * unchecked: the decoded page's content hash is what proves it right, and
+ * LZ4's safe decoder takes any input; the checksum is looked at only when
+ * the page fails, to say whether the stored bytes are what is damaged. */
+static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at, int *len, int check)
 {
     int64_t p = bl->pack, st = bl->start, n = bl->end - bl->start;
     if (p < 0 || n < 0 || n > 2 * LZ_PAGE)
@@ -586,7 +596,7 @@ static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at
         lz_pack *e = lz_pack_get(c, s, p);
         if (!e || st + n > e->size)
             return LZE_MISSING;
-        if (c->h64(e->data + st, (size_t)n) != bl->crc)
+        if (check && c->h64(e->data + st, (size_t)n) != bl->crc)
             return LZE_CHECKSUM;
         *at = e->data + st;
         *len = (int)n;
@@ -608,7 +618,7 @@ static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at
     s->pack = p;
     if (c->sq_bread(s->blob, s->buf, (int)n, (int)st) != 0)
         return LZE_MISSING;
-    if (c->h64(s->buf, (size_t)n) != bl->crc)
+    if (check && c->h64(s->buf, (size_t)n) != bl->crc)
         return LZE_CHECKSUM;
     *at = s->buf;
     *len = (int)n;
@@ -641,38 +651,56 @@ static int lz_plain(const lz_ctx *c, const char *src, const lz_blob *bl, int len
     }
 }
 
-/* Decode page `page` into out; 1 for a zero page (out untouched), 0 when
- * decoded and checked, else an error kind (recorded by the caller). */
-static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t *blob)
+/* Decode page `page` into out (unchecked); 1 for a zero page (out
+ * untouched), 0 when decoded, else an error kind. */
+static int lz_decode_raw(lz_ctx *c, lz_src *s, int64_t page, char *out, lz_blob *bl, int check)
 {
     int64_t b = c->img[page];
     int len, r;
     const char *at;
-    lz_blob bl, ba;
-    *blob = b;
+    lz_blob ba;
     if (b == 0)
         return 1;
     if (b < 0)
         return LZE_MISSING;
-    if ((r = lz_find(c, s, b, &bl)) != 0)
+    if ((r = lz_find(c, s, b, bl)) != 0)
         return r;
-    if (bl.codec == 2) {                    /* LZ4 delta against its base */
-        int64_t a = bl.base;
+    if (bl->codec == 2) {                   /* LZ4 delta against its base */
+        int64_t a = bl->base;
         if (a <= 0 || lz_find(c, s, a, &ba) != 0 || ba.codec == 2)
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, &ba, &at, &len)) != 0 || (r = lz_plain(c, at, &ba, len, s->dict)) != 0)
+        if ((r = lz_read_blob(c, s, &ba, &at, &len, check)) != 0 || (r = lz_plain(c, at, &ba, len, s->dict)) != 0)
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, &bl, &at, &len)) != 0)
+        if (check && !lz_digest_ok(c, s->dict, ba.hash))
+            return LZE_BASE;
+        if ((r = lz_read_blob(c, s, bl, &at, &len, check)) != 0)
             return r;
         if (c->dec_dict(at, out, len, LZ_PAGE, s->dict, LZ_PAGE) != LZ_PAGE)
             return LZE_DECODE;
     } else {
-        if ((r = lz_read_blob(c, s, &bl, &at, &len)) != 0)
+        if ((r = lz_read_blob(c, s, bl, &at, &len, check)) != 0)
             return r;
-        if ((r = lz_plain(c, at, &bl, len, out)) != 0)
+        if ((r = lz_plain(c, at, bl, len, out)) != 0)
             return r;
     }
-    return lz_digest_ok(c, out, bl.hash) ? 0 : LZE_HASH;
+    return 0;
+}
+
+/* Decode page `page` into out; 1 for a zero page (out untouched), 0 when
+ * decoded and checked (its content hash), else an error kind (recorded by
+ * the caller): on a failure the page is decoded again with every check,
+ * to name what is damaged. */
+static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t *blob)
+{
+    lz_blob bl;
+    *blob = c->img[page];
+    int r = lz_decode_raw(c, s, page, out, &bl, 0);
+    if (r == 1 || (r == 0 && lz_digest_ok(c, out, bl.hash)))
+        return r;
+    if (r == LZE_MISSING || r == LZE_META)
+        return r;
+    int again = lz_decode_raw(c, s, page, out, &bl, 1);
+    return again > 1 ? again : r ? r : LZE_HASH;
 }
 
 static void lz_wake(lz_ctx *c, int64_t page, int64_t n)
@@ -1145,9 +1173,11 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
     if (!c)
         return 0;
     c->pk = calloc(npk > 0 ? (size_t)npk : 1, sizeof *c->pk);
+    c->pk_first = calloc(npk > 0 ? (size_t)npk : 1, 8);
     c->img = calloc((size_t)npages, 8);      /* untouched zero pages until written: O(1) now */
-    if (!c->pk || !c->img) {
+    if (!c->pk || !c->img || !c->pk_first) {
         free(c->pk);
+        free(c->pk_first);
         free(c->img);
         free(c);
         return 0;
@@ -1161,6 +1191,7 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
         c->pk[i].pid = ((const int64_t *)dir[0])[i];
         c->pk[i].first = ((const int64_t *)dir[1])[i];
         c->pk[i].n = ((const int64_t *)dir[2])[i];
+        c->pk_first[i] = c->pk[i].first;
     }
     c->npk = npk;
     c->digest_lo = digest[0];
@@ -1223,6 +1254,7 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
         if (c->stopfd >= 0)
             close(c->stopfd);
         free(c->pk);
+        free(c->pk_first);
         free(c->img);
         free(c);
         return 0;
@@ -1336,6 +1368,7 @@ void lz_destroy(uintptr_t c_)
     for (int64_t i = 0; i < c->npk; i++)
         free(c->pk[i].meta);
     free(c->pk);
+    free(c->pk_first);
     free(c->img);
     free(c->hot);
     free(c);
