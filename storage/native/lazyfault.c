@@ -164,7 +164,8 @@ typedef struct lz_ctx {
      * before the guest starts (lz_fill_now) -- so that nothing before the
      * guest's first instruction reads all of it. */
     int64_t *img;
-    volatile int img_ready;       /* 1: img complete (or failed: err is set) */
+    volatile int img_ready;       /* 1: img merged (img_ok) or failed (err is set) */
+    volatile int img_ok;
     pthread_mutex_t img_lock;
     pthread_cond_t img_cond;
     int64_t sys_hi;               /* img[0, sys_hi) resolved before the start */
@@ -781,7 +782,9 @@ static int lz_image_wait(lz_ctx *c)
             pthread_cond_wait(&c->img_cond, &c->img_lock);
         pthread_mutex_unlock(&c->img_lock);
     }
-    return c->img_ready && !__atomic_load_n(&c->err, __ATOMIC_ACQUIRE);
+    /* after another page's failure the others are still served: the machine
+     * is being stopped, but a host thread may still read them meanwhile */
+    return c->img_ready && c->img_ok;
 }
 
 static void lz_image_set(lz_ctx *c)
@@ -876,8 +879,11 @@ static int lz_build_image(lz_ctx *c, lz_src *s)
 {
     char **keep = calloc((size_t)(c->nmaps > 0 ? c->nmaps : 1), sizeof *keep);
     int r = 0;
-    if (!keep)
-        return lz_map_fail(c, 0);
+    if (!keep) {
+        lz_map_fail(c, 0);
+        lz_image_set(c);
+        return LZE_MAP;
+    }
     for (int64_t i = 0; i < c->nmaps && !c->stop; i++) {
         char *m = lz_read_map(c, s, i);
         if (!m) {
@@ -912,6 +918,7 @@ static int lz_build_image(lz_ctx *c, lz_src *s)
     for (int64_t i = 0; i < c->nmaps; i++)
         free(keep[i]);
     free(keep);
+    c->img_ok = !r && !c->stop;
     lz_image_set(c);
     return r;
 }
