@@ -260,14 +260,15 @@ class LazyImage:
                 return dict(self._last)
             return {"populated": 0, "faults": 0, "fault_pages": 0, "background_pages": 0, "zero_pages": 0,
                     "raced": 0, "done": False, "full_ms": None, "error": 0, "error_page": -1,
-                    "error_blob": -1, "errno": 0, "error_pack": -1}
-        out = np.zeros(13, np.int64)
+                    "error_blob": -1, "errno": 0, "error_pack": -1, "image_ms": None}
+        out = np.zeros(14, np.int64)
         self._lib.lz_stats(self._ctx, out.ctypes.data)
         v = out.tolist()
         return {"populated": v[0], "faults": v[1], "fault_pages": v[2], "background_pages": v[3],
                 "zero_pages": v[4], "raced": v[5], "done": bool(v[6]),
                 "full_ms": round(v[7] / 1e6, 3) if v[6] else None,
-                "error": v[8], "error_page": v[9], "error_blob": v[10], "errno": v[11], "error_pack": v[12]}
+                "error": v[8], "error_page": v[9], "error_blob": v[10], "errno": v[11], "error_pack": v[12],
+                "image_ms": round(v[13] / 1e6, 3) if v[13] else None}
 
     def error(self) -> CorruptionError | None:
         """The first page that failed, as the error a read would raise; None if none did."""

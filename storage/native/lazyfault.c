@@ -166,6 +166,7 @@ typedef struct lz_ctx {
     int64_t *img;
     volatile int img_ready;       /* 1: img merged (img_ok) or failed (err is set) */
     volatile int img_ok;
+    int64_t img_ns;               /* when it was merged, from lz_start */
     pthread_mutex_t img_lock;
     pthread_cond_t img_cond;
     int64_t sys_hi;               /* img[0, sys_hi) resolved before the start */
@@ -919,6 +920,7 @@ static int lz_build_image(lz_ctx *c, lz_src *s)
         free(keep[i]);
     free(keep);
     c->img_ok = !r && !c->stop;
+    c->img_ns = lz_now() - c->t0_ns;
     lz_image_set(c);
     return r;
 }
@@ -1381,8 +1383,9 @@ void lz_destroy(uintptr_t c_)
     free(c);
 }
 
-/* out[0..12]: populated, faults, fault_pages, bg_pages, zero_pages, eexist,
- * bg_done, bg_done_ns, err, err_page, err_blob, err_errno, err_pack. */
+/* out[0..13]: populated, faults, fault_pages, bg_pages, zero_pages, eexist,
+ * bg_done, bg_done_ns, err, err_page, err_blob, err_errno, err_pack, the
+ * image's merge time (ns from the start; 0 until merged). */
 void lz_stats(uintptr_t c_, uintptr_t out_)
 {
     lz_ctx *c = (lz_ctx *)c_;
@@ -1401,5 +1404,6 @@ void lz_stats(uintptr_t c_, uintptr_t out_)
     o[10] = c->err_blob;
     o[11] = c->err_errno;
     o[12] = c->err_pack;
+    o[13] = __atomic_load_n(&c->img_ready, __ATOMIC_ACQUIRE) ? c->img_ns : 0;
     pthread_mutex_unlock(&c->err_lock);
 }
