@@ -205,10 +205,11 @@ class LazyImage:
             raise
 
     # -- running -----------------------------------------------------------------------
-    def start(self, background: bool = True) -> None:
-        """Serve faults from now on, and fill the rest in the background."""
+    def start(self, background: bool = True, *, eager: bool = False) -> None:
+        """Serve faults from now on, and fill the rest in the background (``eager``: nothing
+        runs meanwhile, so the fill does not start below the caller's priority)."""
         self.t0 = time.perf_counter()
-        if int(self._lib.lz_start(self._ctx, 1 if background else 0)):
+        if int(self._lib.lz_start(self._ctx, (2 if eager else 1) if background else 0)):
             raise LazyUnavailable("cannot start the lazy-restore threads")
         self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
         self._watcher.start()
@@ -345,7 +346,7 @@ def fill(store, ckpt: int, addr: int, npages: int) -> bool:
     except LazyUnavailable:
         return False
     try:
-        lz.start()
+        lz.start(eager=True)
         lz.wait()
     except LazyUnavailable:
         return False        # pages placed so far hold their right content: the caller fills the rest

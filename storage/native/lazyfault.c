@@ -202,7 +202,7 @@ typedef struct lz_ctx {
     sq_finalize_fn sq_finalize;
     lz_src fsrc, bsrc[LZ_BG], csrc;
     pthread_t fault_thr, bg_thr[LZ_BG], check_thr;
-    int fault_started, bg_started, check_started, background;
+    int fault_started, bg_started, check_started, background, eager;
     int64_t next_chunk, bg_left;
     lz_bgarg bgarg[LZ_BG];
     volatile int stop;
@@ -1046,8 +1046,13 @@ static void *lz_bg_loop(void *arg)
      * time to the first instruction is what a lazy restore is for (an
      * eager fill, with no vCPU running, is not slowed by this) */
     s->tid = (int)syscall(SYS_gettid);
-    setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE);
-    s->niced = 1;
+    if (c->eager) {                         /* nothing to make way for: the restore waits for this */
+        if (setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE_AFTER))
+            setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
+    } else {
+        setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE);
+        s->niced = 1;
+    }
     if (!lz_image_wait(c)) {
         lz_finished(c);
         return NULL;
@@ -1100,7 +1105,8 @@ static void *lz_check_loop(void *arg)
     lz_src *s = &c->csrc;
     unsigned __int128 sum = 0;
     int64_t p = 0;
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), LZ_BG_NICE);    /* behind the VMM's start */
+    if (!c->eager)                           /* behind the VMM's start */
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), LZ_BG_NICE);
     if (lz_build_image(c, s)) {
         lz_finished(c);
         return NULL;
@@ -1298,7 +1304,8 @@ int64_t lz_fill_now(uintptr_t c_, int64_t lo, int64_t hi)
     return lz_fill_range(c, &c->fsrc, lo, hi);
 }
 
-/* Start the fault thread and (background != 0) the background fill. */
+/* Start the fault thread and (background != 0) the background fill;
+ * background == 2: an eager fill (no vCPU runs meanwhile: no yielding). */
 int64_t lz_start(uintptr_t c_, int64_t background)
 {
     lz_ctx *c = (lz_ctx *)c_;
@@ -1307,6 +1314,7 @@ int64_t lz_start(uintptr_t c_, int64_t background)
         return -1;
     c->fault_started = 1;
     c->background = background != 0;
+    c->eager = background == 2;
     c->bg_left = background ? LZ_BG + 1 : 1;
     if (pthread_create(&c->check_thr, NULL, lz_check_loop, c)) {
         c->stop = 1;
