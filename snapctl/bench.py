@@ -332,23 +332,35 @@ def _flat_store(d: str, mem: int):
 
 def lazy_scaling(quick: bool) -> dict:
     """Lazy time to the first instruction of a big guest against a 1 GiB one (256 MiB with
-    --quick), each from a fresh store handle (as a CLI restore pays), best of three."""
+    --quick), each from a fresh store handle (as a CLI restore pays), best of three; and, for
+    context, until the handler has merged the page maps (``lazy_image_*_ms``: from then on
+    faults outside the system area are served; before, they wait)."""
     from storage import Store
 
     small, big = (256 * MB, 1 * GB) if quick else (1 * GB, 4 * GB)
-    out = {}
+    out, images = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for mem in (small, big):
             with _flat_store(d, mem) as st:
                 path = st.filename
-            ts = []
+            ts, img = [], []
             for _ in range(3):
                 with Store.open(path) as st:
                     t, m = _to_first_instruction(st, 0, lazy=True)
-                    m.close()
+                    try:
+                        # when faults outside the system area can be served: the handler merges
+                        # the page maps beside the guest (the one part that grows with memory)
+                        deadline = time.perf_counter() + 30
+                        while m.lazy.stats()["image_ms"] is None and time.perf_counter() < deadline:
+                            time.sleep(0.0005)
+                        img.append(t + (m.lazy.stats()["image_ms"] or float("nan")))
+                    finally:
+                        m.close()
                 ts.append(t)
             out[mem] = min(ts)
+            images[mem] = min(img)
     return {"lazy_start_small_ms": round(out[small], 1), "lazy_start_big_ms": round(out[big], 1),
+            "lazy_image_small_ms": round(images[small], 1), "lazy_image_big_ms": round(images[big], 1),
             "small_mb": small // MB, "big_mb": big // MB,
             "lazy_scaling_ratio": _ratio(out[big], out[small]), "lazy_scaling_goal": "<= 1.3"}
 

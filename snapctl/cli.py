@@ -532,6 +532,9 @@ def restore(
 
     from . import cli_replication as RP
 
+    if lazy and as_json:  # a VMM thread on a damaged page exits from C: in the JSON error form too
+        from storage.lazy import report_as_json
+        report_as_json()
     with _open(store, write=True) as st:
         ckpt = _resolve(st, id)
         rep = RP.replicator(replicate, token_file, replicate_required, st.filename, {"kind": "restore", "from": ckpt})
@@ -539,14 +542,12 @@ def restore(
             from . import cli_program as P
             from .checkpoint.program import restore_program
 
-            if lazy:
-                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
             psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
             if rep is not None:
                 rep.start_info["schedule"] = RP.schedule_dict(psched)
-            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep)
+            res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep, lazy=lazy)
             RP.finish(rep, res.as_dict())
             raise typer.Exit(P.render_run(res, as_json, f"restore {ckpt}"))
         if every_syscalls is not None:
@@ -602,6 +603,9 @@ def replay(
     from .checkpoint.program import is_program_store
     from .checkpoint.replaying import ReplayUnreachable, check_reachable, next_in_branch
 
+    if lazy and as_json:
+        from storage.lazy import report_as_json
+        report_as_json()
     with _open(store) as st:
         a = _resolve(st, id)
         b = _resolve(st, to) if to is not None else None
@@ -614,9 +618,7 @@ def replay(
             from . import cli_program as P
             from .checkpoint.program import replay_program
 
-            if lazy:
-                raise Failure("--lazy is for the built-in guests; a program guest restores eagerly")
-            res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm())
+            res = replay_program(st, a, b if b is not None else next_in_branch(st, a), kvm_path=_kvm(), lazy=lazy)
             if not P.render_replay(res, as_json):
                 what = "; ".join(res.differences) or (f"{len(res.differing_pages)} pages and "
                                                        f"{len(res.differing_registers)} registers differ")

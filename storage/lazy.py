@@ -26,6 +26,7 @@ Nothing here knows about KVM: the caller passes an address and a size.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import os
@@ -37,6 +38,8 @@ import numpy as np
 from . import pageloops
 from .codec import PAGE_SIZE
 from .errors import CorruptionError, StoreError
+from .packs import MAX_PACK_ID
+from .validate import MAX_BLOB_ID, MAX_PACK_BLOBS
 
 #: Why a page failed (lazyfault.c's LZE_* kinds).
 _KINDS = {1: "references a blob that is missing from the store",
@@ -44,10 +47,55 @@ _KINDS = {1: "references a blob that is missing from the store",
           3: "does not decode to one page",
           4: "does not decode to its content hash",
           5: "its delta base is missing or damaged",
-          6: "could not be placed (UFFDIO_COPY failed)"}
+          6: "could not be placed (UFFDIO_COPY failed)",
+          7: "its pack's metadata are damaged",
+          8: "its page maps do not match the checkpoint's digest"}
+_LZE_META, _LZE_DIGEST, _LZE_MAP = 7, 8, 9
 _SQLITE_NAMES = ("sqlite3_open_v2", "sqlite3_close_v2", "sqlite3_exec", "sqlite3_busy_timeout",
                  "sqlite3_blob_open", "sqlite3_blob_reopen", "sqlite3_blob_read", "sqlite3_blob_close",
-                 "sqlite3_blob_bytes")
+                 "sqlite3_blob_bytes", "sqlite3_prepare_v2", "sqlite3_bind_int64", "sqlite3_step",
+                 "sqlite3_column_int64", "sqlite3_column_type", "sqlite3_finalize")
+
+
+def pack_directory(rows) -> np.ndarray:
+    """``packs`` rows (id, first, n) -> the (3, k) int64 directory the C
+    handler searches by first blob id: rows whose integers are out of range, or whose
+    blob ids overlap a lower-numbered pack's, are left out (their blobs are then
+    missing, as a damaged pack's are in the catalogue).  The handler reads each
+    pack's size and check value with its metadata and checks them when it first
+    needs one of its blobs (those columns follow the big arrays in the row:
+    reading them here would walk every pack's overflow pages)."""
+    limits = (MAX_PACK_ID - 1, MAX_BLOB_ID - 1, MAX_PACK_BLOBS)
+    good = [r for r in rows if len(r) == 3 and all(type(v) is int and 0 <= v <= hi for v, hi in zip(r, limits))
+            and r[0] > 0 and r[1] > 0 and r[2] > 0 and r[1] + r[2] <= MAX_BLOB_ID]
+    good.sort(key=lambda r: r[0])
+    taken: list[tuple[int, int]] = []
+    keep = []
+    for r in good:                    # by id: a later pack overlapping an earlier one is damaged
+        lo, hi = r[1], r[1] + r[2]
+        i = bisect.bisect_left(taken, (lo, hi))
+        if (i > 0 and taken[i - 1][1] > lo) or (i < len(taken) and taken[i][0] < hi):
+            continue
+        taken.insert(i, (lo, hi))
+        keep.append(r)
+    keep.sort(key=lambda r: r[1])
+    out = np.zeros((3, len(keep)), np.int64)
+    if keep:
+        out[:] = np.array(keep, np.int64).T
+    return out
+
+
+#: How a host thread that touches a page that failed its checks is reported
+#: (lazyfault.c, lz_segv): it would otherwise die of SIGSEGV on the page, which
+#: is PROT_NONE so that no vCPU ever runs on it.  The process writes one line
+#: to stderr, prefix + message + suffix, and exits 1.
+_FATAL = ["error: ", "\n"]
+
+
+def report_as_json(on: bool = True) -> None:
+    """Write that line in the CLI's ``--json`` error form instead
+    (``{"error": ..., "exit_code": 1}``; the messages hold no quote or backslash)."""
+    _FATAL[:] = ['{"error": "', '", "exit_code": 1}\n'] if on else ["error: ", "\n"]
 
 
 class LazyUnavailable(StoreError):
@@ -102,22 +150,26 @@ class LazyImage:
     background fill, :meth:`close` before unmapping the memory."""
 
     def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
-                 on_event=None, recent: int = 4):
+                 on_event=None, recent: int = 4, recent_max: int = 1 << 16):
         why = probe()
         if why:
             raise LazyUnavailable(why)
         if npages != store.page_count:
             raise StoreError(f"memory of {npages} pages for a store of {store.page_count}")
         self._lib = pageloops._lib
-        self.index = store.page_index(ckpt, recent=recent)
+        self.index = store.page_index(ckpt)
         self.ckpt = self.index.ckpt
+        self._maps = np.ascontiguousarray(self.index.maps)
+        self._map_ptrs = np.array([self._maps[i].ctypes.data for i in range(2)], np.uint64)
         self.addr, self.npages = addr, npages
         self.on_event = on_event
         self.t0 = time.perf_counter()
         self._state = np.zeros(npages, np.uint8)
-        cat = self.index.catalog
-        self._cat_ptrs = np.array([a.ctypes.data for a in (cat.pack, cat.start, cat.end, cat.codec, cat.base,
-                                                           cat.hash, cat.crc)], np.uint64)
+        packs = self.index.packs
+        self._dir = np.ascontiguousarray(packs)
+        self._dir_ptrs = np.array([self._dir[i].ctypes.data for i in range(3)], np.uint64)
+        d = self.index.digest
+        self._digest = np.array([d & ((1 << 64) - 1), (d >> 64) & ((1 << 64) - 1)], np.uint64)
         self._fns = np.array([pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, int(pageloops._ENC_FNS[5])]
                              + _sqlite_fns(), np.uint64)
         self._ctx = 0
@@ -137,12 +189,14 @@ class LazyImage:
             if rc < 0:
                 raise LazyUnavailable(f"cannot register guest memory with userfaultfd ({os.strerror(-rc)})")
             self._evfd = os.eventfd(0, os.EFD_CLOEXEC)
-            self._ctx = int(self._lib.lz_create(fd, self._evfd, addr, npages, self.index.blob.ctypes.data,
-                                                self._cat_ptrs.ctypes.data, cat.n, self.index.recent.ctypes.data,
-                                                len(self.index.recent), self._state.ctypes.data,
+            self._ctx = int(self._lib.lz_create(fd, self._evfd, addr, npages, self._map_ptrs.ctypes.data,
+                                                self._maps.shape[1], recent, recent_max,
+                                                self._dir_ptrs.ctypes.data, self._dir.shape[1],
+                                                self._digest.ctypes.data, self._state.ctypes.data,
                                                 self._fns.ctypes.data, os.fsencode(store.filename)))
             if not self._ctx:
                 raise LazyUnavailable(f"{store.filename}: the lazy-restore handler cannot open the store")
+            self._lib.lz_set_fatal(self._ctx, self.ckpt, _FATAL[0].encode(), _FATAL[1].encode(), 2, 1)
             lo, hi = eager
             if hi > lo and int(self._lib.lz_fill_now(self._ctx, lo, hi)):
                 self.raise_error()
@@ -151,10 +205,11 @@ class LazyImage:
             raise
 
     # -- running -----------------------------------------------------------------------
-    def start(self, background: bool = True) -> None:
-        """Serve faults from now on, and fill the rest in the background."""
+    def start(self, background: bool = True, *, eager: bool = False) -> None:
+        """Serve faults from now on, and fill the rest in the background (``eager``: nothing
+        runs meanwhile, so the fill does not start below the caller's priority)."""
         self.t0 = time.perf_counter()
-        if int(self._lib.lz_start(self._ctx, 1 if background else 0)):
+        if int(self._lib.lz_start(self._ctx, (2 if eager else 1) if background else 0)):
             raise LazyUnavailable("cannot start the lazy-restore threads")
         self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
         self._watcher.start()
@@ -206,14 +261,15 @@ class LazyImage:
                 return dict(self._last)
             return {"populated": 0, "faults": 0, "fault_pages": 0, "background_pages": 0, "zero_pages": 0,
                     "raced": 0, "done": False, "full_ms": None, "error": 0, "error_page": -1,
-                    "error_blob": -1, "errno": 0}
-        out = np.zeros(12, np.int64)
+                    "error_blob": -1, "errno": 0, "error_pack": -1, "image_ms": None}
+        out = np.zeros(14, np.int64)
         self._lib.lz_stats(self._ctx, out.ctypes.data)
         v = out.tolist()
         return {"populated": v[0], "faults": v[1], "fault_pages": v[2], "background_pages": v[3],
                 "zero_pages": v[4], "raced": v[5], "done": bool(v[6]),
                 "full_ms": round(v[7] / 1e6, 3) if v[6] else None,
-                "error": v[8], "error_page": v[9], "error_blob": v[10], "errno": v[11]}
+                "error": v[8], "error_page": v[9], "error_blob": v[10], "errno": v[11], "error_pack": v[12],
+                "image_ms": round(v[13] / 1e6, 3) if v[13] else None}
 
     def error(self) -> CorruptionError | None:
         """The first page that failed, as the error a read would raise; None if none did."""
@@ -224,6 +280,16 @@ class LazyImage:
         why = _KINDS.get(st["error"], f"failed ({st['error']})")
         if st["error"] == 6 and st["errno"]:
             why += f": {os.strerror(st['errno'])}"
+        if st["error"] == _LZE_META:
+            why = f"its pack {st['error_pack']} has damaged metadata"
+        if st["error"] == _LZE_MAP:
+            return CorruptionError(f"checkpoint {self.ckpt}: the page map of checkpoint {st['error_pack']} "
+                                   f"is damaged{'; the lazy restore stopped the guest' if self.on_event else ''}",
+                                   checkpoint=self.ckpt)
+        if st["error"] == _LZE_DIGEST:
+            then = "; the lazy restore stopped the guest" if self.on_event else ""
+            return CorruptionError(f"checkpoint {self.ckpt}: {why} (a page map is damaged or a blob is "
+                                   f"missing){then}", checkpoint=self.ckpt)
         then = "; the lazy restore stopped the guest before it used the page" if self.on_event else ""
         return CorruptionError(f"checkpoint {self.ckpt}, page {page} (gpa {page * PAGE_SIZE:#x}), blob {blob}: "
                                f"{why}{then}",
@@ -280,7 +346,7 @@ def fill(store, ckpt: int, addr: int, npages: int) -> bool:
     except LazyUnavailable:
         return False
     try:
-        lz.start()
+        lz.start(eager=True)
         lz.wait()
     except LazyUnavailable:
         return False        # pages placed so far hold their right content: the caller fills the rest

@@ -37,6 +37,7 @@ from .codec import PAGE_SIZE, content_hash
 from .connection import Connections, sqlite_errors
 from .deferred import numpy as np
 from .errors import CorruptionError, InvalidArgumentError, StoreError, UnknownCheckpointError
+from .formats import ids_sql
 
 if TYPE_CHECKING:
     from .packs import Catalog
@@ -71,13 +72,13 @@ class CheckpointInfo:
 
 @dataclass
 class PageIndex:
-    """Checkpoint ``ckpt``'s image as blob ids (0 = zero page) with the
-    catalogue that locates and checks each blob (see :meth:`Store.page_index`)."""
+    """Where checkpoint ``ckpt``'s image is: its path's page maps, its digest,
+    and the directory of the packs that hold the blobs (see :meth:`Store.page_index`)."""
     ckpt: int
     path: list
-    blob: np.ndarray      # (page_count,) int64
-    catalog: Catalog
-    recent: np.ndarray    # pages the newest checkpoints changed, newest first
+    maps: np.ndarray      # (2, len(path)) int64: checkpoint and entries of each page map
+    digest: int           # the checkpoint's recorded digest (128 bits)
+    packs: np.ndarray     # (3, packs) int64: id, first blob id, blob count; by first id
 
 
 class Store:
@@ -423,25 +424,35 @@ class Store:
                     self._index.fill(conn, cat, part, out, path[-1], lo, zero_rest=False)
                 yield lo, out, nonzero
 
-    def page_index(self, ckpt: int, *, recent: int = 4, recent_max: int = 1 << 16) -> "PageIndex":
-        """What a lazy restore (storage/lazy.py) serves pages from: the
-        checkpoint's blob per page (maps merged and checked against its
-        digest, as for :meth:`materialize`) and the catalogue, plus the pages
-        the newest ``recent`` checkpoints of its path changed, newest first
-        (at most ``recent_max``): the likely working set."""
+    def page_index(self, ckpt: int) -> "PageIndex":
+        """What a lazy restore (storage/lazy.py) serves pages from, read in time
+        independent of the guest's size: the checkpoint's path, the leading
+        columns of its page maps (checkpoint, entries), its recorded digest
+        and the directory of packs (id, first blob id, count: the columns
+        before the arrays, so no overflow page is read).
+        Neither the maps' arrays nor the blob catalogue are read here: the
+        lazy handler (storage/native/lazyfault.c) merges and checks the maps,
+        reads a pack's metadata when it first needs one of its blobs, and
+        checks the image against the digest, beside the guest."""
         with self._conns.read() as conn:
             path = tree.path_in(conn, ckpt)
-            cat = self._index.catalog(conn)
-            view = self._index.view(conn, path)
-            from .formats import MAP_COLUMNS, ids_sql, parse_map
-            newest = path[1:][::-1][:recent]               # never the base: it is all of memory
+            ckpt = path[-1]
+            row = conn.execute("SELECT digest FROM checkpoints WHERE id = ?", (ckpt,)).fetchone()
+            if row is None or not isinstance(row[0], bytes) or len(row[0]) != 16:
+                raise CorruptionError(f"checkpoint {ckpt}: its row or digest is missing (damaged index)",
+                                      checkpoint=ckpt)
             rows = {r[0]: r for r in conn.execute(
-                f"SELECT {MAP_COLUMNS} FROM maps WHERE ckpt IN ({ids_sql(newest)})")}
-        parts = [parse_map(rows[c], self.page_count, reading=path[-1])[0] for c in newest if c in rows]
-        hot = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        _, first = np.unique(hot, return_index=True)
-        hot = hot[np.sort(first)][:recent_max]
-        return PageIndex(path[-1], path, view.blob, cat, np.ascontiguousarray(hot, np.int64))
+                f"SELECT ckpt, n FROM maps WHERE ckpt IN ({ids_sql(path)})")}
+            packs = conn.execute("SELECT id, first, n FROM packs").fetchall()
+        from .lazy import pack_directory
+        maps = np.zeros((2, len(path)), np.int64)
+        for i, c in enumerate(path):
+            r = rows.get(c)
+            if r is None or not (type(r[1]) is int and 0 <= r[1] <= self.page_count):
+                raise CorruptionError(f"checkpoint {ckpt}: the page map of checkpoint {c} "
+                                      f"is {'missing' if r is None else 'damaged'}", checkpoint=ckpt)
+            maps[:, i] = c, r[1]
+        return PageIndex(ckpt, path, maps, codec.digest_from_bytes(row[0]), pack_directory(packs))
 
     def read(self, ckpt: int, gpa: int, length: int) -> bytes:
         """``length`` bytes of guest memory at guest-physical ``gpa`` as of ``ckpt``."""

@@ -206,6 +206,39 @@ def test_restore_c_program_from_middle_checkpoints_equals_native(cc, tmp_path):
     _check_restores(store, nat, sync[len(sync) // 5:], rng, k=3, replay_branch=True)
 
 
+@pytest.mark.kvm
+def test_lazy_restore_of_a_program_equals_native_and_eager(cc, tmp_path):
+    """restore --lazy of a program guest: its memory is served through userfaultfd while it
+    runs (the driver's reads of system call arguments are faults too); its output after the
+    checkpoint is the native run's and the eager restore's, and the branch replays lazily."""
+    from storage.lazy import probe
+
+    if probe():
+        pytest.skip(f"lazy restore unavailable here: {probe()}")
+    rng = seeded("lazy program checkpoint")
+    prog = cc("progress", PROGRESS_C)
+    nat = native([prog, "40"])
+    store = tmp_path / "s.db"
+    r = run_program(prog, "40", root=prog.parent, mem="64M", store=store, opts=("--every-syscalls", "3"))
+    assert r.code == 5 and r.raw == nat.out, r.err
+    sync = _ids(checkpoints(store), "sync")
+    c = rng.choice(sync[len(sync) // 4: -1])
+    print(f"restoring checkpoint {c} lazily")
+    before_out, before_err = output(store, c), stored_output(store, c, stderr=True)
+    lazy = _restore(store, c, "--lazy")
+    eager = _restore(store, c)
+    for res in (lazy, eager):
+        assert res.code == nat.code, res.err
+        assert before_out + res.raw == nat.out
+        assert before_err + program_stderr(res.err).encode() == nat.err
+    lazy_json = snapctl("restore", c, "--lazy", "--json", "--store", store)
+    assert lazy_json.code == nat.code, lazy_json.err
+    ends = [k for k in checkpoints(store) if k["trigger"] == "exit"]
+    assert len(ends) >= 3 and all(output(store, k["id"]) == nat.out for k in ends)
+    rep = snapctl("replay", c, "--lazy", "--to", ends[-1]["id"], "--store", store)
+    assert rep.code == 0 and ": match" in rep.out, rep.out + rep.err
+
+
 STDIN_C = r"""
 #include <stdio.h>
 #include <unistd.h>

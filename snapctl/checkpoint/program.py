@@ -26,7 +26,7 @@ from ..program import FILE_PREFIX, LOG, STATE, STDERR, STDOUT, Log, ProgramGuest
 from ..program.kernel import check_state
 from ..kvm.constants import DEFAULT_KVM_PATH, PAGE_SIZE
 from .captures import capture, vcpu_state_name
-from .restoring import load_machine
+from .restoring import lazy_errors, load_machine
 from .schedule import check_common
 from .session import Checkpointer, RunSummary, prepare_new_store
 
@@ -242,8 +242,11 @@ def file_loader(store: Store, ckpts: list[int]):
 
 
 def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path: str = DEFAULT_KVM_PATH,
-                    on_checkpoint=None, replica=None) -> ProgramRun:
-    """Continue the program from ``ckpt`` to its exit (or the schedule's end); new checkpoints branch from it."""
+                    on_checkpoint=None, replica=None, lazy: bool = False) -> ProgramRun:
+    """Continue the program from ``ckpt`` to its exit (or the schedule's end); new checkpoints branch from it.
+    ``lazy``: the program runs while its memory is still being restored (as ``restore --lazy``:
+    guest RAM served through userfaultfd; the driver's own reads of guest memory -- system call
+    arguments, the kernel state it rebuilds -- are faults served like the vCPU's)."""
     sched.validate()
     spec = program_spec(store)
     state = program_state(store, ckpt)
@@ -256,11 +259,13 @@ def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path
         driver = ProgramGuest.resuming(spec, state, file_loader(store, store.path(ckpt)), live_output=True, stdin=stdin)
         if replica is not None:
             replica.bind_output(driver.output)
-        with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver) as m:
+        with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver, lazy=lazy) as m, lazy_errors(m):
             driver.restore()
             cp = Checkpointer(m, store, ckpt, on_checkpoint,
                               after_commit=replica.after_commit if replica is not None else None)
             seconds = _loop(m, cp, driver, sched)
+            if m.lazy is not None:
+                cp.summary.lazy = m.lazy.stats()
             return _result(driver, cp.summary, spec, seconds, ckpt)
     finally:
         stdin.close()
@@ -322,7 +327,7 @@ class ProgramReplay:
 
 
 def replay_program(store: Store, source: int, target: int, *, kvm_path: str = DEFAULT_KVM_PATH,
-                   timeout: float | None = None) -> ProgramReplay:
+                   timeout: float | None = None, lazy: bool = False) -> ProgramReplay:
     """Restore ``source`` and re-execute to ``target`` feeding back the recorded outside-world
     results; compare what the target's trigger allows (see ``compared``)."""
     spec = program_spec(store)
@@ -338,7 +343,7 @@ def replay_program(store: Store, source: int, target: int, *, kvm_path: str = DE
     trigger = info.trigger
     entries = Log.parse(streams(store, between, LOG))
     driver = ProgramGuest.resuming(spec, sstate, file_loader(store, path), live_output=False)
-    with load_machine(store, source, kvm_path=kvm_path, driver=driver) as m:
+    with load_machine(store, source, kvm_path=kvm_path, driver=driver, lazy=lazy) as m, lazy_errors(m):
         driver.restore()
         driver.kernel.log.replay(entries)
         t_count = int(tstate["syscalls"])

@@ -19,8 +19,9 @@ int64_t pc_image_digest(int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, uintp
 int64_t lz_uffd_open(void);
 int64_t lz_uffd_register(int64_t, uintptr_t, int64_t);
 int64_t lz_uffd_unregister(int64_t, uintptr_t, int64_t);
-uintptr_t lz_create(int64_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, int64_t,
-                    uintptr_t, uintptr_t, const char *);
+uintptr_t lz_create(int64_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, int64_t, int64_t, uintptr_t,
+                    int64_t, uintptr_t, uintptr_t, uintptr_t, const char *);
+void lz_set_fatal(uintptr_t, int64_t, const char *, const char *, int64_t, int64_t);
 int64_t lz_fill_now(uintptr_t, int64_t, int64_t);
 int64_t lz_start(uintptr_t, int64_t);
 void lz_join_background(uintptr_t);
