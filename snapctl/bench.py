@@ -204,7 +204,7 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
         t_lz4.append(time.perf_counter() - t0)
     mbps_pipe, mbps_lz4 = total / MB / min(t_pipe), total / MB / min(t_lz4)
     from storage import pageloops
-    return {"pages": total // 4096, "repeats": repeats, "page_loops": pageloops.KIND,
+    return {"pages": total // 4096, "repeats": repeats, "page_loops": pageloops.kind(),
             "pipeline_mb_s": round(mbps_pipe, 1),
             "pipeline_mb_s_runs": [round(total / MB / t, 1) for t in t_pipe],
             "lz4_mb_s": round(mbps_lz4, 1), "ratio": _ratio(mbps_pipe, mbps_lz4), "goal": ">= 0.6"}
@@ -412,7 +412,7 @@ def restore_cost(quick: bool) -> dict:
     t_floor = min(floors)
     t_fault = fault_in_ms(mem)
     from storage import pageloops
-    return {"mem_mb": mem // MB, "chain": n, "page_loops": pageloops.KIND,
+    return {"mem_mb": mem // MB, "chain": n, "page_loops": pageloops.kind(),
             "restore_last_ms": round(t_last, 1), "restore_first_ms": round(t_first, 1),
             "decompress_floor_ms": round(t_floor, 1), "nonzero_pages": int(nonzero.shape[0]),
             "fault_in_ms": round(t_fault, 1),

@@ -132,9 +132,9 @@ def probe() -> str:
     """'' when lazy restore can work here, else why not (one line)."""
     if os.environ.get("SNAPCTL_NO_USERFAULTFD", "") not in ("", "0"):
         return "userfaultfd is disabled (SNAPCTL_NO_USERFAULTFD is set)"
-    if not pageloops.NATIVE:
-        return f"lazy restore needs the C extension (the store runs {pageloops.KIND})"
-    fd = int(pageloops._lib.lz_uffd_open())
+    if not pageloops.loaded():
+        return f"lazy restore needs the C extension (the store runs {pageloops.kind()})"
+    fd = int(pageloops.library().lz_uffd_open())
     if fd < 0:
         return f"userfaultfd is not available here ({os.strerror(-fd)})"
     os.close(fd)
@@ -156,7 +156,7 @@ class LazyImage:
             raise LazyUnavailable(why)
         if npages != store.page_count:
             raise StoreError(f"memory of {npages} pages for a store of {store.page_count}")
-        self._lib = pageloops._lib
+        self._lib = pageloops.library()
         self.index = store.page_index(ckpt)
         self.ckpt = self.index.ckpt
         self._maps = np.ascontiguousarray(self.index.maps)
@@ -170,8 +170,9 @@ class LazyImage:
         self._dir_ptrs = np.array([self._dir[i].ctypes.data for i in range(3)], np.uint64)
         d = self.index.digest
         self._digest = np.array([d & ((1 << 64) - 1), (d >> 64) & ((1 << 64) - 1)], np.uint64)
-        self._fns = np.array([pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, int(pageloops._ENC_FNS[5])]
-                             + _sqlite_fns(), np.uint64)
+        fns = pageloops.functions()
+        self._fns = np.array([fns[f] for f in ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict",
+                                               "XXH3_128bits", "XXH3_64bits")] + _sqlite_fns(), np.uint64)
         self._ctx = 0
         self._last: dict | None = None
         self._uffd = -1
