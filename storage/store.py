@@ -37,7 +37,6 @@ from .codec import PAGE_SIZE, content_hash
 from .connection import Connections, sqlite_errors
 from .deferred import numpy as np
 from .errors import CorruptionError, InvalidArgumentError, StoreError, UnknownCheckpointError
-from .formats import ids_sql
 
 if TYPE_CHECKING:
     from .packs import Catalog
@@ -434,6 +433,7 @@ class Store:
         lazy handler (storage/native/lazyfault.c) merges and checks the maps,
         reads a pack's metadata when it first needs one of its blobs, and
         checks the image against the digest, beside the guest."""
+        from .formats import ids_sql
         with self._conns.read() as conn:
             path = tree.path_in(conn, ckpt)
             ckpt = path[-1]
