@@ -178,30 +178,45 @@ def _summary_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
+class _Bar:
+    """What ``_progress`` yields: ``bar(n=1, info="")`` advances; ``bar.to(done,
+    total)`` is the ``progress`` callback the store's long operations take
+    (``total`` None while it cannot be known: vacuum)."""
+
+    def __init__(self, prog=None, task=None):
+        self._prog, self._task = prog, task
+
+    def __call__(self, n: int = 1, info: str = "") -> None:
+        if self._prog is not None:
+            self._prog.update(self._task, advance=n, info=info)
+
+    def to(self, done: int, total: int | None) -> None:
+        if self._prog is not None:
+            self._prog.update(self._task, completed=done, total=total)
+
+
 @contextmanager
-def _progress(total: int | None, label: str, quiet: bool, *, live: bool = False):
+def _progress(total: int | None, label: str, quiet: bool, *, live: bool = False, bar: bool | None = None):
     """A progress bar with ETA on stderr, only when stderr is a terminal (else
-    nothing, not even a blank line). Yields ``advance(n=1, info="")``; with
-    ``total=None`` a spinner with the elapsed time (no ETA can be known)."""
+    nothing, not even a blank line). Yields a ``_Bar``. ``total=None`` with
+    ``bar`` false: a spinner with the elapsed time (no ETA can be known);
+    with ``bar`` true the total comes later through ``_Bar.to``."""
     if quiet or not _tty(sys.stderr):
-        yield lambda n=1, info="": None
+        yield _Bar()
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
+    if bar is None:
+        bar = total is not None
     cols = ([TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-             TextColumn("eta"), TimeRemainingColumn()] if total is not None else
+             TextColumn("eta"), TimeRemainingColumn()] if bar else
             [SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()])
     if live:
         cols.append(TextColumn("{task.fields[info]}"))
     with Progress(*cols, console=Console(stderr=True, highlight=False), transient=True) as prog:
-        task = prog.add_task(R.safe(label), total=total, info="")
-
-        def advance(n: int = 1, info: str = "") -> None:
-            prog.update(task, advance=n, info=info)
-
-        yield advance
+        yield _Bar(prog, prog.add_task(R.safe(label), total=total, info=""))
 
 
 def _live(advance):
@@ -817,8 +832,8 @@ def core(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or tag.
 def verify(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     """Check every blob, reference, tree link and digest; exit 1 if anything is damaged."""
     with _open(store) as st:
-        with _progress(None, "verifying", as_json):
-            rep = st.verify()
+        with _progress(None, "verifying", as_json, bar=True) as bar:
+            rep = st.verify(progress=bar.to)
     checked = rep.checked
     if as_json:
         R.print_json({"ok": rep.ok, "problems": list(rep.problems), "checked": checked})
@@ -883,11 +898,11 @@ def _remove(store: Optional[str], select, *, keep_tagged: bool, dry_run: bool, y
                 _removal_text(preview, before, before, True)
             return
         _confirm(preview, yes, as_json)
-        with _progress(None, f"{what}: rewriting the kept checkpoints' maps", as_json):
-            rep = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged)
+        with _progress(None, f"{what}: rewriting the kept checkpoints' maps", as_json, bar=True) as bar:
+            rep = st.prune(keep_last=keep_last, keep_ids=keep_ids, keep_tagged=keep_tagged, progress=bar.to)
         if vacuum:
-            with _progress(None, "vacuum: compacting the store file", as_json):
-                st.vacuum()
+            with _progress(None, "vacuum: compacting the store file", as_json) as bar:
+                st.vacuum(progress=bar.to)
     after = _file_bytes(path)
     if as_json:
         R.print_json(R.prune_json(rep, before, after))
@@ -1035,8 +1050,8 @@ def vacuum(store: Optional[str] = StoreOpt, as_json: bool = JsonOpt) -> None:
     path = _store_path(store)
     with _open(store, write=True) as st:
         before = _file_bytes(path)
-        with _progress(None, "vacuum: compacting the store file", as_json):
-            st.vacuum()
+        with _progress(None, "vacuum: compacting the store file", as_json) as bar:
+            st.vacuum(progress=bar.to)
     after = _file_bytes(path)
     if as_json:
         R.print_json({"file_bytes": {"before": before, "after": after}})
@@ -1136,12 +1151,14 @@ def demo(store: Optional[str] = typer.Option(None, "--store", metavar="PATH", he
 # -- entry point: one line per error, never a traceback -------------------------------------------
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from storage import StoreError
+    try:
+        from storage import StoreError
 
-    from .checkpoint.writer import CheckpointWriteError
-    from .kvm import KvmError
-    from .machine import MachineError
-
+        from .checkpoint.writer import CheckpointWriteError
+        from .kvm import KvmError
+        from .machine import MachineError
+    except ImportError:   # e.g. another installed package named `storage` (docs/architecture.md)
+        return (Failure, ImportError, ValueError, OSError)
     return (Failure, StoreError, KvmError, MachineError, CheckpointWriteError, ValueError, OSError)
 
 
@@ -1222,6 +1239,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         _fail(str(e), e.code, as_json)
     except _known_errors() as e:
         msg = str(e) or e.__class__.__name__
+        if isinstance(e, ImportError):
+            msg = f"snapctl is not installed whole: {msg}"
         if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
             msg = f"{e.filename}: {e.strerror}"
         _fail(msg, 1, as_json)

@@ -319,6 +319,20 @@ def test_export_refuses_a_terminal_and_shows_progress_on_one(branched, tmp_path)
     assert r.code == 0 and "export 1" in r.out and "eta" in r.out  # the bar, drawn on stderr
 
 
+
+@kvm
+def test_verify_prune_and_vacuum_show_their_progress_on_a_terminal(branched, tmp_path):
+    """The store reports (done, total) for verify and prune: a bar with a count and an ETA
+    (vacuum cannot know its total: a spinner); nothing of it without a terminal."""
+    store = tmp_path / "p.db"
+    store.write_bytes(Path(branched).read_bytes())
+    r = snapctl("verify", store=store, tty=True)
+    assert r.code == 0 and "verifying" in r.out and "eta" in r.out and re.search(r"\d+/\d+", r.out), r.out
+    r = snapctl("prune", "--keep-last", 1, "--yes", store=store, tty=True)
+    assert r.code == 0 and "rewriting the kept checkpoints' maps" in r.out and "eta" in r.out, r.out
+    r = snapctl("verify", store=store)
+    assert r.code == 0 and "eta" not in r.err and "verifying" not in r.err
+
 # -- 9. no blank line before errors --------------------------------------------------------------
 
 @kvm
