@@ -115,3 +115,21 @@ def test_missing_store_and_directory(tmp_path):
 def test_usage_errors_exit_2():
     one_line_error(snapctl("frobnicate"), 2, "no such command")
     one_line_error(snapctl("show"), 2, "missing argument")
+
+
+def test_another_package_named_storage_is_one_line_not_a_traceback(tmp_path):
+    """`storage` is a generic top-level name (docs/architecture.md): when another
+    installed package of that name shadows snapctl's store, commands say so."""
+    from pathlib import Path
+    shadow = tmp_path / "shadow" / "storage"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("something_else = 1\n")
+    env = {"PYTHONPATH": f"{shadow.parent}:{Path(__file__).resolve().parents[1]}"}
+    r = snapctl("run", "--checkpoints", 1, store=tmp_path / "new.db", env=env, cwd=tmp_path)
+    one_line_error(r, 1, "snapctl is not installed whole")
+    assert str(shadow) in r.err and not (tmp_path / "new.db").exists()
+    (tmp_path / "s.db").write_bytes(b"not looked at")
+    for args in (("list",), ("verify",), ("prune", "--keep-last", 1, "--yes")):
+        r = snapctl(*args, store=tmp_path / "s.db", env=env, cwd=tmp_path)
+        one_line_error(r, 1, "snapctl is not installed whole")
+        assert str(shadow) in r.err and (tmp_path / "s.db").read_bytes() == b"not looked at"
