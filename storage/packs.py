@@ -255,7 +255,7 @@ _PARALLEL_MIN = 4096
 
 class _Jobs:
     """Runs the job of pack ``pid`` inline, or on a two-thread pool with at
-    most four packs in flight, after the jobs of packs ``<= after`` (those
+    most ``pageloops.JOBS_IN_FLIGHT`` packs in flight, after the jobs of packs ``<= after`` (those
     holding its deltas' bases) have finished.  On leaving, waits for all
     (nothing may still write into the caller's array) and raises the first
     job's error."""
@@ -269,7 +269,7 @@ class _Jobs:
             fn(*args)
             return
         k = next((i for i, (p, _) in enumerate(self.pending) if p > after), len(self.pending))
-        self._wait(max(k, len(self.pending) - 3))
+        self._wait(max(k, len(self.pending) - (pageloops.JOBS_IN_FLIGHT - 1)))
         self.pending.append((pid, pageloops.pool().submit(fn, *args)))
 
     def _wait(self, k: int) -> None:

@@ -309,6 +309,10 @@ def _index(idx, n: int) -> np.ndarray:
     return idx
 
 
+#: How many jobs (pack decodes, page encodes, pack inserts) may be in flight at
+#: once: bounds the memory a read or a checkpoint holds beyond its output.
+JOBS_IN_FLIGHT = 4
+
 _pool = None
 _pool_lock = threading.Lock()
 

@@ -83,7 +83,7 @@ def _split_chunks(results, size: int):
                    crcs[lo:hi])
 
 
-def _in_order(pool, fn, args_iter, ahead: int = 4):
+def _in_order(pool, fn, args_iter, ahead: int = pageloops.JOBS_IN_FLIGHT):
     """``fn(*args)`` for each args on ``pool``, results yielded in order, at
     most ``ahead`` running at once; on leaving early, waits for those."""
     from collections import deque
@@ -457,7 +457,7 @@ class CheckpointWriter:
         if self._inserter is None:
             self._inserter = ThreadPoolExecutor(1, thread_name_prefix="snapctl-pack-insert")
         self._inserts.append(self._inserter.submit(self._insert_rows, row, blob))
-        if len(self._inserts) > 4:                 # bound the bytes in flight
+        if len(self._inserts) > pageloops.JOBS_IN_FLIGHT:     # bound the bytes in flight
             self._inserts.pop(0).result()
         end = ends.astype(np.int64)
         self._new_packs.append((PackInfo(pid, self.id, first, n, len(blob), crc),

@@ -33,12 +33,14 @@ import threading
 import lz4.block
 import numpy as np
 
+from ..kvm.constants import PAGE_SIZE
+
 MAGIC = b"SNRP"
 VERSION = 1
 HEADER = struct.Struct("!4sBBHQI")
 MAC_SIZE = 32
 NONCE_SIZE = 16
-PAGE = 4096
+PAGE = PAGE_SIZE
 
 #: frame types
 HELLO, START, CKPT, PAGES, END, ACK, HEARTBEAT, RELEASED, FINISH, REFUSED, SESSION = range(1, 12)

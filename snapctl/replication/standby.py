@@ -27,6 +27,7 @@ from storage import Store
 
 from ..checkpoint.engine import Checkpointer, Schedule, vcpu_state_name
 from ..machine import Machine, MachineConfig, VcpuState
+from ..kvm.constants import DEFAULT_KVM_PATH
 from ..machine.memory import GuestMemory
 from . import protocol as P
 from .primary import write_all
@@ -70,7 +71,7 @@ class StandbyResult:
 
 class Standby:
     def __init__(self, listen: str, store_path: str, *, token: bytes | None = None,
-                 failover_timeout_ms: float = DEFAULT_FAILOVER_MS, kvm_path: str = "/dev/kvm",
+                 failover_timeout_ms: float = DEFAULT_FAILOVER_MS, kvm_path: str = DEFAULT_KVM_PATH,
                  max_sessions: int = 1000):
         self.host, self.port = P.parse_addr(listen)
         self.store_path = store_path
