@@ -345,9 +345,9 @@ def test_a_damaged_map_digest_or_pack_is_one_error_line_lazy_or_eager(fill_store
     _craft(store, how)
     n = len(ok("list", "--json", store=store).json())
     for lazy in (("--lazy",), ()):
-        r = run_cli("restore", 2, *lazy, "--checkpoints", 3, "--every-steps", 1500, store=store)
+        r = snapctl("restore", 2, *lazy, "--checkpoints", 3, "--every-steps", 1500, store=store)
         one_line_error(r, 1, "checkpoint 2", needle)
-    one_line_error(run_cli("replay", 2, "--lazy", "--to", 2, store=store), 1, "checkpoint 2", needle)
+    one_line_error(snapctl("replay", 2, "--lazy", "--to", 2, store=store), 1, "checkpoint 2", needle)
     if how != "digest":      # (a crafted consistent map may be run on for a moment before the digest check)
         assert len(ok("list", "--json", store=store).json()) == n
 
@@ -386,7 +386,7 @@ def test_a_host_thread_reading_a_damaged_page_is_one_error_line_not_a_crash(dama
     import subprocess
     import sys
 
-    from rel_helpers import cli_env
+    from cli_helpers import cli_env
 
     store, blob, page = damaged
     script = tmp_path / "touch.py"
