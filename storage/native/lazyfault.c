@@ -139,6 +139,11 @@ typedef struct {
     int64_t cache_bytes;
     uint64_t tick;
     int64_t last, prev;           /* directory entries of the last two packs looked up */
+    /* The digest terms (storage.codec) of the pages this source decoded
+     * and placed: an eager fill adds them up here instead of a second pass
+     * over the image (lz_finished compares the total with the digest). */
+    unsigned __int128 *term;      /* per page of the run being decoded */
+    unsigned __int128 dsum;
 } lz_src;
 
 typedef int (*lz_dec_fn)(const char *, char *, int, int);
@@ -352,7 +357,8 @@ static int lz_src_open(lz_ctx *c, lz_src *s, const char *path)
     s->blob = NULL;
     s->buf = malloc(2 * LZ_PAGE + 64);
     s->run = malloc((size_t)LZ_RUN * LZ_PAGE);
-    if (!s->buf || !s->run)
+    s->term = malloc((size_t)LZ_RUN * sizeof *s->term);
+    if (!s->buf || !s->run || !s->term)
         return -1;
     /* SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX (one thread per connection) */
     if (c->sq_open(path, &s->db, 0x00000001 | 0x00008000, NULL) != 0)
@@ -379,7 +385,9 @@ static void lz_src_close(lz_ctx *c, lz_src *s)
     s->db = NULL;
     free(s->buf);
     free(s->run);
+    free(s->term);
     s->buf = s->run = NULL;
+    s->term = NULL;
     for (int i = 0; i < s->ncache; i++)
         free(s->cache[i].data);
     s->ncache = 0;
@@ -688,17 +696,34 @@ static int lz_decode_raw(lz_ctx *c, lz_src *s, int64_t page, char *out, lz_blob 
     return 0;
 }
 
+/* Page p's term of the checkpoint's digest (storage.codec: a sum of one
+ * term per non-zero page, from its blob's content hash h), as
+ * lz_check_loop adds it up. */
+static unsigned __int128 lz_term(const lz_ctx *c, int64_t p, const uint8_t *h)
+{
+    uint64_t lo, hi;
+    memcpy(&lo, h, 8);
+    memcpy(&hi, h + 8, 8);
+    if (lo == c->zero_lo && hi == c->zero_hi)
+        return 0;
+    uint64_t k = (uint64_t)p * 0x9E3779B97F4A7C15ULL;
+    return ((unsigned __int128)fmix64(hi ^ (k + 0x632BE59BD9B4E019ULL)) << 64) | fmix64(lo ^ k);
+}
+
 /* Decode page `page` into out; 1 for a zero page (out untouched), 0 when
  * decoded and checked (its content hash), else an error kind (recorded by
  * the caller): on a failure the page is decoded again with every check,
  * to name what is damaged. */
-static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t *blob)
+static int lz_decode_page(lz_ctx *c, lz_src *s, int64_t page, char *out, int64_t *blob,
+                          unsigned __int128 *term)
 {
     lz_blob bl;
     *blob = c->img[page];
     int r = lz_decode_raw(c, s, page, out, &bl, 0);
-    if (r == 1 || (r == 0 && lz_digest_ok(c, out, bl.hash)))
+    if (r == 1 || (r == 0 && lz_digest_ok(c, out, bl.hash))) {
+        *term = r ? 0 : lz_term(c, page, bl.hash);
         return r;
+    }
     if (r == LZE_MISSING || r == LZE_META)
         return r;
     int again = lz_decode_raw(c, s, page, out, &bl, 1);
@@ -726,7 +751,8 @@ static void lz_poison(lz_ctx *c, int64_t page)
  * A page some other thread placed first (EEXIST) counts as placed: its
  * waiters are woken, which the kernel does not do on EEXIST.  A page that
  * cannot be placed (ENOMEM, ...) is poisoned like a damaged one. */
-static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t *counter)
+static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t *counter,
+                    const unsigned __int128 *term, unsigned __int128 *acc)
 {
     int64_t done = 0;
     while (done < n) {
@@ -763,8 +789,11 @@ static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t
             return LZE_UFFD;
         }
         int64_t k = got / LZ_PAGE;
-        for (int64_t i = 0; i < k; i++)
+        for (int64_t i = 0; i < k; i++) {
+            if (term)                        /* placed here: its term counts here (not on EEXIST) */
+                *acc += term[done + i];
             __atomic_store_n(&c->state[page + done + i], 1, __ATOMIC_RELEASE);
+        }
         __atomic_fetch_add(&c->populated, k, __ATOMIC_RELAXED);
         __atomic_fetch_add(counter, k, __ATOMIC_RELAXED);
         if (!src)
@@ -943,13 +972,13 @@ static int lz_serve(lz_ctx *c, lz_src *s, int64_t page, int64_t *counter)
         lz_poison(c, page);                  /* the image failed (err is set) or we stop */
         return LZE_MAP;
     }
-    r = lz_decode_page(c, s, page, s->run, &blob);
+    r = lz_decode_page(c, s, page, s->run, &blob, s->term);
     if (r > 1) {
         lz_fail(c, r, page, blob, 0);
         lz_poison(c, page);
         return r;
     }
-    return lz_place(c, page, 1, r == 1 ? NULL : s->run, counter);
+    return lz_place(c, page, 1, r == 1 ? NULL : s->run, counter, r == 1 ? NULL : s->term, &s->dsum);
 }
 
 static void *lz_fault_loop(void *arg)
@@ -1008,13 +1037,13 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
                && (c->img[p + n] == 0) == zero) {
             if (!zero) {
                 int64_t blob;
-                int r = lz_decode_page(c, s, p + n, s->run + n * LZ_PAGE, &blob);
+                int r = lz_decode_page(c, s, p + n, s->run + n * LZ_PAGE, &blob, s->term + n);
                 if (r) {
                     if (r == 1)
                         break;
                     /* place what decoded so far, then stop at the damage */
                     if (n)
-                        lz_place(c, p, n, s->run, &c->bg_pages);
+                        lz_place(c, p, n, s->run, &c->bg_pages, s->term, &s->dsum);
                     lz_fail(c, r, p + n, blob, 0);
                     lz_poison(c, p + n);
                     return r;
@@ -1026,7 +1055,7 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
             p++;
             continue;
         }
-        int r = lz_place(c, p, n, zero ? NULL : s->run, &c->bg_pages);
+        int r = lz_place(c, p, n, zero ? NULL : s->run, &c->bg_pages, zero ? NULL : s->term, &s->dsum);
         if (r)
             return r;
         p += n;
@@ -1085,6 +1114,15 @@ static void *lz_bg_loop(void *arg)
 static void lz_finished(lz_ctx *c)
 {
     if (__atomic_sub_fetch(&c->bg_left, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (c->eager && !c->err && !c->stop) {
+            /* every page was placed by one of the sources, each adding the
+             * terms of the pages it placed: their total is the image's */
+            unsigned __int128 sum = c->fsrc.dsum + c->csrc.dsum;
+            for (int k = 0; k < LZ_BG; k++)
+                sum += c->bsrc[k].dsum;
+            if ((uint64_t)sum != c->digest_lo || (uint64_t)(sum >> 64) != c->digest_hi)
+                lz_fail(c, LZE_DIGEST, -1, -1, 0);
+        }
         if (c->background && !c->err && !c->stop) {
             c->bg_done_ns = lz_now() - c->t0_ns;
             __atomic_store_n(&c->bg_done, 1, __ATOMIC_RELEASE);
@@ -1108,6 +1146,13 @@ static void *lz_check_loop(void *arg)
     if (!c->eager)                           /* behind the VMM's start */
         setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), LZ_BG_NICE);
     if (lz_build_image(c, s)) {
+        lz_finished(c);
+        return NULL;
+    }
+    if (c->eager) {
+        /* an eager fill decodes every page before it returns: the fill
+         * threads add the digest's terms up as they place the pages
+         * (lz_finished compares), so no second pass over the image */
         lz_finished(c);
         return NULL;
     }
