@@ -15,7 +15,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 
-from . import lock, schema
+from . import lock, schema, tree
 from .errors import CorruptionError, StoreError
 
 #: The WAL is copied back into the main file (in the background) after
@@ -58,6 +58,7 @@ class Connections:
         self._closed = False
         self._wal = None
         self._wal_commits = self._wal_bytes = 0    # since the last WAL copy was started
+        self._tree: tuple | None = None              # (key, id -> parent): see checked_parents
         if wconn is not None:
             # SQLite's automatic WAL checkpoint runs inside COMMIT and copies
             # the whole checkpoint a second time (into the main file) before
@@ -143,6 +144,35 @@ class Connections:
         """COMMIT the write transaction (about ``nbytes`` stored)."""
         self._wconn.execute("COMMIT")
         self._wal_committed(nbytes)
+
+    def _tree_key(self, conn) -> tuple:
+        return conn.total_changes, conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def checked_parents(self, conn) -> dict:
+        """id -> parent of every checkpoint, checked (storage.tree.parents),
+        for a writer inside its write transaction on the write connection.
+        Reading and checking the whole tree per checkpoint made every commit
+        O(checkpoints) in Python (0.2 ms at 300, 3 ms at 4000); so the tree is
+        kept from the last call and reused while nothing else changed the
+        store since: no statement on this connection but the writer's own
+        committed checkpoint (``total_changes``, which also counts rolled-back
+        and maintenance statements) and no commit by any other connection or
+        process (``PRAGMA data_version``).  Otherwise read and checked again."""
+        key = self._tree_key(conn)
+        if self._tree is not None and self._tree[0] == key:
+            return self._tree[1]
+        self._tree = None
+        ps = tree.parents(conn)
+        self._tree = (key, ps)
+        return ps
+
+    def committed_checkpoint(self, conn, ckpt: int, parent: int | None) -> None:
+        """After the COMMIT of a checkpoint whose transaction began with
+        :meth:`checked_parents`: the kept tree gains it."""
+        if self._tree is not None:
+            ps = self._tree[1]
+            ps[ckpt] = parent
+            self._tree = (self._tree_key(conn), ps)
 
     def rollback(self) -> None:
         """ROLLBACK, unless SQLite already did (a failed COMMIT can end the

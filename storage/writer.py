@@ -101,6 +101,17 @@ def _in_order(pool, fn, args_iter, ahead: int = 4):
         pageloops.wait_all([f for f in running if not f.cancelled()])   # errors: already raised
 
 
+def _path(parents: dict, ckpt: int) -> list[int]:
+    """Checkpoint ids from the base to ``ckpt`` in the checked tree ``parents``."""
+    path: list[int] = []
+    node: int | None = ckpt
+    while node is not None:          # parents are older (checked): this ends
+        path.append(node)
+        node = parents[node]
+    path.reverse()
+    return path
+
+
 class CheckpointWriter:
     """Writes one checkpoint inside one transaction (see ``Store.checkpoint``)."""
 
@@ -147,7 +158,7 @@ class CheckpointWriter:
 
     def _begin(self, conn) -> None:
         bi, filename = self._bi, self._filename
-        parents = tree.parents(conn)
+        parents = self._conns.checked_parents(conn)
         if self._parent is None:
             if parents:
                 raise InvalidArgumentError(
@@ -169,7 +180,9 @@ class CheckpointWriter:
         if self._parent is None:
             view = View(np.zeros(self._page_count, np.int64), 0)
         else:
-            view = bi.view(conn, tree.path_in(conn, self._parent), cached=True)
+            # usually the checkpoint just written: no path needed
+            view = bi.cached_view(self._parent) or bi.view(conn, _path(parents, self._parent),
+                                                           cached=True)
         self._pblob = view.blob                   # read-only: the parent image
         self._pdigest = view.digest
         self._blob = view.blob.copy()             # this checkpoint's image
@@ -661,6 +674,7 @@ class CheckpointWriter:
                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                      (str(self._next_blob),))
         self._conns.commit(stats.get("stored_bytes", 0) + len(pages) * 16)
+        self._conns.committed_checkpoint(conn, self.id, self._parent)
         self.stats = stats
         self.digest = codec.digest_hex(digest)
         self._bi.after_commit(cat, kept, self._new_index, self._next_dicts)
