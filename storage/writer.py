@@ -187,8 +187,17 @@ class CheckpointWriter:
         self._pdigest = view.digest
         self._blob = view.blob.copy()             # this checkpoint's image
         self._written = np.zeros(self._page_count, bool)
-        top_blob, top_pack = conn.execute(
-            "SELECT coalesce(max(first + n), 1), coalesce(max(id), 0) FROM packs").fetchone()
+        # The highest blob id any pack row claims: the catalogue (just
+        # brought up to date in this transaction) holds it for every intact
+        # pack up to its max_pack, so SQL adds up only the rows it did not
+        # take whole -- newer ones (none, normally) and damaged ones -- by
+        # rowid, not a scan of every pack row per checkpoint (that grew with
+        # the store: 0.6 ms a checkpoint at 1000 packs).
+        top_pack = conn.execute("SELECT coalesce(max(id), 0) FROM packs").fetchone()[0]
+        top_blob = conn.execute(
+            "SELECT coalesce(max(first + n), 1) FROM packs WHERE id > ? OR id IN "
+            "(SELECT value FROM json_each(?))",
+            (cat.max_pack, json.dumps(sorted(cat.damaged_ids)))).fetchone()[0]
         # Blob ids are never reused (a kept high-water mark): a dropped or
         # pruned pack's ids may still key another Store object's caches.
         top_blob = validate.integer(top_blob, filename, "packs.first + packs.n", 1,
