@@ -4,8 +4,9 @@ Built from the store's parts -- its connections (storage.connection), its
 blob index (storage.index) and the row formats (storage.formats) -- not from
 the Store object.  Pages are deduplicated store-wide by content hash,
 compressed (LZ4, or LZ4 against the page's previous version) in C when
-storage.pageloops is loaded, and joined into packs inserted by a second
-thread while the next pack is encoded.
+storage.pageloops is loaded, and joined into packs; a checkpoint's only
+pack is inserted on the writer's own thread at commit, a larger one's packs
+by a second thread while the next pack is encoded.
 """
 
 from __future__ import annotations
