@@ -619,9 +619,8 @@ def test_a_damaged_pack_rows_blob_ids_are_not_reused(make_store, store_path):
         c.execute("INSERT INTO packs(id, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc) "
                   "VALUES (50, ?, ?, 8, ?, ?, ?, ?, ?, ?, ?, ?)", (cols[0], top + 100, *cols[1:6], cols[6] ^ 1,
                                                                  *cols[7:]))
-    with Store.open(store_path) as again:
-        with again.checkpoint(0, {"step": 1}) as w:
-            w.add_pages([1], random_pages(rng, 1))
+    with Store.open(store_path) as again, again.checkpoint(0, {"step": 1}) as w:
+        w.add_pages([1], random_pages(rng, 1))
     with sqlite3.connect(store_path) as c:
         first = c.execute("SELECT first FROM packs WHERE ckpt = 1").fetchone()[0]
     assert first >= top + 108
