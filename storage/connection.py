@@ -21,8 +21,12 @@ from .errors import CorruptionError, StoreError
 #: The WAL is copied back into the main file (in the background) after
 #: this many commits, or sooner once they stored WAL_CHECKPOINT_BYTES: small
 #: checkpoints then share one copy instead of each paying for its own
-#: before the next may begin (see WalCheckpointer).
-WAL_CHECKPOINT_COMMITS = 8
+#: before the next may begin (see WalCheckpointer).  32, not 8: a writer
+#: that is behind begins the next checkpoint right after a commit, so it
+#: waits for every copy (and its fsync of the main file); with ~160-page
+#: checkpoints that wait averaged 1.5-2.5 ms a checkpoint on a loaded host
+#: at 8 and 0.5-0.7 ms at 32.  The WAL still holds at most 4 MiB of commits.
+WAL_CHECKPOINT_COMMITS = 32
 WAL_CHECKPOINT_BYTES = 4 << 20
 
 
