@@ -15,7 +15,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 
-from . import lock, schema, tree
+from . import lock, schema
 from .errors import CorruptionError, StoreError
 
 #: The WAL is copied back into the main file (in the background) after
@@ -152,9 +152,10 @@ class Connections:
     def _tree_key(self, conn) -> tuple:
         return conn.total_changes, conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def checked_parents(self, conn) -> dict:
-        """id -> parent of every checkpoint, checked (storage.tree.parents),
-        for a writer inside its write transaction on the write connection.
+    def checked_parents(self, conn, load) -> dict:
+        """id -> parent of every checkpoint, checked (``load``:
+        storage.tree.parents, which reads and checks it), for a writer inside
+        its write transaction on the write connection.
         Reading and checking the whole tree per checkpoint made every commit
         O(checkpoints) in Python (0.2 ms at 300, 3 ms at 4000); so the tree is
         kept from the last call and reused while nothing else changed the
@@ -166,7 +167,7 @@ class Connections:
         if self._tree is not None and self._tree[0] == key:
             return self._tree[1]
         self._tree = None
-        ps = tree.parents(conn)
+        ps = load(conn)
         self._tree = (key, ps)
         return ps
 

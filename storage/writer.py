@@ -159,7 +159,7 @@ class CheckpointWriter:
 
     def _begin(self, conn) -> None:
         bi, filename = self._bi, self._filename
-        parents = self._conns.checked_parents(conn)
+        parents = self._conns.checked_parents(conn, tree.parents)
         if self._parent is None:
             if parents:
                 raise InvalidArgumentError(
