@@ -141,6 +141,12 @@ class BlobIndex:
         self.remember_view(ckpt, view)
         return view
 
+    def cached_view(self, ckpt: int) -> View | None:
+        """The view of ``ckpt`` kept by :meth:`remember_view`, if still kept
+        (what ``view(..., cached=True)`` returns first)."""
+        with self._cat_lock:
+            return self._views.get(ckpt)
+
     def remember_view(self, ckpt: int, view: View) -> None:
         with self._cat_lock:
             self._views[ckpt] = view

@@ -43,6 +43,8 @@ class Catalog:
         self.max_pack = 0
         self.n = 1                       # blob ids start at 1; 0 = zero page
         self.packs: dict[int, PackInfo] = {}
+        #: ids of the packs found damaged (their blob ids are not in ``n``)
+        self.damaged_ids: frozenset = frozenset()
         self._alloc(1024)
         self.hash[0] = np.frombuffer(ZERO_HASH, np.uint8)   # blob 0: the zero page
 
@@ -81,6 +83,7 @@ class Catalog:
         # make a long run's commits O(packs).  Only lookups read it.
         new.packs = self.packs
         new.max_pack = max([self.max_pack] + [info.id for info, _ in parsed])
+        new.damaged_ids = self.damaged_ids
         top = max([self.n] + [info.first + info.n for info, a in parsed if a is not None])
         cap = len(self.pack)
         if top > cap:
@@ -98,11 +101,13 @@ class Catalog:
                 continue                 # already here (shared with a newer catalogue)
             if arrays is None:
                 new.packs[info.id] = info
+                new.damaged_ids = new.damaged_ids | {info.id}
                 continue
             sl = slice(info.first, info.first + info.n)
             if ((new.pack[sl] >= 0) & (new.pack[sl] != info.id)).any():
                 new.packs[info.id] = PackInfo(info.id, info.ckpt, info.first, info.n, info.size,
                                               info.crc, damaged="blob ids overlap another pack")
+                new.damaged_ids = new.damaged_ids | {info.id}
                 continue
             new.packs[info.id] = info
             (new.codec[sl], new.base[sl], new.hash[sl], new.start[sl], new.end[sl],

@@ -602,3 +602,25 @@ def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path
     one = max(sizes[:5])
     assert max(sizes) <= 3 * max(one, 1 << 20), sizes   # without the fix: ~60x one checkpoint
     assert st_.verify().ok
+
+
+def test_a_damaged_pack_rows_blob_ids_are_not_reused(make_store, store_path):
+    """The writer finds the highest blob id in use from its catalogue plus the pack rows
+    it did not take whole: a pack whose metadata are damaged still claims its ids."""
+    st_ = make_store(8)
+    rng = np.random.default_rng(7)
+    with st_.checkpoint(None, {"step": 0}) as w:
+        w.add_pages(np.arange(8), random_pages(rng, 8))
+    st_.close()
+    with sqlite3.connect(store_path) as c:
+        top = c.execute("SELECT max(first + n) FROM packs").fetchone()[0]
+        # a second pack row far above every blob id, whose metadata fail their check value
+        cols = c.execute("SELECT ckpt, codecs, bases, hashes, ends, crcs, mchk, size, crc FROM packs").fetchone()
+        c.execute("INSERT INTO packs(id, ckpt, first, n, codecs, bases, hashes, ends, crcs, mchk, size, crc) "
+                  "VALUES (50, ?, ?, 8, ?, ?, ?, ?, ?, ?, ?, ?)", (cols[0], top + 100, *cols[1:6], cols[6] ^ 1,
+                                                                 *cols[7:]))
+    with Store.open(store_path) as again, again.checkpoint(0, {"step": 1}) as w:
+        w.add_pages([1], random_pages(rng, 1))
+    with sqlite3.connect(store_path) as c:
+        first = c.execute("SELECT first FROM packs WHERE ckpt = 1").fetchone()[0]
+    assert first >= top + 108
