@@ -492,7 +492,7 @@ class CheckpointWriter:
                 self._inserts.append(self._inserter.submit(self._insert_rows, *self._held))
                 self._held = None
             self._inserts.append(self._inserter.submit(self._insert_rows, row, blob))
-            if len(self._inserts) > pageloops.JOBS_IN_FLIGHT:     # bound the bytes in flight
+            if len(self._inserts) >= pageloops.JOBS_IN_FLIGHT:    # at most JOBS_IN_FLIGHT, as packs.py/_in_order
                 self._inserts.pop(0).result()
         end = ends.astype(np.int64)
         self._new_packs.append((PackInfo(pid, self.id, first, n, len(blob), crc),
