@@ -26,8 +26,13 @@ def check_id(ckpt, known) -> int:
 def path_in(conn, ckpt: int) -> list[int]:
     """Checkpoint ids from the base to ``ckpt`` inclusive."""
     ps = parents(conn)
-    ckpt = check_id(ckpt, ps)
-    path = []
+    return path_to(ps, check_id(ckpt, ps))
+
+
+def path_to(ps: dict, ckpt: int) -> list[int]:
+    """Checkpoint ids from the base to ``ckpt`` inclusive in the checked tree
+    ``ps`` (child -> parent, as :func:`parents` returns)."""
+    path: list[int] = []
     node: int | None = ckpt
     while node is not None:          # parents are older (validate.tree): this ends
         path.append(node)

@@ -102,17 +102,6 @@ def _in_order(pool, fn, args_iter, ahead: int = pageloops.JOBS_IN_FLIGHT):
         pageloops.wait_all([f for f in running if not f.cancelled()])   # errors: already raised
 
 
-def _path(parents: dict, ckpt: int) -> list[int]:
-    """Checkpoint ids from the base to ``ckpt`` in the checked tree ``parents``."""
-    path: list[int] = []
-    node: int | None = ckpt
-    while node is not None:          # parents are older (checked): this ends
-        path.append(node)
-        node = parents[node]
-    path.reverse()
-    return path
-
-
 class CheckpointWriter:
     """Writes one checkpoint inside one transaction (see ``Store.checkpoint``)."""
 
@@ -182,7 +171,7 @@ class CheckpointWriter:
             view = View(np.zeros(self._page_count, np.int64), 0)
         else:
             # usually the checkpoint just written: no path needed
-            view = bi.cached_view(self._parent) or bi.view(conn, _path(parents, self._parent),
+            view = bi.cached_view(self._parent) or bi.view(conn, tree.path_to(parents, self._parent),
                                                            cached=True)
         self._pblob = view.blob                   # read-only: the parent image
         self._pdigest = view.digest
