@@ -51,6 +51,16 @@ def generation(conn, filename: str) -> int:
     return validate.meta_int({"generation": row[0]}, "generation", filename)
 
 
+def _update(conn, table: str, columns: str, row: tuple) -> None:
+    """UPDATE the ``table`` row whose key (the first of ``columns``) is
+    ``row[0]`` to ``row`` (in ``columns`` order, as map_row/pack_row give it)."""
+    names = [c.strip() for c in columns.split(",")]
+    if len(row) != len(names):
+        raise ValueError(f"a {table} row has {len(names)} columns, not {len(row)}")
+    sets = ", ".join(f"{c} = ?" for c in names[1:])
+    conn.execute(f"UPDATE {table} SET {sets} WHERE {names[0]} = ?", (*row[1:], row[0]))
+
+
 # --- maps: one row per checkpoint -------------------------------------------
 
 def map_row(ckpt: int, pages: np.ndarray, blobs: np.ndarray) -> tuple[int, int, bytes, bytes, int]:
@@ -58,6 +68,11 @@ def map_row(ckpt: int, pages: np.ndarray, blobs: np.ndarray) -> tuple[int, int, 
     ``pages`` (increasing) now hold blobs ``blobs`` (0: the zero page)."""
     pb, bb = np.asarray(pages).astype("<i8").tobytes(), np.asarray(blobs).astype("<i8").tobytes()
     return ckpt, len(pages), pb, bb, check63(_PACK_Q(ckpt), pb, bb)
+
+
+def update_map(conn, row: tuple) -> None:
+    """Rewrite the ``maps`` row of checkpoint ``row[0]`` to ``row`` (a map_row)."""
+    _update(conn, "maps", MAP_COLUMNS, row)
 
 
 def parse_map(row, page_count: int, reading: int | None = None):
@@ -123,6 +138,11 @@ def pack_row(pid: int, ckpt: int, first: int, codecs: np.ndarray, bases: np.ndar
     return (pid, ckpt, first, n, cb, bb, hashes, eb, rb,
             pack_meta_check(pid, first, n, cb, bb, hashes, eb, rb), len(data),
             check63(data) if crc is None else crc)
+
+
+def update_pack(conn, row: tuple) -> None:
+    """Rewrite the ``packs`` row of pack ``row[0]`` to ``row`` (a pack_row)."""
+    _update(conn, "packs", PACK_COLUMNS, row)
 
 
 def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:

@@ -17,7 +17,8 @@ from . import codec, tree, validate
 from .codec import CODEC_LZ4_DELTA
 from .connection import Connections
 from .errors import CorruptionError, InvalidArgumentError
-from .formats import CODEC_FREED, generation, ids_sql, map_row, pack_row
+from .formats import (CODEC_FREED, generation, ids_sql, map_row, pack_row, update_map,
+                      update_pack)
 from .index import BlobIndex
 from .packs import Catalog
 from .verify import VerifyReport, expected_refs, images, load_maps  # noqa: F401 (VerifyReport: its old home)
@@ -125,9 +126,7 @@ def prune(conns: Connections, index: BlobIndex, *, keep_last: int | None = None,
             blobs = image[c][pages]
             report.folded_versions += int(len(np.setdiff1d(pages, maps[c][0])))
             maps[c] = (pages, blobs)
-            ckpt, count, pb, bb, chk = map_row(c, pages, blobs)
-            conn.execute("UPDATE maps SET n = ?, pages = ?, blobs = ?, chk = ? WHERE ckpt = ?",
-                         (count, pb, bb, chk, ckpt))
+            update_map(conn, map_row(c, pages, blobs))
             done += 1
             progress(done, total)
         for c in removed:
@@ -220,8 +219,7 @@ def _compact(conn, cat: Catalog, maps: dict, live: set, progress) -> tuple[int, 
         ends = np.cumsum([len(p) for p in parts])
         blob = b"".join(parts)
         row = pack_row(pid, pk.ckpt, pk.first, codecs, bases, hashes.tobytes(), ends, crcs, blob)
-        conn.execute("UPDATE packs SET codecs = ?, bases = ?, hashes = ?, ends = ?, crcs = ?, "
-                     "mchk = ?, size = ?, crc = ? WHERE id = ?", row[4:] + (pid,))
+        update_pack(conn, row)
         conn.execute("UPDATE pack_data SET data = ? WHERE id = ?", (blob, pid))
         freed += int(dead.sum())
         saved += pk.size - len(blob)
