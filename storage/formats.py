@@ -145,6 +145,16 @@ def update_pack(conn, row: tuple) -> None:
     _update(conn, "packs", PACK_COLUMNS, row)
 
 
+def pack_data_ok(data, info: PackInfo, check=check63) -> bool:
+    """Whether ``data`` (a ``pack_data.data`` value) are pack ``info``'s bytes
+    undamaged: bytes, ``info.size`` long, their check value ``info.crc``.
+    ``check``: the check63 to take (``pageloops.check63`` on a decoding
+    thread, without the GIL); None: type and length only, the check value
+    taken later."""
+    return (isinstance(data, bytes) and len(data) == info.size
+            and (check is None or check(data) == info.crc))
+
+
 def parse_pack_row(row) -> tuple[PackInfo, tuple | None]:
     """A ``packs`` row -> (info, arrays) with arrays = (codec, base, hash,
     start, end, crc), or ``None`` when the metadata are damaged."""

@@ -17,7 +17,7 @@ from . import codec, tree, validate
 from .codec import CODEC_LZ4_DELTA
 from .connection import Connections
 from .errors import CorruptionError, InvalidArgumentError
-from .formats import (CODEC_FREED, generation, ids_sql, map_row, pack_row, update_map,
+from .formats import (CODEC_FREED, generation, ids_sql, map_row, pack_data_ok, pack_row, update_map,
                       update_pack)
 from .index import BlobIndex
 from .packs import Catalog
@@ -205,7 +205,7 @@ def _compact(conn, cat: Catalog, maps: dict, live: set, progress) -> tuple[int, 
         if not dead.any() or dead_bytes * 4 < pk.size:
             continue
         row = conn.execute("SELECT data FROM pack_data WHERE id = ?", (pid,)).fetchone()
-        if row is None or not isinstance(row[0], bytes) or codec.check63(row[0]) != pk.crc:
+        if row is None or not pack_data_ok(row[0], pk):
             continue                     # damaged: leave it for verify to report
         data = row[0]
         keep = ~dead & (cat.pack[ids] >= 0)

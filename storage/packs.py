@@ -25,7 +25,7 @@ from . import pageloops
 from .errors import CorruptionError, StoreError
 # The row formats, defined in formats.py (re-exported here for the callers that know them here).
 from .formats import (CODEC_FREED, MAX_PACK_ID, PACK_COLUMNS, VALID_CODEC, PackInfo,  # noqa: F401
-                      blob_crc, pack_meta_check, parse_pack_row)
+                      blob_crc, pack_data_ok, pack_meta_check, parse_pack_row)
 
 
 class Catalog:
@@ -430,7 +430,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
         def decode(data, lo, mid, hi):
             # the pack's checksum here, on the decoding thread, without the GIL
             info = cat.packs[int(pk_o[lo])]
-            if pageloops.check63(data) != info.crc:
+            if not pack_data_ok(data, info, pageloops.check63):
                 _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
             src = np.frombuffer(data, np.uint8).ctypes.data + st_a[lo:hi]
             k = pageloops.decode(src, ln_a[lo:hi], cd_n[lo:hi], dst_a[lo:hi], da_a[lo:hi],
@@ -478,8 +478,7 @@ def decode_into(conn, cat: Catalog, blobs: np.ndarray, offs: np.ndarray, out: np
             lo, mid, hi = bound_of[pid]
             seen.add(pid)
             info = cat.packs[pid]
-            if not isinstance(data, bytes) or len(data) != info.size \
-                    or (not native and check63(data) != info.crc):
+            if not pack_data_ok(data, info, None if native else check63):   # C: on its thread
                 _check_blob_crcs(cat, order[lo:hi], blobs, data, info, ckpt, page_of)
             if hi > mid and base_pack[mid:hi].max() >= pid:     # only metadata damage can do this
                 i = int(order[mid + int(np.argmax(base_pack[mid:hi]))])
