@@ -73,12 +73,11 @@ def test_old_store_reads_back_pure_python(tmp_path):
 
 
 def _cli(path, *args, json_out=True):
-    env = dict(os.environ, PYTHONPATH=_ROOT)
-    r = subprocess.run([sys.executable, "-m", "snapctl", "--store", path, *args] +
-                       (["--json"] if json_out else []),
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout) if json_out else r.stdout
+    # The one CLI runner (tests/), imported here: the pure-Python child above
+    # imports this module without tests/ on its path.
+    from cli_helpers import ok
+    r = ok(*args, *(["--json"] if json_out else []), store=path)
+    return r.json() if json_out else r.out
 
 
 def test_old_store_through_the_cli(tmp_path):
