@@ -1,10 +1,17 @@
 """The on-disk row formats (docs/store-format.md), in one place.
 
-Every module that reads or writes a ``maps`` or ``packs`` row -- the store,
-the checkpoint writer, verify and prune -- encodes and parses it here, so a
-format change is made once.  Rows parsed here are checked (check values,
-ranges, lengths); a damaged row raises ``CorruptionError`` or is reported as
-damaged, never trusted.
+Every Python module that reads or writes a ``maps`` or ``packs`` row -- the
+store, the checkpoint writer, verify and prune -- encodes and parses it here.
+Rows parsed here are checked (check values, ranges, lengths); a damaged row
+raises ``CorruptionError`` or is reported as damaged, never trusted.
+
+There is a second reader: the lazy-restore handler in C
+(storage/native/lazyfault.c) parses a pack's metadata and ``mchk``
+(``lz_load_pack``, as :func:`parse_pack_row`), a map's ``chk`` (as
+:func:`parse_map`) and the per-blob ``crcs`` (as :func:`blob_crc`) itself.
+A format change is made here *and* there; the damaged-store tests of
+tests/test_lazy_restore.py (and the old-store fixture of
+tests/storage_tests/test_store_compat.py) catch the two disagreeing.
 """
 
 from __future__ import annotations

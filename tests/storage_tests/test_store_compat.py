@@ -108,6 +108,21 @@ def test_old_store_restores_and_replays(tmp_path):
         assert len(new) == 1 and new[0].parent == 6
 
 
+@pytest.mark.kvm
+def test_old_store_restores_lazily(tmp_path):
+    """The same through the lazy-restore handler (storage/native/lazyfault.c),
+    the second reader of the row formats: it parses the old store's maps,
+    pack metadata and check values itself (docs/store-format.md)."""
+    path = unpack(tmp_path)
+    _cli(path, "replay", "2", "--lazy", "--to", "3", json_out=False)
+    lazy = _cli(path, "restore", "6", "--lazy", "--steps", "1000")["lazy"]
+    assert lazy["done"] and lazy["error"] == 0 and lazy["populated"] > 0, lazy
+    with Store.open(path, readonly=True) as st:
+        assert st.verify().ok
+        new = [c for c in st.checkpoints() if c.id not in {f["id"] for f in FACTS["checkpoints"]}]
+        assert len(new) == 1 and new[0].parent == 6
+
+
 def test_new_stores_have_the_old_tables_word_for_word(tmp_path):
     """The tables this code creates are the ones the old store holds, to the
     character (SQLite keeps the CREATE text in the file)."""
