@@ -40,8 +40,8 @@ _VOCAB = np.random.default_rng(12345).integers(0, 256, size=(256, 8), dtype=np.u
 
 def data_pages(rng, n: int) -> np.ndarray:
     """Code/data-like pages: 8-byte tokens from a 256-entry vocabulary with
-    12% random tokens; LZ4 compresses them to ~0.6 (storage-notes.md
-    measured 0.63 on real code/data pages)."""
+    12% random tokens; LZ4 compresses them to ~0.6 (the project's storage
+    notes measured 0.63 on real code/data pages)."""
     tokens = _VOCAB[rng.integers(0, len(_VOCAB), size=(n, PAGE // 8))]
     noise = rng.random((n, PAGE // 8)) < 0.12
     tokens[noise] = rng.integers(0, 256, size=(int(noise.sum()), 8), dtype=np.uint8)

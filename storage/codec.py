@@ -1,6 +1,6 @@
 """Codec numbers, content hashes, check values and the image digest.
 
-Costs per 4 KiB page that shaped the store (storage-notes.md): xxh3_128 is
+Costs per 4 KiB page that shaped the store (the project's storage notes): xxh3_128 is
 0.18 µs, LZ4 block compression 7 µs, decompression ~1.3 µs, and one
 python-lz4 call has ~1 µs of fixed cost.  So: the per-page loops run in C a
 batch at a time (storage/pageloops.py; per-page Python calls only where the
