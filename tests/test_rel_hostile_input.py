@@ -5,6 +5,7 @@ traceback, and no file created or changed (the store, its directory, OUT)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import sqlite3
 import struct
@@ -133,7 +134,9 @@ def _make(kind, path, good):
     elif kind == "older-schema":
         _schema(path, good, SCHEMA_VERSION - 1)
     elif kind == "random-bytes":
-        path.write_bytes(os.urandom(40000))
+        seed = int(os.environ.get("SNAPCTL_TEST_SEED", random.randrange(1 << 30)))
+        print(f"random-bytes seed {seed} (SNAPCTL_TEST_SEED={seed} repeats it)")
+        path.write_bytes(random.Random(seed).randbytes(40000))
 
 
 STORE_FILES = [("dev-zero", "not a regular file"), ("dev-null", "not a regular file"),
