@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .kvm.constants import PAGE_SIZE
 from .machine import Machine, MachineConfig
 
 MB = 1 << 20
@@ -185,7 +186,7 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
     mem = 256 * MB if quick else 1 * GB
     n_ckpt, every = (4, 8000) if quick else (8, 16000)
     cfg, base, caps = _guest_captures("random", mem, n_ckpt, every)
-    total = sum(c.pages.size for c in caps) * 4096
+    total = sum(c.pages.size for c in caps) * PAGE_SIZE
     t_pipe, t_lz4 = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as d:
@@ -204,7 +205,7 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
         t_lz4.append(time.perf_counter() - t0)
     mbps_pipe, mbps_lz4 = total / MB / min(t_pipe), total / MB / min(t_lz4)
     from storage import pageloops
-    return {"pages": total // 4096, "repeats": repeats, "page_loops": pageloops.kind(),
+    return {"pages": total // PAGE_SIZE, "repeats": repeats, "page_loops": pageloops.kind(),
             "pipeline_mb_s": round(mbps_pipe, 1),
             "pipeline_mb_s_runs": [round(total / MB / t, 1) for t in t_pipe],
             "lz4_mb_s": round(mbps_lz4, 1), "ratio": _ratio(mbps_pipe, mbps_lz4), "goal": ">= 0.6"}
@@ -238,7 +239,7 @@ def fault_in_ms(size: int, repeats: int = 3) -> float:
     for _ in range(repeats):
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         a = np.frombuffer(m, np.uint8)
-        half = size // 2 // 4096 * 4096
+        half = size // 2 // PAGE_SIZE * PAGE_SIZE
         spans = [(a.ctypes.data, half), (a.ctypes.data + half, size - half)]
         ok = []
         t0 = time.perf_counter()
@@ -249,7 +250,7 @@ def fault_in_ms(size: int, repeats: int = 3) -> float:
         for t in ts:
             t.join()
         if not all(ok):
-            a[::4096] = 1
+            a[::PAGE_SIZE] = 1
         best = min(best, time.perf_counter() - t0)
         del a
         m.close()
@@ -392,7 +393,7 @@ def restore_cost(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         with Store.create(os.path.join(d, "r.db"), cfg.to_dict()) as st:
             ids = _chain(st, cfg, base, caps)
-            img = np.empty((st.page_count, 4096), np.uint8)
+            img = np.empty((st.page_count, PAGE_SIZE), np.uint8)
             st.materialize(ids[-1], img)
             nonzero_pages = int(img.any(axis=1).sum())
             blobs = [lz4.block.compress(p, store_size=False) for p in img[img.any(axis=1)]]
@@ -409,7 +410,7 @@ def restore_cost(quick: bool) -> dict:
             def floor():
                 t0 = time.perf_counter()
                 for b in blobs:
-                    lz4.block.decompress(b, uncompressed_size=4096)
+                    lz4.block.decompress(b, uncompressed_size=PAGE_SIZE)
                 return (time.perf_counter() - t0) * 1e3
 
             # alternated, best of five each: drift in the host's load and page-fault
@@ -444,7 +445,7 @@ def peers(quick: bool) -> dict:
 
     mem = 256 * MB if quick else 1 * GB
     n = 10 if quick else 30
-    every = int(0.02 * mem / 4096)  # `random` dirties about one new page per step
+    every = int(0.02 * mem / PAGE_SIZE)  # `random` dirties about one new page per step
     cfg, base, caps = _guest_captures("random", mem, n, every)
     out = {"mem_mb": mem // MB, "checkpoints": n,
            "dirty_pages_per_checkpoint": int(_median([c.pages.size for c in caps]))}
@@ -518,7 +519,7 @@ def checkpoint_rate(quick: bool) -> dict:
 
     n = 100 if quick else 300
     cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
-    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    every = int(0.01 * cfg.mem_size / PAGE_SIZE) // 32 * 32
     with tempfile.TemporaryDirectory() as d, Machine(cfg) as m, \
             Store.create(os.path.join(d, "c.db"), cfg.to_dict()) as st:
         cp = Checkpointer(m, st, None)
@@ -563,15 +564,15 @@ def _small_store(path: str) -> None:
     from storage import Store
 
     cfg = MachineConfig(guest="stamp", mem_size=8 * MB)
-    n = cfg.mem_size // 4096
+    n = cfg.mem_size // PAGE_SIZE
     with Store.create(path, cfg.to_dict()) as st:
         with st.checkpoint(parent=None, meta={"step": 0, "steps": [0], "trigger": "base"}) as w:
-            w.add_pages(np.arange(n), np.zeros((n, 4096), np.uint8))
+            w.add_pages(np.arange(n), np.zeros((n, PAGE_SIZE), np.uint8))
         parent = w.id
         for k in range(1, 4):
             pages = np.arange(600, 600 + 16 * k)
             with st.checkpoint(parent=parent, meta={"step": k, "steps": [k], "trigger": "sync"}) as w:
-                w.add_pages(pages, np.full((pages.size, 4096), k, np.uint8))
+                w.add_pages(pages, np.full((pages.size, PAGE_SIZE), k, np.uint8))
             parent = w.id
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from .kvm.constants import PAGE_SIZE
 from .machine import Machine, MachineConfig
 
 MB = 1 << 20
@@ -167,7 +168,7 @@ def _figures(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str
 def replication(quick: bool) -> dict:
     n = 100 if quick else 300
     cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
-    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    every = int(0.01 * cfg.mem_size / PAGE_SIZE) // 32 * 32
     out: dict = {"guest": "random 64 MiB", "checkpoints": n, "dirty_pages_per_checkpoint": every,
                  "link": "loopback"}
     with tempfile.TemporaryDirectory() as d:
