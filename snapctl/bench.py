@@ -115,7 +115,7 @@ def downtime(quick: bool, tracking: str = "ring", dirty: int = 16384, mem: int |
     gather of the same pages from the same memory into a touched buffer, same run.
     With ``precopy`` (and a ring smaller than the dirty set) pages harvested at
     ring-full exits are copied early; the floor is still the full gather."""
-    from .checkpoint.engine import StagingPool, capture
+    from .checkpoint.captures import StagingPool, capture
 
     mem = mem or (256 * MB if quick else 1 * GB)
     repeats = repeats or (5 if quick else 15)
@@ -155,7 +155,7 @@ def _guest_captures(guest: str, mem: int, count: int, every: int, seed: int = 1,
     """Real captures of a guest (sync, every ``every`` steps), detached from the VM.
     ``prefill``: the VMM first fills the data area with random bytes, so every
     checkpoint's image has the same number of non-zero pages."""
-    from .checkpoint.engine import capture
+    from .checkpoint.captures import capture
 
     cfg = MachineConfig(guest=guest, mem_size=mem, seed=seed, steps_per_yield=1 << 62, ring_entries=65536)
     caps = []
@@ -181,7 +181,7 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     mem = 256 * MB if quick else 1 * GB
     n_ckpt, every = (4, 8000) if quick else (8, 16000)
@@ -212,7 +212,7 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
 
 
 def _chain(st, cfg, base, caps):
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
         w.add_pages(np.arange(base.shape[0]), base)
@@ -261,7 +261,7 @@ def _to_first_instruction(st, ckpt: int, lazy: bool) -> tuple[float, "Machine"]:
     """ms from a restore starting (the store already open) to the vCPU threads in KVM_RUN
     (with lazy, the guest's code and stack are in the eagerly filled system area, so it
     executes from there at once); returns the started machine."""
-    from .checkpoint.engine import load_machine
+    from .checkpoint.restoring import load_machine
 
     t0 = time.perf_counter()
     m = load_machine(st, ckpt, lazy=lazy)
@@ -313,7 +313,7 @@ def _flat_store(d: str, mem: int):
     number and 56 random bytes): for comparing restores of different sizes."""
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer
+    from .checkpoint.session import Checkpointer
 
     cfg = MachineConfig(guest="random", mem_size=mem, steps_per_yield=1 << 62, ring_entries=65536)
     path = os.path.join(d, f"flat{mem >> 20}.db")
@@ -380,7 +380,7 @@ def restore_cost(quick: bool) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import load_machine
+    from .checkpoint.restoring import load_machine
 
     mem = 256 * MB if quick else 1 * GB
     n = 20 if quick else 50
@@ -441,7 +441,7 @@ def peers(quick: bool) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     mem = 256 * MB if quick else 1 * GB
     n = 10 if quick else 30
@@ -515,7 +515,8 @@ def checkpoint_rate(quick: bool) -> dict:
     ~1% of memory dirtied between checkpoints, sync checkpoints, background writer."""
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
 
     n = 100 if quick else 300
     cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)

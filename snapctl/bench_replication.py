@@ -59,7 +59,8 @@ def _summary(err: str) -> dict:
 def _run(cfg: MachineConfig, n: int, every: int, path: str, rep=None):
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
     with Machine(cfg) as m, Store.create(path, cfg.to_dict()) as st:
         cp = Checkpointer(m, st, None, after_commit=rep.after_commit if rep else None)
         cp.base()
@@ -147,7 +148,8 @@ def _figures(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str
                      start={"kind": "run", "schedule": {"count": k + 2, "every_steps": 10 * every}})
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
     with Machine(big) as m, Store.create(os.path.join(d, f"big-{tag}.snap"), big.to_dict()) as st:
         cp = Checkpointer(m, st, None, after_commit=rep.after_commit)
         cp.base()

@@ -158,12 +158,11 @@ def test_one_page_size():
     snapctl, keeps its own: they must agree."""
     import storage
     from snapctl import render
-    from snapctl.checkpoint import engine
     from snapctl.kvm.constants import PAGE_SIZE
     from snapctl.machine import layout
 
     assert PAGE_SIZE == storage.PAGE_SIZE == 4096
-    assert layout.PAGE is PAGE_SIZE and engine.PAGE is PAGE_SIZE and render.PAGE_SIZE is PAGE_SIZE
+    assert layout.PAGE is PAGE_SIZE and render.PAGE_SIZE is PAGE_SIZE
 
 
 # The 4096s (0x1000s) in snapctl that are not the page size: (file, text on the line, why).

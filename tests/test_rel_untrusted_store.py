@@ -463,7 +463,7 @@ def test_a_second_writer_process_is_refused_and_a_new_store_is_never_replaced_wh
     """Two `run`s on one path lost a whole run: the second found the first's
     new store without a checkpoint yet and replaced it. The creator holds the
     store's writer lock from creation; replacing waits for its death."""
-    from snapctl.checkpoint.engine import StoreExistsError, prepare_new_store  # noqa: F401
+    from snapctl.checkpoint.session import StoreExistsError, prepare_new_store  # noqa: F401
     from storage import Store, StoreBusyError
 
     path = tmp_path / "s.db"

@@ -395,7 +395,7 @@ def _states_of(cap) -> dict[str, bytes]:
     """The named states ``engine.commit`` writes for a capture."""
     import json
 
-    from ..checkpoint.engine import MACHINE_STATE, vcpu_state_name
+    from ..checkpoint.captures import MACHINE_STATE, vcpu_state_name
     out = {vcpu_state_name(i): st.to_bytes() for i, st in enumerate(cap.vcpus)}
     out[MACHINE_STATE] = json.dumps({"steps": cap.steps}).encode()
     out.update(cap.states)
