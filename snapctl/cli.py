@@ -91,6 +91,16 @@ def _number(text: str, what: str, *, allow_zero: bool = True) -> int:
     return value
 
 
+def _tracking(mode: str) -> None:
+    """--tracking: a mode a store's machine can have (the library's rule), else a usage error."""
+    from .machine.vmm import check_tracking
+
+    try:
+        check_tracking(mode, stored=True)
+    except ValueError:
+        raise typer.BadParameter(f"must be ring or bitmap, got {mode!r}", param_hint="--tracking") from None
+
+
 def _params(items: list[str]) -> dict[str, int]:
     out_: dict[str, int] = {}
     for item in items:
@@ -379,8 +389,7 @@ def run(
     from .checkpoint import run as run_
     from .machine import MachineConfig
 
-    if tracking not in ("ring", "bitmap"):
-        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    _tracking(tracking)
     if program is not None:
         _run_program(program, program_args or [], root, env, stdin_file, argv0, every_syscalls, interval,
                      checkpoints, mem, tracking, store, as_json, (replicate, token_file, replicate_required))
@@ -963,8 +972,7 @@ def dirty_rate(
 
     with _usage():
         check_args(seconds, sample_ms)
-    if tracking not in ("ring", "bitmap"):
-        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    _tracking(tracking)
     ckpt = None
     if from_ is not None:
         with _open(store) as st:
