@@ -930,8 +930,11 @@ def prune(keep_last: Optional[int] = typer.Option(None, "--keep-last", metavar="
     """Remove the other checkpoints (tagged ones and the base are kept); kept ones restore byte for byte as before."""
     if (keep_last is None) == (not keep):
         raise typer.BadParameter("give exactly one of --keep-last N or --keep ID ...", param_hint="--keep-last")
-    if keep_last is not None and keep_last < 1:
-        raise typer.BadParameter(f"must be >= 1, got {keep_last}", param_hint="--keep-last")
+    if keep_last is not None:
+        from .checkpoint.removal import check_keep_last
+
+        with _usage():
+            check_keep_last(keep_last)
     _remove(store, lambda st: (keep_last, [_resolve(st, k) for k in keep]), keep_tagged=True, dry_run=dry_run,
             yes=yes, vacuum=vacuum, as_json=as_json, what="prune")
 
@@ -1008,11 +1011,10 @@ def delete(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or ta
            vacuum: bool = typer.Option(True, "--vacuum/--no-vacuum",
                                        help="Compact the file afterwards, so it shrinks (rewrites the store).")) -> None:
     """Delete one checkpoint (and its tags); its children branch from its parent and restore as before."""
+    from .checkpoint.removal import keep_all_but
+
     def select(st):
-        ckpt = _resolve(st, id)
-        if st.get(ckpt).parent is None:
-            raise Failure(f"checkpoint {ckpt} is the base of the tree; every other checkpoint is stored against it")
-        return None, [c.id for c in st.checkpoints() if c.id != ckpt]
+        return None, keep_all_but(st, _resolve(st, id))
 
     _remove(store, select, keep_tagged=False, dry_run=dry_run, yes=yes, vacuum=vacuum, as_json=as_json, what="delete")
 
