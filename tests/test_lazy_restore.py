@@ -30,7 +30,7 @@ import pytest
 
 from cli_helpers import export_image, ok, one_line_error, snapctl, spawn, stamp_data, stamp_model
 from kvm_helpers import kvm
-from rel_helpers import open_ro, scaled, sigkill, wait_for
+from rel_helpers import open_ro, scaled, seed_for, sigkill, wait_for
 
 MEM = 16 << 20
 SEED = 9
@@ -268,9 +268,7 @@ def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(damaged):
 @kvm
 @lazy_ok
 def test_sigkill_during_a_lazy_restore_leaves_the_store_intact(stamp_store, tmp_path):
-    seed = random.randrange(1 << 30)
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    rng = random.Random(seed_for("lazy sigkill", random.randrange(1 << 30)))
     store = tmp_path / "k.db"
     shutil.copy(stamp_store, store)
     for t in range(scaled(5)):
