@@ -336,12 +336,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     _GLOBAL["store"] = store
 
 
-def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[float], steps: Optional[str] = None):
-    from .checkpoint import Schedule
-
-    sched = Schedule(count=checkpoints, interval_ms=interval,
-                     every_steps=_number(every_steps, "--every-steps") if every_steps else None,
-                     stop_after=_number(steps, "--steps") if steps else None)
+def _schedule(checkpoints: Optional[int], every: Optional[str], interval: Optional[float],
+              steps: Optional[str] = None, *, program: bool = False):
+    """The checkpoint schedule of run/restore: guest steps (``every`` is --every-steps), or
+    for a program (``program``) system calls (``every`` is --every-syscalls); validated."""
+    if program:
+        from .checkpoint.program import ProgramSchedule as Kind
+        per, option = "every_syscalls", "--every-syscalls"
+    else:
+        from .checkpoint import Schedule as Kind
+        per, option = "every_steps", "--every-steps"
+    sched = Kind(count=checkpoints, interval_ms=interval, **{per: _number(every, option) if every else None},
+                 stop_after=_number(steps, "--steps") if steps else None)
     with _usage():
         sched.validate()
     return sched
@@ -424,25 +430,13 @@ def run(
         _kv(_summary_rows(summary), f"run: {R.safe(path)}")
 
 
-def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str], interval: Optional[float],
-                      steps: Optional[str] = None):
-    from .checkpoint.program import ProgramSchedule
-
-    sched = ProgramSchedule(count=checkpoints, interval_ms=interval,
-                            every_syscalls=_number(every_syscalls, "--every-syscalls") if every_syscalls else None,
-                            stop_after=_number(steps, "--steps") if steps else None)
-    with _usage():
-        sched.validate()
-    return sched
-
-
 def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
                  tracking, store, as_json, replication=(None, None, False)) -> None:
     from . import cli_program as P
     from . import cli_replication as RP
     from .checkpoint.program import run_program
 
-    sched = _program_schedule(checkpoints, every_syscalls, interval)
+    sched = _schedule(checkpoints, every_syscalls, interval, program=True)
     spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
     path = _store_path(store)
     rep = RP.replicator(*replication, path, {"kind": "run", "schedule": RP.schedule_dict(sched)})
@@ -568,7 +562,7 @@ def restore(
 
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
-            psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
+            psched = _schedule(checkpoints, every_syscalls, interval, steps, program=True)
             if rep is not None:
                 rep.start_info["schedule"] = RP.schedule_dict(psched)
             res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep, lazy=lazy)
