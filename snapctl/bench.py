@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .kvm.constants import PAGE_SIZE
 from .machine import Machine, MachineConfig
 
 MB = 1 << 20
@@ -114,7 +115,7 @@ def downtime(quick: bool, tracking: str = "ring", dirty: int = 16384, mem: int |
     gather of the same pages from the same memory into a touched buffer, same run.
     With ``precopy`` (and a ring smaller than the dirty set) pages harvested at
     ring-full exits are copied early; the floor is still the full gather."""
-    from .checkpoint.engine import StagingPool, capture
+    from .checkpoint.captures import StagingPool, capture
 
     mem = mem or (256 * MB if quick else 1 * GB)
     repeats = repeats or (5 if quick else 15)
@@ -154,7 +155,7 @@ def _guest_captures(guest: str, mem: int, count: int, every: int, seed: int = 1,
     """Real captures of a guest (sync, every ``every`` steps), detached from the VM.
     ``prefill``: the VMM first fills the data area with random bytes, so every
     checkpoint's image has the same number of non-zero pages."""
-    from .checkpoint.engine import capture
+    from .checkpoint.captures import capture
 
     cfg = MachineConfig(guest=guest, mem_size=mem, seed=seed, steps_per_yield=1 << 62, ring_entries=65536)
     caps = []
@@ -180,12 +181,12 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     mem = 256 * MB if quick else 1 * GB
     n_ckpt, every = (4, 8000) if quick else (8, 16000)
     cfg, base, caps = _guest_captures("random", mem, n_ckpt, every)
-    total = sum(c.pages.size for c in caps) * 4096
+    total = sum(c.pages.size for c in caps) * PAGE_SIZE
     t_pipe, t_lz4 = [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as d:
@@ -204,14 +205,14 @@ def write_throughput(quick: bool, repeats: int = 3) -> dict:
         t_lz4.append(time.perf_counter() - t0)
     mbps_pipe, mbps_lz4 = total / MB / min(t_pipe), total / MB / min(t_lz4)
     from storage import pageloops
-    return {"pages": total // 4096, "repeats": repeats, "page_loops": pageloops.kind(),
+    return {"pages": total // PAGE_SIZE, "repeats": repeats, "page_loops": pageloops.kind(),
             "pipeline_mb_s": round(mbps_pipe, 1),
             "pipeline_mb_s_runs": [round(total / MB / t, 1) for t in t_pipe],
             "lz4_mb_s": round(mbps_lz4, 1), "ratio": _ratio(mbps_pipe, mbps_lz4), "goal": ">= 0.6"}
 
 
 def _chain(st, cfg, base, caps):
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
         w.add_pages(np.arange(base.shape[0]), base)
@@ -238,7 +239,7 @@ def fault_in_ms(size: int, repeats: int = 3) -> float:
     for _ in range(repeats):
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         a = np.frombuffer(m, np.uint8)
-        half = size // 2 // 4096 * 4096
+        half = size // 2 // PAGE_SIZE * PAGE_SIZE
         spans = [(a.ctypes.data, half), (a.ctypes.data + half, size - half)]
         ok = []
         t0 = time.perf_counter()
@@ -249,7 +250,7 @@ def fault_in_ms(size: int, repeats: int = 3) -> float:
         for t in ts:
             t.join()
         if not all(ok):
-            a[::4096] = 1
+            a[::PAGE_SIZE] = 1
         best = min(best, time.perf_counter() - t0)
         del a
         m.close()
@@ -260,7 +261,7 @@ def _to_first_instruction(st, ckpt: int, lazy: bool) -> tuple[float, "Machine"]:
     """ms from a restore starting (the store already open) to the vCPU threads in KVM_RUN
     (with lazy, the guest's code and stack are in the eagerly filled system area, so it
     executes from there at once); returns the started machine."""
-    from .checkpoint.engine import load_machine
+    from .checkpoint.restoring import load_machine
 
     t0 = time.perf_counter()
     m = load_machine(st, ckpt, lazy=lazy)
@@ -312,7 +313,7 @@ def _flat_store(d: str, mem: int):
     number and 56 random bytes): for comparing restores of different sizes."""
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer
+    from .checkpoint.session import Checkpointer
 
     cfg = MachineConfig(guest="random", mem_size=mem, steps_per_yield=1 << 62, ring_entries=65536)
     path = os.path.join(d, f"flat{mem >> 20}.db")
@@ -379,7 +380,7 @@ def restore_cost(quick: bool) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import load_machine
+    from .checkpoint.restoring import load_machine
 
     mem = 256 * MB if quick else 1 * GB
     n = 20 if quick else 50
@@ -392,7 +393,7 @@ def restore_cost(quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         with Store.create(os.path.join(d, "r.db"), cfg.to_dict()) as st:
             ids = _chain(st, cfg, base, caps)
-            img = np.empty((st.page_count, 4096), np.uint8)
+            img = np.empty((st.page_count, PAGE_SIZE), np.uint8)
             st.materialize(ids[-1], img)
             nonzero_pages = int(img.any(axis=1).sum())
             blobs = [lz4.block.compress(p, store_size=False) for p in img[img.any(axis=1)]]
@@ -409,7 +410,7 @@ def restore_cost(quick: bool) -> dict:
             def floor():
                 t0 = time.perf_counter()
                 for b in blobs:
-                    lz4.block.decompress(b, uncompressed_size=4096)
+                    lz4.block.decompress(b, uncompressed_size=PAGE_SIZE)
                 return (time.perf_counter() - t0) * 1e3
 
             # alternated, best of five each: drift in the host's load and page-fault
@@ -440,11 +441,11 @@ def peers(quick: bool) -> dict:
 
     from storage import Store
 
-    from .checkpoint.engine import commit
+    from .checkpoint.captures import commit
 
     mem = 256 * MB if quick else 1 * GB
     n = 10 if quick else 30
-    every = int(0.02 * mem / 4096)  # `random` dirties about one new page per step
+    every = int(0.02 * mem / PAGE_SIZE)  # `random` dirties about one new page per step
     cfg, base, caps = _guest_captures("random", mem, n, every)
     out = {"mem_mb": mem // MB, "checkpoints": n,
            "dirty_pages_per_checkpoint": int(_median([c.pages.size for c in caps]))}
@@ -514,11 +515,12 @@ def checkpoint_rate(quick: bool) -> dict:
     ~1% of memory dirtied between checkpoints, sync checkpoints, background writer."""
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
 
     n = 100 if quick else 300
     cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
-    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    every = int(0.01 * cfg.mem_size / PAGE_SIZE) // 32 * 32
     with tempfile.TemporaryDirectory() as d, Machine(cfg) as m, \
             Store.create(os.path.join(d, "c.db"), cfg.to_dict()) as st:
         cp = Checkpointer(m, st, None)
@@ -563,15 +565,15 @@ def _small_store(path: str) -> None:
     from storage import Store
 
     cfg = MachineConfig(guest="stamp", mem_size=8 * MB)
-    n = cfg.mem_size // 4096
+    n = cfg.mem_size // PAGE_SIZE
     with Store.create(path, cfg.to_dict()) as st:
         with st.checkpoint(parent=None, meta={"step": 0, "steps": [0], "trigger": "base"}) as w:
-            w.add_pages(np.arange(n), np.zeros((n, 4096), np.uint8))
+            w.add_pages(np.arange(n), np.zeros((n, PAGE_SIZE), np.uint8))
         parent = w.id
         for k in range(1, 4):
             pages = np.arange(600, 600 + 16 * k)
             with st.checkpoint(parent=parent, meta={"step": k, "steps": [k], "trigger": "sync"}) as w:
-                w.add_pages(pages, np.full((pages.size, 4096), k, np.uint8))
+                w.add_pages(pages, np.full((pages.size, PAGE_SIZE), k, np.uint8))
             parent = w.id
 
 

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from .kvm.constants import PAGE_SIZE
+
 AWK_LOOP = 'BEGIN{s=0; for(i=0;i<%d;i++) s+=i%%7; print s}'
 GETPID_C = r"""
 #include <unistd.h>
@@ -114,10 +116,10 @@ def compute_bound(quick: bool, tmp: str) -> dict:
 
 
 def _gather_floor(n: int, repeats: int = 5) -> float:
-    mem = np.zeros((65536, 4096), np.uint8)
+    mem = np.zeros((65536, PAGE_SIZE), np.uint8)
     mem[::7] = 1
     idx = np.sort(np.random.default_rng(1).choice(65536, size=max(n, 1), replace=False))
-    out = np.empty((idx.size, 4096), np.uint8)
+    out = np.empty((idx.size, PAGE_SIZE), np.uint8)
     out.fill(0)
     best = float("inf")
     for _ in range(repeats):

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from .kvm.constants import PAGE_SIZE
 from .machine import Machine, MachineConfig
 
 MB = 1 << 20
@@ -58,7 +59,8 @@ def _summary(err: str) -> dict:
 def _run(cfg: MachineConfig, n: int, every: int, path: str, rep=None):
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
     with Machine(cfg) as m, Store.create(path, cfg.to_dict()) as st:
         cp = Checkpointer(m, st, None, after_commit=rep.after_commit if rep else None)
         cp.base()
@@ -146,7 +148,8 @@ def _figures(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str
                      start={"kind": "run", "schedule": {"count": k + 2, "every_steps": 10 * every}})
     from storage import Store
 
-    from .checkpoint.engine import Checkpointer, Schedule
+    from .checkpoint.schedule import Schedule
+    from .checkpoint.session import Checkpointer
     with Machine(big) as m, Store.create(os.path.join(d, f"big-{tag}.snap"), big.to_dict()) as st:
         cp = Checkpointer(m, st, None, after_commit=rep.after_commit)
         cp.base()
@@ -167,7 +170,7 @@ def _figures(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str
 def replication(quick: bool) -> dict:
     n = 100 if quick else 300
     cfg = MachineConfig(guest="random", mem_size=64 * MB, steps_per_yield=32, ring_entries=4096)
-    every = int(0.01 * cfg.mem_size / 4096) // 32 * 32
+    every = int(0.01 * cfg.mem_size / PAGE_SIZE) // 32 * 32
     out: dict = {"guest": "random 64 MiB", "checkpoints": n, "dirty_pages_per_checkpoint": every,
                  "link": "loopback"}
     with tempfile.TemporaryDirectory() as d:

@@ -91,6 +91,16 @@ def _number(text: str, what: str, *, allow_zero: bool = True) -> int:
     return value
 
 
+def _tracking(mode: str) -> None:
+    """--tracking: a mode a store's machine can have (the library's rule), else a usage error."""
+    from .machine.vmm import check_tracking
+
+    try:
+        check_tracking(mode, stored=True)
+    except ValueError:
+        raise typer.BadParameter(f"must be ring or bitmap, got {mode!r}", param_hint="--tracking") from None
+
+
 def _params(items: list[str]) -> dict[str, int]:
     out_: dict[str, int] = {}
     for item in items:
@@ -326,12 +336,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     _GLOBAL["store"] = store
 
 
-def _schedule(checkpoints: int, every_steps: Optional[str], interval: Optional[float], steps: Optional[str] = None):
-    from .checkpoint import Schedule
-
-    sched = Schedule(count=checkpoints, interval_ms=interval,
-                     every_steps=_number(every_steps, "--every-steps") if every_steps else None,
-                     stop_after=_number(steps, "--steps") if steps else None)
+def _schedule(checkpoints: Optional[int], every: Optional[str], interval: Optional[float],
+              steps: Optional[str] = None, *, program: bool = False):
+    """The checkpoint schedule of run/restore: guest steps (``every`` is --every-steps), or
+    for a program (``program``) system calls (``every`` is --every-syscalls); validated."""
+    if program:
+        from .checkpoint.program import ProgramSchedule as Kind
+        per, option = "every_syscalls", "--every-syscalls"
+    else:
+        from .checkpoint import Schedule as Kind
+        per, option = "every_steps", "--every-steps"
+    sched = Kind(count=checkpoints, interval_ms=interval, **{per: _number(every, option) if every else None},
+                 stop_after=_number(steps, "--steps") if steps else None)
     with _usage():
         sched.validate()
     return sched
@@ -379,8 +395,7 @@ def run(
     from .checkpoint import run as run_
     from .machine import MachineConfig
 
-    if tracking not in ("ring", "bitmap"):
-        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    _tracking(tracking)
     if program is not None:
         _run_program(program, program_args or [], root, env, stdin_file, argv0, every_syscalls, interval,
                      checkpoints, mem, tracking, store, as_json, (replicate, token_file, replicate_required))
@@ -415,25 +430,13 @@ def run(
         _kv(_summary_rows(summary), f"run: {R.safe(path)}")
 
 
-def _program_schedule(checkpoints: Optional[int], every_syscalls: Optional[str], interval: Optional[float],
-                      steps: Optional[str] = None):
-    from .checkpoint.program import ProgramSchedule
-
-    sched = ProgramSchedule(count=checkpoints, interval_ms=interval,
-                            every_syscalls=_number(every_syscalls, "--every-syscalls") if every_syscalls else None,
-                            stop_after=_number(steps, "--steps") if steps else None)
-    with _usage():
-        sched.validate()
-    return sched
-
-
 def _run_program(program, args, root, env, stdin_file, argv0, every_syscalls, interval, checkpoints, mem,
                  tracking, store, as_json, replication=(None, None, False)) -> None:
     from . import cli_program as P
     from . import cli_replication as RP
     from .checkpoint.program import run_program
 
-    sched = _program_schedule(checkpoints, every_syscalls, interval)
+    sched = _schedule(checkpoints, every_syscalls, interval, program=True)
     spec = P.spec_from_args(program, args, root, env, stdin_file, argv0)
     path = _store_path(store)
     rep = RP.replicator(*replication, path, {"kind": "run", "schedule": RP.schedule_dict(sched)})
@@ -559,7 +562,7 @@ def restore(
 
             if every_steps is not None:
                 raise typer.BadParameter("a program counts system calls: use --every-syscalls", param_hint="--every-steps")
-            psched = _program_schedule(checkpoints, every_syscalls, interval, steps)
+            psched = _schedule(checkpoints, every_syscalls, interval, steps, program=True)
             if rep is not None:
                 rep.start_info["schedule"] = RP.schedule_dict(psched)
             res = restore_program(st, ckpt, psched, kvm_path=_kvm(), replica=rep, lazy=lazy)
@@ -921,8 +924,11 @@ def prune(keep_last: Optional[int] = typer.Option(None, "--keep-last", metavar="
     """Remove the other checkpoints (tagged ones and the base are kept); kept ones restore byte for byte as before."""
     if (keep_last is None) == (not keep):
         raise typer.BadParameter("give exactly one of --keep-last N or --keep ID ...", param_hint="--keep-last")
-    if keep_last is not None and keep_last < 1:
-        raise typer.BadParameter(f"must be >= 1, got {keep_last}", param_hint="--keep-last")
+    if keep_last is not None:
+        from .checkpoint.removal import check_keep_last
+
+        with _usage():
+            check_keep_last(keep_last)
     _remove(store, lambda st: (keep_last, [_resolve(st, k) for k in keep]), keep_tagged=True, dry_run=dry_run,
             yes=yes, vacuum=vacuum, as_json=as_json, what="prune")
 
@@ -963,8 +969,7 @@ def dirty_rate(
 
     with _usage():
         check_args(seconds, sample_ms)
-    if tracking not in ("ring", "bitmap"):
-        raise typer.BadParameter(f"must be ring or bitmap, got {tracking!r}", param_hint="--tracking")
+    _tracking(tracking)
     ckpt = None
     if from_ is not None:
         with _open(store) as st:
@@ -1000,11 +1005,10 @@ def delete(id: str = typer.Argument(..., metavar="ID", help="Checkpoint id or ta
            vacuum: bool = typer.Option(True, "--vacuum/--no-vacuum",
                                        help="Compact the file afterwards, so it shrinks (rewrites the store).")) -> None:
     """Delete one checkpoint (and its tags); its children branch from its parent and restore as before."""
+    from .checkpoint.removal import keep_all_but
+
     def select(st):
-        ckpt = _resolve(st, id)
-        if st.get(ckpt).parent is None:
-            raise Failure(f"checkpoint {ckpt} is the base of the tree; every other checkpoint is stored against it")
-        return None, [c.id for c in st.checkpoints() if c.id != ckpt]
+        return None, keep_all_but(st, _resolve(st, id))
 
     _remove(store, select, keep_tagged=False, dry_run=dry_run, yes=yes, vacuum=vacuum, as_json=as_json, what="delete")
 

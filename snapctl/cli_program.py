@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional
 
+from .kvm.constants import PAGE_SIZE
+
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
@@ -74,7 +76,7 @@ def render_replay(res, as_json: bool) -> bool:
         print(f"  {line}")
     if res.differing_pages:
         print(f"  {len(res.differing_pages)} pages differ, first: "
-              + ", ".join(f"{p * 4096:#x}" for p in res.differing_pages[:8]))
+              + ", ".join(f"{p * PAGE_SIZE:#x}" for p in res.differing_pages[:8]))
     for k, v in list(res.differing_registers.items())[:8]:
         print(f"  {k}: replayed {v['replayed']:#x}, recorded {v['recorded']:#x}")
     if res.note and res.match:   # on a mismatch the note goes into the one error line

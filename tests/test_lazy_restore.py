@@ -30,7 +30,7 @@ import pytest
 
 from cli_helpers import export_image, ok, one_line_error, snapctl, spawn, stamp_data, stamp_model
 from kvm_helpers import kvm
-from rel_helpers import open_ro, scaled, sigkill, wait_for
+from rel_helpers import open_ro, scaled, seed_for, sigkill, wait_for
 
 MEM = 16 << 20
 SEED = 9
@@ -82,7 +82,8 @@ def test_lazy_branches_equal_eager_branches_and_the_model(stamp_store, tmp_path)
 def _lazy_machine(st, ckpt, *, background: bool, system_first: bool = True):
     """load_machine(lazy=True), optionally without the background fill (every page from a fault)
     and without filling the system area first (page tables, code, mailbox from faults too)."""
-    from snapctl.checkpoint.engine import VcpuState, vcpu_state_name
+    from snapctl.checkpoint.captures import vcpu_state_name
+    from snapctl.machine import VcpuState
     from snapctl.checkpoint.lazy import serve_lazily
     from snapctl.machine import Machine, MachineConfig
 
@@ -150,7 +151,7 @@ def test_placed_pages_are_not_dirty_and_guest_writes_are(stamp_store):
 def test_a_checkpoint_right_after_a_lazy_start_is_exact(stamp_store, tmp_path):
     """The checkpoint's gather, the mailbox reads and a full read of RAM run on Python threads
     that hold the GIL while they fault; the GIL-free handler serves them."""
-    from snapctl.checkpoint.engine import capture, commit
+    from snapctl.checkpoint.captures import capture, commit
     from storage import Store
 
     store = tmp_path / "c.db"
@@ -248,7 +249,7 @@ def test_a_damaged_page_stops_the_vm_with_one_error_line(damaged):
 @kvm
 @lazy_ok
 def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(damaged):
-    from snapctl.checkpoint.engine import lazy_errors
+    from snapctl.checkpoint.restoring import lazy_errors
     from storage import CorruptionError, Store
 
     store, blob, page = damaged
@@ -267,9 +268,7 @@ def test_a_vcpu_touching_a_damaged_page_never_runs_on_it(damaged):
 @kvm
 @lazy_ok
 def test_sigkill_during_a_lazy_restore_leaves_the_store_intact(stamp_store, tmp_path):
-    seed = random.randrange(1 << 30)
-    print(f"seed {seed}")
-    rng = random.Random(seed)
+    rng = random.Random(seed_for("lazy sigkill", random.randrange(1 << 30)))
     store = tmp_path / "k.db"
     shutil.copy(stamp_store, store)
     for t in range(scaled(5)):

@@ -8,7 +8,10 @@ import pytest
 from guest_models import DATA_GPA, PAGE, data_split, stamp_image
 from kvm_helpers import kvm
 from snapctl.checkpoint import captures
-from snapctl.checkpoint.engine import Capture, Checkpointer, CheckpointWriteError, Schedule, merge
+from snapctl.checkpoint.captures import Capture, merge
+from snapctl.checkpoint.schedule import Schedule
+from snapctl.checkpoint.session import Checkpointer
+from snapctl.checkpoint.writer import CheckpointWriteError
 from snapctl.machine import Machine, MachineConfig
 from storage import Store
 

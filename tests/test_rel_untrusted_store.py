@@ -197,6 +197,14 @@ def test_a_trigger_cannot_destroy_page_data_through_tag(base, tmp_path):
     assert n > 0
 
 
+def test_replay_names_a_forged_target_steps(base, tmp_path):
+    """replay's reachability check reads meta.steps through checked_info: a text in the
+    target alone (the source is fine) was a TypeError traceback."""
+    store = copy_store(base, tmp_path / "s.db")
+    sql(store, "UPDATE checkpoints SET meta = json_set(meta, '$.steps', json('[\"x\"]')) WHERE id = 2")
+    one_line_error(snapctl("replay", 1, "--to", 2, store=store, timeout=60), 1, "meta.steps")
+
+
 def test_forged_loops_are_named(base, tmp_path):
     for key, needle in (("parent-cycle", "parent"), ("root-is-its-own-parent", "parent"),
                         ("parent-99", "parent 99"), ("tag-names-99", "unknown checkpoint 99")):
@@ -463,7 +471,7 @@ def test_a_second_writer_process_is_refused_and_a_new_store_is_never_replaced_wh
     """Two `run`s on one path lost a whole run: the second found the first's
     new store without a checkpoint yet and replaced it. The creator holds the
     store's writer lock from creation; replacing waits for its death."""
-    from snapctl.checkpoint.engine import StoreExistsError, prepare_new_store  # noqa: F401
+    from snapctl.checkpoint.session import StoreExistsError, prepare_new_store  # noqa: F401
     from storage import Store, StoreBusyError
 
     path = tmp_path / "s.db"

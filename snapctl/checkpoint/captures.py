@@ -62,6 +62,14 @@ class Capture:
         self.release()
         return self
 
+    def named_states(self) -> dict[str, bytes]:
+        """The named states a checkpoint of this capture holds: each vCPU's, the
+        machine's (guest steps), then the capture's own (``states``)."""
+        out = {vcpu_state_name(i): st.to_bytes() for i, st in enumerate(self.vcpus)}
+        out[MACHINE_STATE] = json.dumps({"steps": self.steps}).encode()
+        out.update(self.states)
+        return out
+
     def page_count(self) -> int:
         if not self.early:
             return int(self.pages.size)
@@ -196,10 +204,7 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         for pages, data in cap.early:  # pre-copied first: the pause's fresh copies win
             w.add_pages(pages, data)
         w.add_pages(cap.pages, cap.data)
-        for i, st in enumerate(cap.vcpus):
-            w.add_state(vcpu_state_name(i), st.to_bytes())
-        w.add_state(MACHINE_STATE, json.dumps({"steps": cap.steps}).encode())
-        for name, blob in cap.states.items():
+        for name, blob in cap.named_states().items():
             w.add_state(name, blob)
         stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})

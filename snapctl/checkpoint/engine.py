@@ -1,5 +1,7 @@
 """The checkpoint pipeline: run, restore, replay -- the names, from the modules that hold them.
 
+The public facade for code outside snapctl; snapctl itself imports from the modules below.
+
 One checkpoint:  pause every vCPU (a kick for async, a hold at the guest's
 yield for sync) -> collect the dirty set (ring/bitmap harvest + pages
 harvested at ring-full exits + the VMM's own writes) and reset, which
@@ -20,8 +22,6 @@ transaction (hash, dedup, compress) while the guest runs on.
 
 from __future__ import annotations
 
-from ..kvm.constants import PAGE_SIZE as PAGE  # noqa: F401 - the name this module always offered
-from ..machine import VcpuState  # noqa: F401
 from .captures import (MACHINE_STATE, STREAM_PREFIX, Capture, StagingBuffer, StagingPool, capture, commit,
                        merge, vcpu_state_name)
 from .replaying import ReplayResult, ReplayUnreachable, check_reachable, next_in_branch, replay, unreachable

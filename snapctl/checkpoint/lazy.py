@@ -23,7 +23,7 @@ from storage.lazy import LazyImage, LazyUnavailable, probe
 
 from ..machine import layout as L
 
-__all__ = ["LazyUnavailable", "probe", "serve_lazily", "lazy_cause"]
+__all__ = ["LazyUnavailable", "probe", "serve_lazily"]
 
 
 def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_first: bool = True) -> LazyImage:
@@ -45,9 +45,3 @@ def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_f
     machine.lazy = lz
     lz.start(background)
     return lz
-
-
-def lazy_cause(machine):
-    """The lazy restore's page failure behind a machine error, or None."""
-    lz = getattr(machine, "lazy", None)
-    return lz.error() if lz is not None else None

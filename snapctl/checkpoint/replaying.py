@@ -42,14 +42,22 @@ def next_in_branch(store: Store, ckpt: int) -> int:
     return min(kids)
 
 
+def _steps(info) -> list[int]:
+    """A checkpoint's guest steps per vCPU (``info`` from :func:`checked_info`)."""
+    return list(info.meta.get("steps") or [info.step])
+
+
+def _behind(t_steps: list[int], s_steps: list[int]) -> bool:
+    return any(a < b for a, b in zip(t_steps, s_steps))
+
+
 def unreachable(store: Store, source: int, target: int) -> str:
     """Why re-executing ``source`` cannot reach ``target`` ("" when it can):
-    ``target`` must be ``source`` or a descendant, at or after its guest steps."""
+    ``target`` must be ``source`` or a descendant, at or after its guest steps.
+    A forged record is a ValueError naming it (:func:`checked_info`)."""
     if source not in store.path(target):
         return f"checkpoint {target} is not {source} or a descendant of it (see `snapctl list --tree`)"
-    t, s = store.get(target), store.get(source)
-    t_steps, s_steps = list(t.meta.get("steps") or [t.step]), list(s.meta.get("steps") or [s.step])
-    if any(a < b for a, b in zip(t_steps, s_steps)):
+    if _behind(_steps(checked_info(store.get(target))), _steps(checked_info(store.get(source)))):
         return f"checkpoint {target} is behind {source} in guest steps"
     return ""
 
@@ -78,15 +86,14 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
     if target is None:
         target = next_in_branch(store, source)
     info_s, info_t = checked_info(store.get(source)), checked_info(store.get(target))
-    t_steps = list(info_t.meta.get("steps") or [info_t.step])
-    s_steps = list(info_s.meta.get("steps") or [info_s.step])
+    t_steps = _steps(info_t)
     note = ""
     if source not in store.path(target):
         note = f"checkpoint {target} is not a descendant of {source}"
-    unreachable = any(t < s for t, s in zip(t_steps, s_steps))
+    behind = _behind(t_steps, _steps(info_s))
     with load_machine(store, source, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
         cfg = m.config
-        if not unreachable:
+        if not behind:
             m.run_to_steps(t_steps, at_yield=info_t.trigger in ("sync", "base"), timeout=timeout)
         else:
             note = (note + "; " if note else "") + "target is behind the source in guest steps: not reachable"
@@ -107,5 +114,5 @@ def replay(store: Store, source: int, target: int | None = None, *, kvm_path: st
                 for name in g:
                     if g[name] != w[name]:
                         regs[f"vcpu{i}.{name}"] = (g[name], w[name])
-    match = not differ and not regs and steps == t_steps and not unreachable
+    match = not differ and not regs and steps == t_steps and not behind
     return ReplayResult(source, target, match, steps, t_steps, differ, regs, note, compared)

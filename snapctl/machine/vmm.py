@@ -45,6 +45,15 @@ TRACKING_MODES = ("ring", "bitmap", "none")
 STORED_TRACKING_MODES = ("ring", "bitmap")
 #: ``MachineConfig.guest`` of a guest brought by a :class:`GuestDriver` (a user's program).
 DRIVEN_GUEST = "program"
+
+
+def check_tracking(mode: str, *, stored: bool = False) -> None:
+    """Raise ValueError unless ``mode`` is a tracking mode (``stored``: one a store's machine can have)."""
+    modes = STORED_TRACKING_MODES if stored else TRACKING_MODES
+    if mode not in modes:
+        raise ValueError(f"unknown tracking mode {mode!r}; use one of: {', '.join(modes)}")
+
+
 #: Longest wait without waking the main thread (so that it answers Ctrl-C).
 _WAIT_SLICE = 0.25
 
@@ -70,19 +79,16 @@ class MachineConfig:
 
     def validate(self) -> None:
         validate_mem_size(self.mem_size)
+        check_tracking(self.tracking)
         if self.guest == DRIVEN_GUEST:
             if self.vcpus != 1:
                 raise ValueError(f"a program guest has one vCPU, got {self.vcpus}")
-            if self.tracking not in TRACKING_MODES:
-                raise ValueError(f"unknown tracking mode {self.tracking!r}; use one of: {', '.join(TRACKING_MODES)}")
             if not isinstance(self.program, dict):
                 raise ValueError("a program guest needs its program description")
             return
         guest = G.get_guest(self.guest)
         if not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= L.MAX_VCPUS:
             raise ValueError(f"vCPU count must be 1..{L.MAX_VCPUS}, got {self.vcpus}")
-        if self.tracking not in TRACKING_MODES:
-            raise ValueError(f"unknown tracking mode {self.tracking!r}; use one of: {', '.join(TRACKING_MODES)}")
         if not 1 <= self.seed < (1 << 64):
             raise ValueError(f"seed must be 1..2^64-1 (xorshift never leaves 0), got {self.seed}")
         if not 1 <= self.steps_per_yield < (1 << 63):

@@ -19,7 +19,7 @@ once per page-table page and once per run of physically contiguous pages.
 When a call is costly (``Store.read`` merges the checkpoint's page maps each
 time) and much is read, pass one over a materialized image::
 
-    img = np.empty((store.page_count, 4096), np.uint8); store.materialize(ckpt, img)
+    img = np.empty((store.page_count, PAGE_SIZE), np.uint8); store.materialize(ckpt, img)
     read_phys = lambda gpa, n: img.reshape(-1)[gpa:gpa + n].tobytes()
 """
 

@@ -25,11 +25,12 @@ import struct
 import numpy as np
 
 from ..kvm import structs as S
+from ..kvm.constants import PAGE_SIZE
 from .mm import PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, Vma
 
 KBASE = 0xFFFF_FFFF_8000_0000
 K_GDT = KBASE
-K_TSS = KBASE + 0x1000
+K_TSS = KBASE + PAGE_SIZE
 K_IDT = KBASE + 0x2000
 K_CODE = KBASE + 0x3000          # 256 exception stubs, 16 bytes each
 K_STACK_TOP = KBASE + 0x8000     # 3 pages of exception stack below
@@ -81,7 +82,7 @@ def build_kernel_area(aspace: AddressSpace) -> None:
         struct.pack_into("<HHBBHII", idt, 16 * v, h & 0xFFFF, SEL_KCODE, 0, 0x8E, (h >> 16) & 0xFFFF, h >> 32, 0)
     aspace.write_phys_page_data(K_IDT, bytes(idt))
     aspace.write_phys_page_data(K_CODE, _exception_stubs())
-    aspace.map(Vma(TRAMPOLINE, TRAMPOLINE + 0x1000, PROT_READ | PROT_EXEC, name="[trampoline]"))
+    aspace.map(Vma(TRAMPOLINE, TRAMPOLINE + PAGE_SIZE, PROT_READ | PROT_EXEC, name="[trampoline]"))
     aspace.write_phys_page_data(TRAMPOLINE, bytes([0xE6, PORT_SYSCALL, 0x0F, 0x0B]))   # out %al,$0xF0 ; ud2
 
 

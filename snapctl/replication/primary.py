@@ -257,7 +257,7 @@ class Replicator:
         # An increment: copy what is needed before the capture is released, and let the
         # sender thread encode and send it while this thread commits the next checkpoint.
         cap.flatten()
-        job = (chan, gen, meta, _states_of(cap), cap.pages.copy(), np.array(cap.data[:cap.pages.size]))
+        job = (chan, gen, meta, cap.named_states(), cap.pages.copy(), np.array(cap.data[:cap.pages.size]))
         if self._sender is None:
             self._sender = threading.Thread(target=self._send_loop, name="replication-sender", daemon=True)
             self._sender.start()
@@ -300,7 +300,7 @@ class Replicator:
             data = np.empty((st.page_count, P.PAGE), np.uint8)
             st.materialize(ckpt, data)
         else:
-            st_states = _states_of(cap)
+            st_states = cap.named_states()
             cap.flatten()
             data = cap.data   # the base: all of memory, in page order
         pages = np.flatnonzero(data.any(axis=1))   # zero pages need not travel
@@ -390,13 +390,3 @@ class Replicator:
         return {"standby": self.addr, "checkpoints_sent": self.sent, "last_acknowledged": self.acked,
                 "wire_bytes": self.wire_bytes, "lost": self.lost_reason}
 
-
-def _states_of(cap) -> dict[str, bytes]:
-    """The named states ``engine.commit`` writes for a capture."""
-    import json
-
-    from ..checkpoint.engine import MACHINE_STATE, vcpu_state_name
-    out = {vcpu_state_name(i): st.to_bytes() for i, st in enumerate(cap.vcpus)}
-    out[MACHINE_STATE] = json.dumps({"steps": cap.steps}).encode()
-    out.update(cap.states)
-    return out

@@ -108,10 +108,6 @@ class OutputGate:
         self.release(None)
         self.passthrough = True
 
-    def held_bytes(self) -> int:
-        with self._lock:
-            return sum(len(d) for _, d in self._held)
-
 
 class Releaser:
     """The primary's handle on the releaser process (same interface as OutputGate's

@@ -25,7 +25,9 @@ import numpy as np
 
 from storage import Store
 
-from ..checkpoint.engine import Checkpointer, Schedule, vcpu_state_name
+from ..checkpoint.captures import vcpu_state_name
+from ..checkpoint.schedule import Schedule
+from ..checkpoint.session import Checkpointer
 from ..machine import Machine, MachineConfig, VcpuState
 from ..kvm.constants import DEFAULT_KVM_PATH
 from ..machine.memory import GuestMemory

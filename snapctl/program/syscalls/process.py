@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import struct
 
+from ...kvm.constants import PAGE_SIZE
 from ..kernel import ProgramExit
 from . import s32, syscall, unsupported
 
@@ -166,7 +167,7 @@ def uname(k, buf):
 @syscall(99, "sysinfo", 1)
 def sysinfo(k, buf):
     total = k.mm.memory.size
-    free = k.mm.frames.available * 4096
+    free = k.mm.frames.available * PAGE_SIZE
     k.mm.write(buf, struct.pack("<q3Q6QHHxxxxQQI4x", 0, 0, 0, 0, total, free, 0, 0, 0, 0, 1, 0, 0, 0, 1))
     return 0
 
