@@ -37,12 +37,13 @@ COUNTER = r"""
 #include <stdlib.h>
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 1000;
+    int spin = argc > 2 ? atoi(argv[2]) : 20000;   /* work per line */
     for (int i = 0; i < n; i++) {
         printf("line %d %08x\n", i, i * 2654435761u);
         fflush(stdout);
         if (i % 50 == 0) { fprintf(stderr, "err %d\n", i); }
         volatile unsigned long x = 0;
-        for (int k = 0; k < 20000; k++) x += k;
+        for (int k = 0; k < spin; k++) x += k;
     }
     return 7;
 }
@@ -180,14 +181,17 @@ def test_program_uninterrupted_output_is_exact(hosts, tmp_path, cc):
 def test_kill_standby_primary_goes_on_or_stops_when_required(hosts, tmp_path, cc):
     h = hosts
     exe = cc("counter", COUNTER)
-    nat = native([exe, "600"])
+    # ~ms of work a line, so the program is surely still running when the standby dies (with
+    # 20000 it could finish, every checkpoint acknowledged, between "line 50" and the kill)
+    args = ["600", "10000000"]
+    nat = native([exe, *args])
     for required in (False, True):
         tag = "req" if required else "opt"
         sb, _, _ = start_standby(h, tmp_path, f"standby-{tag}")
         p_out, p_err = tmp_path / f"p-{tag}.out", tmp_path / f"p-{tag}.err"
         pr = h.spawn(h.a, ["run", "--program", exe, "--every-syscalls", "40", "--store",
                            tmp_path / f"primary-{tag}.snap", "--replicate", f"{h.b_addr}:{PORT}",
-                           *(["--replicate-required"] if required else []), "--", "600"], p_out, p_err)
+                           *(["--replicate-required"] if required else []), "--", *args], p_out, p_err)
         wait_for(p_out, "line 50", timeout=TIMEOUT)
         sb.send_signal(signal.SIGKILL)
         sb.wait(30)
