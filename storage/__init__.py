@@ -8,7 +8,7 @@ versions.  Nothing here knows about KVM.  Format: docs/store-format.md.
 from .codec import PAGE_SIZE, ZERO_HASH_HEX
 from .errors import (CorruptionError, InvalidArgumentError, NotAStoreError,
                      SchemaVersionError, StoreBusyError, StoreError, UnknownCheckpointError)
-from .schema import FORMAT_NAME, SCHEMA_VERSION
+from .schema import SCHEMA_VERSION
 from .store import CheckpointInfo, Store
 
 #: Imported on first use (``import storage`` stays light for `snapctl list`).
@@ -27,5 +27,5 @@ __all__ = [
     "Store", "CheckpointWriter", "CheckpointInfo", "VerifyReport", "PruneReport",
     "StoreError", "StoreBusyError", "InvalidArgumentError", "NotAStoreError", "SchemaVersionError",
     "CorruptionError", "UnknownCheckpointError",
-    "PAGE_SIZE", "ZERO_HASH_HEX", "SCHEMA_VERSION", "FORMAT_NAME",
+    "PAGE_SIZE", "ZERO_HASH_HEX", "SCHEMA_VERSION",
 ]
