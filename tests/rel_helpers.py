@@ -126,11 +126,5 @@ def wait_for(pred, timeout: float, interval: float = 0.0005) -> bool:
     return pred()
 
 
-def seed_for(test: str, default: int) -> int:
-    """The seed of a random test: ``SNAPCTL_TEST_SEED`` if set (to repeat a run), else
-    ``default``; printed either way (pytest shows it on failure). The same rule as
-    storage_tests' helper of that name."""
-    env = os.environ.get("SNAPCTL_TEST_SEED", "")
-    seed = int(env, 0) if env else int(default)
-    print(f"{test}: seed {seed} (repeat with SNAPCTL_TEST_SEED={seed})")
-    return seed
+# the one seed rule of the suite (SNAPCTL_TEST_SEED repeats a run): storage_tests' helper
+from storage_tests.storage_helpers import seed_for  # noqa: E402,F401
