@@ -214,6 +214,14 @@ class Connections:
             self.claim()
             yield self._wconn
 
+    def wal_status(self) -> dict:
+        """The background WAL copy's counters: copies started since the store was opened,
+        commits since the last one, and whether the last copy was stopped short."""
+        if self._wal is None:
+            return {"copies_started": 0, "commits_since_copy": 0, "incomplete": False}
+        return {"copies_started": self._wal.copies_started, "commits_since_copy": self._wal_commits,
+                "incomplete": self._wal.incomplete}
+
     def _wal_committed(self, nbytes: int = 0) -> None:
         """After a COMMIT that stored about ``nbytes``: start the background
         copy of the WAL into the main file every WAL_CHECKPOINT_COMMITS
@@ -252,10 +260,16 @@ class WalCheckpointer(threading.Thread):
         self._idle.set()
         self._stopping = False
         self.incomplete = False     # the last copy left frames behind
+        self.copies_started = 0     # pokes since the store was opened (wal_status)
 
     def poke(self) -> None:
+        self.copies_started += 1
         self._idle.clear()
         self._wake.set()
+
+    def copy(self) -> tuple:
+        """One PASSIVE copy of the WAL into the main file: (busy, log frames, copied frames)."""
+        return self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def wait_idle(self) -> None:
         if self.is_alive():
@@ -275,7 +289,7 @@ class WalCheckpointer(threading.Thread):
                 if self._stopping:
                     return
                 try:
-                    busy, log, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    busy, log, copied = self.copy()
                     # a reader's snapshot can stop the copy short of the end
                     self.incomplete = bool(busy) or log != copied
                 except (sqlite3.Error, TypeError, ValueError):

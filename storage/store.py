@@ -246,6 +246,12 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def wal_status(self) -> dict:
+        """How the background copy of the write-ahead log into the main file is doing
+        (``copies_started``, ``commits_since_copy``, ``incomplete``): see
+        storage.connection.WalCheckpointer."""
+        return self._conns.wal_status()
+
     @property
     def readonly(self) -> bool:
         return self._conns.readonly

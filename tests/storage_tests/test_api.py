@@ -506,15 +506,22 @@ def test_synchronous_is_validated_and_threads_do_not_leak(store_path, tmp_path):
     assert threading.active_count() == before
 
 
-def base_and_wal_copies(st_, pages: int, rng) -> list:
-    """Write a base checkpoint of ``pages`` pages, then count (in the
-    returned list) every start of the background WAL copy."""
+class WalCopies:
+    """Starts of the background WAL copy since this was made (Store.wal_status)."""
+
+    def __init__(self, st_) -> None:
+        self.st, self.at = st_, st_.wal_status()["copies_started"]
+
+    def __len__(self) -> int:
+        return self.st.wal_status()["copies_started"] - self.at
+
+
+def base_and_wal_copies(st_, pages: int, rng) -> WalCopies:
+    """Write a base checkpoint of ``pages`` pages, then count (``len`` of the
+    returned object) every start of the background WAL copy."""
     with st_.checkpoint(None, {"step": 0}) as w:
         w.add_pages(np.arange(pages), random_pages(rng, pages))
-    pokes: list = []
-    real = st_._conns._wal.poke
-    st_._conns._wal.poke = lambda: (pokes.append(1), real())
-    return pokes
+    return WalCopies(st_)
 
 
 def small_checkpoints(st_, first: int, n: int, pages: int, rng) -> None:
@@ -538,7 +545,7 @@ def test_small_checkpoints_share_one_wal_copy(make_store, store_path):
     with st_.checkpoint(n, {"step": n + 1}) as w:      # a big one starts a copy at once
         big = store_module.WAL_CHECKPOINT_BYTES // PAGE + 16
         w.add_pages(np.arange(big), random_pages(rng, big, "random"))
-    assert len(pokes) >= 4 and st_._conns._wal_commits == 0
+    assert len(pokes) >= 4 and st_.wal_status()["commits_since_copy"] == 0
     assert st_.verify().ok
 
 
@@ -573,7 +580,7 @@ def test_with_synchronous_normal_every_commit_is_copied_back(store_path):
         assert len(pokes) == 3
 
 
-def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path):
+def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path, monkeypatch):
     """The background WAL copy must finish before the next checkpoint begins,
     or SQLite never rewinds the WAL and it grows with every checkpoint
     (a regression: 67 GB under a continuous run)."""
@@ -582,18 +589,14 @@ def test_wal_stays_bounded_under_back_to_back_checkpoints(make_store, store_path
     with st_.checkpoint(None, {"step": 0}) as w:
         w.add_pages(np.arange(512), random_pages(rng, 512))
 
-    class SlowCopy:   # the copy into the main file takes longer than a checkpoint
-        def __init__(self, conn):
-            self.conn = conn
+    from storage.connection import WalCheckpointer
+    real_copy = WalCheckpointer.copy
 
-        def execute(self, sql):
-            time.sleep(0.02)
-            return self.conn.execute(sql)
+    def slow_copy(self):   # the copy into the main file takes longer than a checkpoint
+        time.sleep(0.02)
+        return real_copy(self)
 
-        def close(self):
-            self.conn.close()
-
-    st_._conns._wal._conn = SlowCopy(st_._conns._wal._conn)
+    monkeypatch.setattr(WalCheckpointer, "copy", slow_copy)
     sizes = []
     for k in range(1, 61):
         with st_.checkpoint(k - 1, {"step": k}) as w:

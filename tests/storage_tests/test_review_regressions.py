@@ -89,13 +89,18 @@ def test_blob_ids_are_never_reused_across_store_objects(tmp_path):
         a_store.close()
 
 
-def test_a_failed_add_pages_means_the_checkpoint_is_not_committed(tmp_path):
+def test_a_failed_add_pages_means_the_checkpoint_is_not_committed(tmp_path, monkeypatch):
     """A pack insert that fails in the insert thread surfaces in a later call;
     a caller that catches it must not be able to commit the checkpoint."""
+    from storage import validate
     with new_store(tmp_path, pages=1024) as st:
         with st.checkpoint(None) as w:
             w.add_pages([1023], rows(rnd()))
-        st._conns._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 512 * 1024)   # rows > 512 KiB fail
+        path = st.filename
+    # reopened with SQLite's length limit (set on every connection from this constant) at
+    # 512 KiB: a ~1 MiB pack row fails inside SQLite, in the pack-insert thread
+    monkeypatch.setattr(validate, "MAX_VALUE_BYTES", 512 * 1024)
+    with Store.open(path, synchronous="OFF") as st:
         big = np.stack([rnd() for _ in range(256)])                    # one ~1 MiB pack
         failures = []
         with pytest.raises(StoreError, match="checkpoint not written"):
@@ -106,7 +111,6 @@ def test_a_failed_add_pages_means_the_checkpoint_is_not_committed(tmp_path):
                         w.add_pages([300 + i], rows(rnd()))
                     except StoreError as exc:
                         failures.append(str(exc))
-        st._conns._wconn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000_000)
         assert failures and "too big" in failures[0]               # not "database damaged"
         assert [c.id for c in st.checkpoints()] == [0]
         assert st.verify().ok
