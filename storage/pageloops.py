@@ -25,9 +25,9 @@ import numpy as np
 from .codec import MASK63, PAGE_SIZE
 
 
-_LZ4_NAMES = ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict", "LZ4_compress_default",
-              "LZ4_createStream", "LZ4_freeStream", "LZ4_loadDict", "LZ4_compress_fast_continue")
-_XXH_NAMES = ("XXH3_128bits", "XXH3_64bits")
+LZ4_NAMES = ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict", "LZ4_compress_default",
+             "LZ4_createStream", "LZ4_freeStream", "LZ4_loadDict", "LZ4_compress_fast_continue")
+XXH_NAMES = ("XXH3_128bits", "XXH3_64bits")
 
 #: The store's one C-or-Python switch, per direction: "read" (decoding
 #: packs), "write" (hashing and encoding new pages).  Both True: the C loops
@@ -54,7 +54,7 @@ def xxhash_libraries() -> list[str]:
     return [p for p in (getattr(xxhash._xxhash, "__file__", None), ctypes.util.find_library("xxhash")) if p]
 
 
-def _entry_points(candidates, names):
+def entry_points(candidates, names):
     """{name: address} from the first library in ``candidates`` (paths) that
     exports all of ``names``, and which one it was; (None, None) if none."""
     for path in candidates:
@@ -84,37 +84,61 @@ def _load():
         return None, f"pure Python (C extension not built: {exc})"
     if not hasattr(pagecodec, "pc_encode_fns"):
         return None, "pure Python (C extension out of date: rebuild it, python setup.py build_ext --inplace)"
-    lz4_fns, lz4_from = _entry_points(lz4_libraries(), _LZ4_NAMES)
-    xxh_fns, xxh_from = _entry_points(xxhash_libraries(), _XXH_NAMES)
+    lz4_fns, lz4_from = entry_points(lz4_libraries(), LZ4_NAMES)
+    xxh_fns, xxh_from = entry_points(xxhash_libraries(), XXH_NAMES)
     if lz4_fns is None or xxh_fns is None:
         return None, "pure Python (no library exports the LZ4 and xxh3 functions the C loops call)"
     fns = dict(lz4_fns, **xxh_fns)
     try:
-        table = encode_table(pagecodec, fns)
+        why = _self_check(pagecodec, fns)
     except KeyError as exc:
         return None, f"pure Python (the C loops want a function no library gave: {exc})"
-    loaded = (fns["LZ4_decompress_safe"], fns["LZ4_decompress_safe_usingDict"], fns["XXH3_128bits"], table)
-    names = lambda p: os.path.basename(p)  # noqa: E731
-    why = _self_check(pagecodec, loaded)
     if why:
         return None, f"pure Python (C loops disagree with python-lz4/xxhash: {why})"
-    return (pagecodec, loaded), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
+    names = lambda p: os.path.basename(p)  # noqa: E731
+    return (pagecodec, fns), f"C (storage._pagecodec; LZ4 from {names(lz4_from)}, xxh3 from {names(xxh_from)})"
 
 
-def _self_check(lib, fns) -> str:
+def check_functions(fns: dict) -> str:
+    """'' when the LZ4 and xxh3 functions ``fns`` (name -> address, LZ4_NAMES +
+    XXH_NAMES) code and hash exactly as python-lz4 and xxhash do in the loaded C
+    loops, else why not (also "C loops not loaded")."""
+    if not loaded():
+        return "C loops not loaded"
+    return _self_check(_lib, fns)
+
+
+def use_functions(fns: dict) -> dict:
+    """Make the loaded C loops call ``fns`` (name -> address, as :func:`entry_points`
+    gives them; checked with :func:`check_functions` first, ValueError if they
+    differ) from now on; returns the set they called before, to put back.  For
+    running the loops on the system's liblz4/libxxhash instead of the Python
+    packages' (both are found on load; this picks one)."""
+    if not loaded():
+        raise ValueError("C loops not loaded")
+    why = _self_check(_lib, fns)
+    if why:
+        raise ValueError(f"those functions differ from python-lz4/xxhash: {why}")
+    with _state_lock:
+        before = dict(_FNS)
+        _install(_lib, fns)
+    return before
+
+
+def _self_check(lib, fns: dict) -> str:
     """'' when the loaded functions hash and code exactly like python-lz4 and
     xxhash (a system libxxhash before 0.8 has XXH3 functions whose results
     differ: every stored hash would then look damaged), else why not."""
     import lz4.block
     import xxhash
-    dec, dec_dict, h128, enc = fns
+    h128, enc = fns["XXH3_128bits"], encode_table(lib, fns)
     page = np.frombuffer(bytes(range(256)) * 8 + bytes(2048), np.uint8).copy()
     words, got = np.empty(1, np.int64), np.empty(16, np.uint8)
     lib.pc_scan(1, page.ctypes.data, np.zeros(1, np.int64).ctypes.data, words.ctypes.data,
                 got.ctypes.data, h128)
     if got.tobytes() != xxhash.xxh3_128_digest(page):
         return "xxh3_128 differs"
-    if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, _xxh64_of(lib, enc))) != xxhash.xxh3_64_intdigest(page):
+    if int(lib.pc_xxh3_64(page.ctypes.data, PAGE_SIZE, fns["XXH3_64bits"])) != xxhash.xxh3_64_intdigest(page):
         return "xxh3_64 differs"
     buf = np.empty(PAGE_SIZE, np.uint8)
     codec, size, crc = np.empty(1, np.uint8), np.empty(1, np.int64), np.empty(1, np.uint64)
@@ -126,12 +150,6 @@ def _self_check(lib, fns) -> str:
     return ""
 
 
-def _xxh64_of(lib, table: np.ndarray) -> int:
-    """XXH3_64bits' address in pc_encode's function table."""
-    from ._pagecodec import ffi
-    return int(table[ffi.string(lib.pc_encode_fns()).decode().split().index("XXH3_64bits")])
-
-
 # Set by _ensure() on first use; until then module __getattr__ loads them.
 NATIVE: bool
 KIND: str
@@ -141,10 +159,20 @@ _DEC_DICT: int
 _H128: int
 _ENC_FNS: np.ndarray
 _XXH64: int
+_FNS: dict
 _state: dict = {}
 _state_lock = threading.Lock()
 #: Loaded on first use (not at import: `snapctl list` needs none of it).
-_LAZY = ("NATIVE", "KIND", "_lib", "_DEC", "_DEC_DICT", "_H128", "_ENC_FNS", "_XXH64")
+_LAZY = ("NATIVE", "KIND", "_lib", "_DEC", "_DEC_DICT", "_H128", "_ENC_FNS", "_XXH64", "_FNS")
+
+
+def _install(lib, fns: dict) -> None:
+    """The addresses the loops are handed, from the name -> address set ``fns``."""
+    g = globals()
+    g["_lib"], g["_FNS"] = lib, dict(fns)
+    g["_DEC"], g["_DEC_DICT"] = fns["LZ4_decompress_safe"], fns["LZ4_decompress_safe_usingDict"]
+    g["_H128"], g["_XXH64"] = fns["XXH3_128bits"], fns["XXH3_64bits"]
+    g["_ENC_FNS"] = encode_table(lib, fns)
 
 
 def _ensure() -> None:
@@ -156,8 +184,7 @@ def _ensure() -> None:
         g["KIND"] = kind
         g["NATIVE"] = loaded is not None
         if loaded is not None:
-            g["_lib"], (g["_DEC"], g["_DEC_DICT"], g["_H128"], g["_ENC_FNS"]) = loaded
-            g["_XXH64"] = _xxh64_of(g["_lib"], g["_ENC_FNS"])
+            _install(*loaded)
         _state["done"] = True
 
 
@@ -190,11 +217,11 @@ def library():
 
 def functions() -> dict[str, int]:
     """The addresses of the LZ4 and xxh3 functions the C loops call, by
-    name ({} when not loaded): what other C code in the extension is handed."""
+    name (LZ4_NAMES + XXH_NAMES; {} when not loaded): what other C code in
+    the extension is handed, and what :func:`use_functions` returns."""
     if not loaded():
         return {}
-    return {"LZ4_decompress_safe": _DEC, "LZ4_decompress_safe_usingDict": _DEC_DICT,
-            "XXH3_128bits": _H128, "XXH3_64bits": _XXH64}
+    return dict(_FNS)
 
 
 def kind() -> str:

@@ -255,25 +255,22 @@ def test_dictionary_only_bases_are_judged_by_their_delta_on_both_paths(tmp_path,
 
 
 @native
-def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(monkeypatch):
+def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(request):
     """Where python-lz4 or xxhash do not export their C functions, the loops
     take the system libraries' (same formats): both give the same results."""
     import ctypes.util
-    lz4_fns, _ = pageloops._entry_points([ctypes.util.find_library("lz4") or "liblz4.so.1"],
-                                         pageloops._LZ4_NAMES)
-    xxh_fns, _ = pageloops._entry_points([ctypes.util.find_library("xxhash") or "libxxhash.so.0"],
-                                         pageloops._XXH_NAMES)
+    lz4_fns, _ = pageloops.entry_points([ctypes.util.find_library("lz4") or "liblz4.so.1"],
+                                        pageloops.LZ4_NAMES)
+    xxh_fns, _ = pageloops.entry_points([ctypes.util.find_library("xxhash") or "libxxhash.so.0"],
+                                        pageloops.XXH_NAMES)
     if lz4_fns is None or xxh_fns is None:
         pytest.skip("no system liblz4 / libxxhash here")
     pages = pages_of_every_kind(np.random.default_rng(9), 30)
     idx = np.arange(len(pages))
     want_h = np.array([list(xxhash.xxh3_128_digest(p)) for p in pages], np.uint8)
     data, codec, size, crc = pageloops.encode(pages, idx, np.zeros(len(idx), np.int64))
-    monkeypatch.setattr(pageloops, "_DEC", lz4_fns["LZ4_decompress_safe"])
-    monkeypatch.setattr(pageloops, "_DEC_DICT", lz4_fns["LZ4_decompress_safe_usingDict"])
-    monkeypatch.setattr(pageloops, "_H128", xxh_fns["XXH3_128bits"])
-    monkeypatch.setattr(pageloops, "_ENC_FNS", pageloops.encode_table(pageloops._lib, dict(lz4_fns, **xxh_fns)))
-    monkeypatch.setattr(pageloops, "_XXH64", xxh_fns["XXH3_64bits"])
+    before = pageloops.use_functions(dict(lz4_fns, **xxh_fns))
+    request.addfinalizer(lambda: pageloops.use_functions(before))
     words, got_h = pageloops.scan(pages)
     assert (got_h[words > 0] == want_h[words > 0]).all()
     data2, codec2, size2, crc2 = pageloops.encode(pages, idx, np.zeros(len(idx), np.int64))
@@ -291,9 +288,10 @@ def test_the_c_loops_also_run_on_the_system_lz4_and_xxhash(monkeypatch):
 def test_loaded_functions_that_hash_differently_are_refused():
     """A library whose XXH3 differs from python-xxhash's (libxxhash < 0.8)
     must not be used: every stored hash would look like damage."""
-    fns = (pageloops._DEC, pageloops._DEC_DICT, pageloops._H128, pageloops._ENC_FNS)
-    assert pageloops._self_check(pageloops._lib, fns) == ""
+    fns = pageloops.functions()
+    assert pageloops.check_functions(fns) == ""
     # XXH3_64bits where XXH3_128bits belongs: the high half is whatever rdx held
-    wrong_h128 = pageloops._XXH64
-    assert pageloops._self_check(pageloops._lib, (fns[0], fns[1], wrong_h128, fns[3])) == \
-        "xxh3_128 differs"
+    assert pageloops.check_functions(dict(fns, XXH3_128bits=fns["XXH3_64bits"])) == "xxh3_128 differs"
+    with pytest.raises(ValueError, match="xxh3_128 differs"):
+        pageloops.use_functions(dict(fns, XXH3_128bits=fns["XXH3_64bits"]))
+    assert pageloops.check_functions(fns) == ""        # the refused set was not installed
