@@ -623,11 +623,11 @@ def run_all(quick: bool = False, only: list[str] | None = None, progress=None) -
         t0 = time.perf_counter()
         out[name] = fn(quick)
         out[name]["bench_seconds"] = round(time.perf_counter() - t0, 1)
-        _add_verdicts(out[name])
+        add_verdicts(out[name])
     return out
 
 
-def _meets(ratio, goal: str):
+def meets(ratio, goal: str):
     """True/False for a goal written "<= x" or ">= x" (first token), None
     for a goal that only reports."""
     parts = str(goal).split()
@@ -640,19 +640,19 @@ def _meets(ratio, goal: str):
     return bool(ratio <= bound) if parts[0] == "<=" else bool(ratio >= bound)
 
 
-def _add_verdicts(r: dict) -> None:
+def add_verdicts(r: dict) -> None:
     """``met`` (and ``met_vs_decompress`` for restore) from each ratio and
     goal; checkpoint_rate's ratio is against 50/s, so its bound is 1."""
     if "met" not in r and "ratio" in r:
         goal = ">= 1" if str(r.get("goal", "")).startswith(">= 50/s") else r.get("goal", "")
-        r["met"] = _meets(r["ratio"], goal)
+        r["met"] = meets(r["ratio"], goal)
     if "ratio_vs_decompress" in r:
-        r["met_vs_decompress"] = _meets(r["ratio_vs_decompress"], r.get("goal_vs_decompress", ""))
+        r["met_vs_decompress"] = meets(r["ratio_vs_decompress"], r.get("goal_vs_decompress", ""))
     if "syscall_ratio" in r:
-        r["syscall_met"] = _meets(r["syscall_ratio"], r.get("syscall_goal", ""))
+        r["syscall_met"] = meets(r["syscall_ratio"], r.get("syscall_goal", ""))
     for key in _LAZY_GOALS:
         if f"{key}_ratio" in r:
-            r[f"{key}_met"] = _meets(r[f"{key}_ratio"], r.get(f"{key}_goal", ""))
+            r[f"{key}_met"] = meets(r[f"{key}_ratio"], r.get(f"{key}_goal", ""))
 
 
 #: restore's lazy goals: ``<key>_ratio`` against ``<key>_goal`` (verdict ``<key>_met``)

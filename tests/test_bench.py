@@ -16,7 +16,7 @@ from snapctl import bench
     (35.0, ">= 20x fewer bytes", True), (3.0, ">= 50/s (ratio against 50)", False),
     (0.2, "report (tracked / untracked)", None)])
 def test_goal_verdicts(ratio, goal, met):
-    assert bench._meets(ratio, goal) is met
+    assert bench.meets(ratio, goal) is met
 
 
 def test_verdict_rows_split_restore_goals_and_scale_the_rate():
@@ -27,7 +27,7 @@ def test_verdict_rows_split_restore_goals_and_scale_the_rate():
            "pause_curve": [{"dirty_pages": 1}]}
     for r in res.values():
         if isinstance(r, dict):
-            bench._add_verdicts(r)
+            bench.add_verdicts(r)
     assert bench.verdict_rows(res) == [
         ("restore", 1.2, "<= 1.3", True), ("restore vs decompression", 3.5, "<= 2", False),
         ("checkpoint_rate", 4.7, ">= 50/s (ratio against 50)", True),
@@ -60,7 +60,7 @@ def test_lazy_restore_goals_get_their_own_verdict_rows():
     r = {"ratio": 1.1, "goal": "<= 1.3", "lazy_start_ratio": 0.03, "lazy_start_goal": "<= 0.05",
          "lazy_full_ratio": 1.5, "lazy_full_goal": "<= 1.2", "lazy_scaling_ratio": 1.2,
          "lazy_scaling_goal": "<= 1.3"}
-    bench._add_verdicts(r)
+    bench.add_verdicts(r)
     assert (r["lazy_start_met"], r["lazy_full_met"], r["lazy_scaling_met"]) == (True, False, True)
     assert bench.verdict_rows({"restore": r})[1:] == [
         ("restore: lazy start vs eager", 0.03, "<= 0.05", True),
