@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
 from . import validate
-from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE
+from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, ZERO_HASH, lz4_compress,
+                    lz4_decompress, xxh3_64)
 from .errors import InvalidArgumentError
 
 #: Codecs a transfer may carry (CODEC_FREED slots never travel).
@@ -38,8 +40,8 @@ TRANSFER_CODECS = (CODEC_RAW, CODEC_LZ4, CODEC_LZ4_DELTA)
 #: most PACK_BYTES plus one chunk; an image transfer's, at most the same).
 MAX_TRANSFER_PACK_BLOBS = validate.MAX_PACK_BLOBS
 MAX_TRANSFER_PACK_BYTES = 64 << 20
-_MAP_HEAD = struct.Struct("<I")
-_PACK_HEAD = struct.Struct("<II")
+_MAP_HEAD = struct.Struct("<III")     # entries, explicit hashes, compressed size
+_PACK_HEAD = struct.Struct("<III")    # blobs, data bytes, deltas
 _NO_HASH = bytes(16)
 
 
@@ -68,25 +70,31 @@ class TransferPack:
         return len(self.codecs)
 
     def to_bytes(self) -> bytes:
+        """The wire form: counts, codecs, blob lengths (u16), content hashes, the
+        delta blobs' base hashes (deltas only), the bytes.  No checksums: the
+        receiver takes them from the bytes it got (and checks every decoded
+        content against its hash, which a damaged blob cannot pass)."""
         n = self.n
-        return b"".join([_PACK_HEAD.pack(n, len(self.data)),
+        d = np.asarray(self.codecs) == CODEC_LZ4_DELTA
+        lens = np.diff(np.concatenate(([0], np.asarray(self.ends, np.int64))))
+        return b"".join([_PACK_HEAD.pack(n, len(self.data), int(d.sum())),
                          np.asarray(self.codecs, np.uint8).tobytes(),
-                         np.ascontiguousarray(self.bases, np.uint8).tobytes(),
+                         (lens - 1).astype("<u2").tobytes(),
                          np.ascontiguousarray(self.hashes, np.uint8).tobytes(),
-                         np.asarray(self.ends).astype("<u4").tobytes(),
-                         np.asarray(self.crcs).astype("<u8").tobytes(), self.data])
+                         np.ascontiguousarray(np.asarray(self.bases)[d], np.uint8).tobytes(), self.data])
 
     @classmethod
     def from_bytes(cls, buf) -> "TransferPack":
-        """Parse (and bound) the wire form of one pack."""
+        """Parse (and bound) the wire form of one pack; its checksums are taken
+        from the bytes received."""
         mv = memoryview(buf)
         if len(mv) < _PACK_HEAD.size:
             raise TransferError("transfer pack: too short")
-        n, size = _PACK_HEAD.unpack(mv[:_PACK_HEAD.size])
-        if not 0 < n <= MAX_TRANSFER_PACK_BLOBS or size > MAX_TRANSFER_PACK_BYTES:
+        n, size, nd = _PACK_HEAD.unpack(mv[:_PACK_HEAD.size])
+        if not 0 < n <= MAX_TRANSFER_PACK_BLOBS or size > MAX_TRANSFER_PACK_BYTES or nd > n:
             raise TransferError(f"transfer pack: {n} blobs / {size} bytes out of bounds")
         pos = _PACK_HEAD.size
-        if len(mv) != pos + n * (1 + 16 + 16 + 4 + 8) + size:
+        if len(mv) != pos + n * (1 + 2 + 16) + 16 * nd + size:
             raise TransferError("transfer pack: its length does not match its counts")
 
         def take(k):
@@ -95,11 +103,21 @@ class TransferPack:
             pos += k
             return part
         codecs = np.frombuffer(take(n), np.uint8).copy()
-        bases = np.frombuffer(take(16 * n), np.uint8).reshape(n, 16).copy()
+        lens = np.frombuffer(take(2 * n), "<u2").astype(np.int64) + 1
         hashes = np.frombuffer(take(16 * n), np.uint8).reshape(n, 16).copy()
-        ends = np.frombuffer(take(4 * n), "<u4").astype(np.int64)
-        crcs = np.frombuffer(take(8 * n), "<u8").astype(np.uint64)
-        pack = cls(codecs, bases, hashes, ends, crcs, bytes(take(size)))
+        bases = np.zeros((n, 16), np.uint8)
+        d = codecs == CODEC_LZ4_DELTA
+        if int(d.sum()) != nd:
+            raise TransferError("transfer pack: its delta count does not match its codecs")
+        bases[d] = np.frombuffer(take(16 * nd), np.uint8).reshape(nd, 16)
+        ends = np.cumsum(lens)
+        data = bytes(take(size))
+        if int(ends[-1]) != size:
+            raise TransferError("transfer pack: blob lengths do not add up to its size")
+        dv = memoryview(data)
+        crcs = np.fromiter(map(xxh3_64, [dv[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())]),
+                           np.uint64, n)
+        pack = cls(codecs, bases, hashes, ends, crcs, data)
         pack.check()
         return pack
 
@@ -142,6 +160,11 @@ class Transfer:
     parent_digest: str | None = None   # ... and of the image it applies to
     #: the map is the whole image (pages not in it are zero), not a change to the parent's
     full: bool = False
+    #: on the exporting side only (never on the wire): the exporter's own blob ids --
+    #: "map" (per map entry, 0: zero page), "new" (the blobs of ``packs``), "bases" (their
+    #: delta bases) -- for a caller that tracks which of its blobs a peer holds
+    #: (``Store.transfer_blobs`` adds those it lacks)
+    local: dict | None = None
 
     @property
     def blob_count(self) -> int:
@@ -152,28 +175,73 @@ class Transfer:
         return sum(len(p.data) for p in self.packs)
 
     def map_bytes(self, lo: int = 0, hi: int | None = None) -> bytes:
-        """The wire form of map entries ``lo``..``hi``."""
-        pages, hashes = self.pages[lo:hi], self.hashes[lo:hi]
-        return b"".join([_MAP_HEAD.pack(len(pages)), np.asarray(pages).astype("<u8").tobytes(),
-                         np.ascontiguousarray(hashes, np.uint8).tobytes()])
+        """The wire form of map entries ``lo``..``hi``: a page whose content is a
+        blob of this transfer names it by its index (the common case: 4 bytes
+        that compress to almost nothing), a zero page says so, any other
+        content goes as its 16-byte hash.  Page numbers and indexes travel as
+        differences, LZ4-compressed."""
+        pages = np.asarray(self.pages[lo:hi], np.int64)
+        keys = np.ascontiguousarray(self.hashes[lo:hi], np.uint8).view("V16").ravel().tolist()
+        own = self._blob_index()
+        refs = np.fromiter(map(own.get, keys, repeat(-2)), np.int64, len(keys))
+        zero = np.flatnonzero(refs == -2)
+        if len(zero):
+            z = np.array([keys[k] == ZERO_HASH for k in zero.tolist()], bool)
+            refs[zero[z]] = -1
+        explicit = np.flatnonzero(refs == -2)
+        body = np.concatenate((np.diff(pages, prepend=0), np.diff(refs + 2, prepend=0))).astype("<u4")
+        comp = lz4_compress(body.tobytes(), store_size=False)
+        return b"".join([_MAP_HEAD.pack(len(pages), len(explicit), len(comp)), comp,
+                         np.ascontiguousarray(np.asarray(self.hashes)[lo:hi][explicit],
+                                              np.uint8).tobytes()])
+
+    def _blob_index(self) -> dict:
+        own = getattr(self, "_own", None)
+        if own is None:
+            keys = (np.concatenate([p.hashes for p in self.packs]).view("V16").ravel().tolist()
+                    if self.packs else [])
+            own = {}
+            for i, h in enumerate(keys):
+                own.setdefault(h, i)
+            self._own = own
+        return own
 
 
-def parse_map(buf, page_count: int) -> tuple[np.ndarray, np.ndarray]:
+def parse_map(buf, page_count: int, packs: list) -> tuple[np.ndarray, np.ndarray]:
     """One wire chunk of a transfer's map -> (pages, hashes), bounded by
-    ``page_count`` (TransferError)."""
+    ``page_count``; blob indexes name blobs of ``packs`` (the transfer's,
+    parsed first).  TransferError when anything is off."""
     mv = memoryview(buf)
     if len(mv) < _MAP_HEAD.size:
         raise TransferError("transfer map: too short")
-    (n,) = _MAP_HEAD.unpack(mv[:_MAP_HEAD.size])
-    if n > page_count or len(mv) != _MAP_HEAD.size + 24 * n:
-        raise TransferError("transfer map: its length does not match its count")
+    n, nh, clen = _MAP_HEAD.unpack(mv[:_MAP_HEAD.size])
+    if n > page_count or nh > n or len(mv) != _MAP_HEAD.size + clen + 16 * nh:
+        raise TransferError("transfer map: its length does not match its counts")
     pos = _MAP_HEAD.size
-    pages = np.frombuffer(mv[pos:pos + 8 * n], "<u8")
-    if n and (int(pages.max()) >= page_count):
+    try:
+        raw = lz4_decompress(mv[pos:pos + clen], uncompressed_size=8 * n) if n else b""
+    except Exception:  # lz4.block.LZ4BlockError is a ValueError too
+        raise TransferError("transfer map: corrupt compressed data") from None
+    if len(raw) != 8 * n:
+        raise TransferError("transfer map: wrong decompressed size")
+    body = np.frombuffer(raw, "<u4").astype(np.uint32)
+    pages = np.cumsum(body[:n], dtype=np.uint32).astype(np.int64)
+    refs = np.cumsum(body[n:], dtype=np.uint32).astype(np.int64) - 2
+    if n and int(pages.max()) >= page_count:
         raise TransferError(f"transfer map: page {int(pages.max())} out of range "
                             f"(the image has {page_count} pages)")
-    hashes = np.frombuffer(mv[pos + 8 * n:], np.uint8).reshape(n, 16).copy()
-    return pages.astype(np.int64), hashes
+    nblobs = sum(p.n for p in packs)
+    explicit = refs == -2
+    if (refs < -2).any() or (refs >= nblobs).any() or int(explicit.sum()) != nh:
+        raise TransferError("transfer map: an entry names no blob of the transfer")
+    hashes = np.empty((n, 16), np.uint8)
+    hashes[explicit] = np.frombuffer(mv[pos + clen:], np.uint8).reshape(nh, 16)
+    hashes[refs == -1] = np.frombuffer(ZERO_HASH, np.uint8)
+    own = refs >= 0
+    if own.any():
+        allh = np.concatenate([p.hashes for p in packs])
+        hashes[own] = allh[refs[own]]
+    return pages, hashes
 
 
 def join_maps(parts: list[tuple[np.ndarray, np.ndarray]], page_count: int) -> tuple[np.ndarray, np.ndarray]:

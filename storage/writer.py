@@ -636,15 +636,14 @@ class CheckpointWriter:
             bhash = thash = np.zeros((0, 16), np.uint8)
             starts = lens = np.zeros(0, np.int64)
         th = thash.view("V16").ravel().tolist() if nblobs else []
-        pos_of: dict = {}
-        for i, h in enumerate(th):               # first occurrence of each content
-            pos_of.setdefault(h, i)
+        # first occurrence of each content (later keys of the reversed zip win)
+        pos_of = dict(zip(reversed(th), range(nblobs - 1, -1, -1)))
         have = self._known_ids(th) if th else np.zeros(0, np.int64)
         is_delta = codecs == CODEC_LZ4_DELTA
         dj = np.flatnonzero(is_delta)
         bh = bhash[dj].view("V16").ravel().tolist() if len(dj) else []
         # A delta's base: earlier in this transfer, else held by this store.
-        bpos = np.fromiter((pos_of.get(h, -1) for h in bh), np.int64, len(bh))
+        bpos = np.fromiter(map(pos_of.get, bh, itertools.repeat(-1)), np.int64, len(bh))
         inside = bpos >= 0
         if (bpos[inside] >= dj[inside]).any() or is_delta[bpos[inside]].any():
             raise TransferError("transfer: a delta's base is not an earlier plain blob")
@@ -661,7 +660,7 @@ class CheckpointWriter:
         as_base = np.zeros(nblobs, bool)
         as_base[bpos[inside]] = True
         keep |= as_base & (have > 0) & (cat.codec[np.where(have < cat.n, have, 0)] == CODEC_LZ4_DELTA)
-        first_pos = np.array([pos_of[h] for h in th], np.int64) if th else np.zeros(0, np.int64)
+        first_pos = np.fromiter(map(pos_of.__getitem__, th), np.int64, nblobs)
         keep &= first_pos == np.arange(nblobs)     # a repeated content: once
 
         # Decode everything (plain first, then deltas) and check every content hash.
@@ -691,7 +690,7 @@ class CheckpointWriter:
 
         # Resolve the page map: every content must be in the transfer or this store.
         mh = mhash.view("V16").ravel().tolist() if len(pages) else []
-        mpos = np.fromiter((pos_of.get(h, -1) for h in mh), np.int64, len(mh))
+        mpos = np.fromiter(map(pos_of.get, mh, itertools.repeat(-1)), np.int64, len(mh))
         zero = (mhash == np.frombuffer(ZERO_HASH, np.uint8)).all(axis=1)
         mstore = np.zeros(len(mh), np.int64)
         look = np.flatnonzero((mpos < 0) & ~zero)
@@ -838,8 +837,10 @@ class CheckpointWriter:
         """This checkpoint as a Transfer: its map by content hash and the packs
         it wrote as encoded (delta bases by content hash), from memory."""
         cat = self._cat
-        packs = []
+        packs, new, based = [], [], []
         for info, (codecs, bases, bhashes, _start, end, crcs) in kept:
+            new.append(np.arange(info.first, info.first + info.n))
+            based.append(bases[bases > 0])
             bh = np.zeros((info.n, 16), np.uint8)
             d = np.flatnonzero(bases > 0)
             if len(d):
@@ -849,8 +850,11 @@ class CheckpointWriter:
                 bh[d[~old]] = new_hash[b[~old] - first]
             packs.append(TransferPack(codecs.copy(), bh, bhashes.copy(), end.copy(), crcs.copy(),
                                       self._pack_data[info.id]))
+        cat_ids = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         return Transfer(pages.copy(), hashes.copy(), packs, codec.digest_hex(digest),
-                        codec.digest_hex(self._pdigest), full=self._parent is None)
+                        codec.digest_hex(self._pdigest), full=self._parent is None,
+                        local={"map": self._blob[pages].copy(), "new": cat_ids(new),
+                               "bases": cat_ids(based)})
 
     def _rollback(self, conn) -> None:
         """Let the inserts in flight finish first (their errors no longer

@@ -122,9 +122,12 @@ def test_a_transfer_survives_its_wire_form(stores, loops):
     parent = None
     for w, img in _chain(a, rng, 4):
         t = w.transfer
-        parts = [parse_map(t.map_bytes(lo, lo + 7), N) for lo in range(0, len(t.pages), 7)]
-        pages, hashes = join_maps(parts, N)
         packs = [TransferPack.from_bytes(p.to_bytes()) for p in t.packs]
+        parts = [parse_map(t.map_bytes(lo, lo + 7), N, packs) for lo in range(0, len(t.pages), 7)]
+        pages, hashes = join_maps(parts, N)
+        assert (pages == t.pages).all() and (hashes == t.hashes).all()
+        for p, q in zip(packs, t.packs):
+            assert (p.crcs == q.crcs).all() and (p.bases == q.bases).all()
         back = Transfer(pages, hashes, packs, t.digest, t.parent_digest, t.full)
         with b.checkpoint(parent) as wb:
             wb.add_transfer(back)
@@ -250,7 +253,7 @@ def test_a_hostile_transfer_is_refused_and_the_store_unchanged(stores, loops, ki
     assert w3.digest == chain[2][0].digest
 
 
-@pytest.mark.parametrize("cut", ["short", "count", "codec", "ends", "map"])
+@pytest.mark.parametrize("cut", ["short", "count", "codec", "ends", "map", "map-ref"])
 def test_a_malformed_wire_form_is_refused(stores, cut):
     rng = np.random.default_rng(seed_for("transfer-wire-bad", 16))
     a = stores("a")
@@ -263,17 +266,19 @@ def test_a_malformed_wire_form_is_refused(stores, cut):
             raw[0:4] = (10**7).to_bytes(4, "little")
             TransferPack.from_bytes(raw)
         elif cut == "codec":
-            raw[8] = 9
+            raw[12] = 9
             TransferPack.from_bytes(raw)
         elif cut == "ends":
             n = t.packs[0].n
-            at = 8 + n * 33
-            raw[at:at + 4] = (0).to_bytes(4, "little")
+            at = 12 + n
+            raw[at:at + 2] = (4000).to_bytes(2, "little")
             TransferPack.from_bytes(raw)
-        else:
+        elif cut == "map":
             m = bytearray(t.map_bytes())
             m[0:4] = (N + 1).to_bytes(4, "little")
-            parse_map(m, N)
+            parse_map(m, N, t.packs)
+        else:                                        # an index past the transfer's blobs
+            parse_map(t.map_bytes(), N, t.packs[:0])
 
 
 def test_a_delta_whose_base_the_importer_holds_as_a_delta_is_stored_plainly(stores, loops):
@@ -303,3 +308,35 @@ def test_a_delta_whose_base_the_importer_holds_as_a_delta_is_stored_plainly(stor
     assert wb2.digest == wa1.digest and wb2.stats["delta_blobs"] == 0
     assert (_image(b, wb2.id) == i2).all()
     assert not b.verify().problems and delta_on_delta(b.filename) == 0
+
+
+def test_blobs_a_peer_lacks_travel_with_the_checkpoint_that_names_them(stores, loops):
+    """A store that took one image (a re-sync) lacks the exporter's older contents: a
+    page going back to one is refused -- until the exporter adds those blobs
+    (``Store.transfer_blobs`` of the ids ``Transfer.local`` names)."""
+    rng = np.random.default_rng(seed_for("transfer-lacking", 18))
+    a, b = stores("a"), stores("b")
+    chain = list(_chain(a, rng, 3))                 # 0: base, 1, 2
+    it = a.image_transfer(chain[2][0].id)
+    shipped = {bytes(h) for p in it.packs for h in p.hashes}
+    i1 = chain[1][1]
+    gone = [q for q in range(N) if i1[q].any() and content_hash(i1[q]) not in shipped]
+    old = i1[gone[0]].copy()             # a content of checkpoint 1 the image does not carry
+    with b.checkpoint(None) as wb:
+        wb.add_transfer(it)
+    img = chain[2][1].copy()
+    img[N - 1] = old                                # page N-1 (zero until now) takes it
+    with a.checkpoint(chain[2][0].id, transfer=True) as w:
+        w.add_pages([N - 1], img[[N - 1]])
+    t = w.transfer
+    assert w.stats["dedup_pages"] == 1 and not t.packs
+    before = _snapshot(b)
+    with pytest.raises(MissingContentError), b.checkpoint(wb.id) as w2:
+        w2.add_transfer(t)
+    assert _snapshot(b) == before
+    named = t.local["map"][t.local["map"] > 0]
+    extra = a.transfer_blobs(named)
+    with b.checkpoint(wb.id) as w3:
+        w3.add_transfer(Transfer(t.pages, t.hashes, extra, t.digest, t.parent_digest))
+    assert w3.digest == w.digest and (_image(b, w3.id) == img).all()
+    assert not b.verify().problems
