@@ -42,7 +42,8 @@ MAX_TRANSFER_PACK_BLOBS = validate.MAX_PACK_BLOBS
 MAX_TRANSFER_PACK_BYTES = 64 << 20
 _MAP_HEAD = struct.Struct("<III")     # entries, explicit hashes, compressed size
 _PACK_HEAD = struct.Struct("<III")    # blobs, data bytes, deltas
-_NO_HASH = bytes(16)
+_VALID = np.zeros(256, bool)
+_VALID[list(TRANSFER_CODECS)] = True
 
 
 class TransferError(InvalidArgumentError):
@@ -64,6 +65,8 @@ class TransferPack:
     ends: np.ndarray        # (n,) int64: end offset of each blob in data
     crcs: np.ndarray        # (n,) uint64: blob_crc of each blob's bytes
     data: bytes
+    #: ``crcs`` were computed from ``data`` here (a parsed wire form), not claimed by a peer
+    crcs_from_data: bool = False
 
     @property
     def n(self) -> int:
@@ -117,7 +120,7 @@ class TransferPack:
         dv = memoryview(data)
         crcs = np.fromiter(map(xxh3_64, [dv[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())]),
                            np.uint64, n)
-        pack = cls(codecs, bases, hashes, ends, crcs, data)
+        pack = cls(codecs, bases, hashes, ends, crcs, data, crcs_from_data=True)
         pack.check()
         return pack
 
@@ -130,9 +133,10 @@ class TransferPack:
                                ("ends", self.ends, (n,)), ("crcs", self.crcs, (n,))):
             if np.shape(a) != shape:
                 raise TransferError(f"transfer pack: {name} has shape {np.shape(a)}, not {shape}")
-        if not np.isin(self.codecs, TRANSFER_CODECS).all():
-            bad = int(self.codecs[~np.isin(self.codecs, TRANSFER_CODECS)][0])
-            raise TransferError(f"transfer pack: unknown codec {bad}")
+        codecs = np.asarray(self.codecs)
+        if codecs.dtype != np.uint8 or not _VALID[codecs].all():
+            bad = codecs[~_VALID[codecs.astype(np.uint8)]] if codecs.dtype == np.uint8 else codecs
+            raise TransferError(f"transfer pack: unknown codec {bad[0] if len(bad) else codecs.dtype}")
         ends = np.asarray(self.ends, np.int64)
         lens = np.diff(np.concatenate(([0], ends)))
         if (lens <= 0).any() or (lens > PAGE_SIZE).any() or int(ends[-1]) != len(self.data):

@@ -612,10 +612,12 @@ class CheckpointWriter:
         for p in packs:
             if not isinstance(p, TransferPack):
                 raise TransferError("transfer: a pack is not a TransferPack")
-            p.check()
+            p.check()                                # (cheap; a parsed pack is checked again)
         # Every blob's checksum (what this store will record for it).
         xh = codec.xxh3_64
         for k, p in enumerate(packs):
+            if p.crcs_from_data:
+                continue                             # taken from these very bytes on arrival
             mv = memoryview(p.data)
             got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
                               np.uint64, p.n)
@@ -660,8 +662,10 @@ class CheckpointWriter:
         as_base = np.zeros(nblobs, bool)
         as_base[bpos[inside]] = True
         keep |= as_base & (have > 0) & (cat.codec[np.where(have < cat.n, have, 0)] == CODEC_LZ4_DELTA)
-        first_pos = np.fromiter(map(pos_of.__getitem__, th), np.int64, nblobs)
-        keep &= first_pos == np.arange(nblobs)     # a repeated content: once
+        repeats = len(pos_of) != nblobs
+        if repeats:                                # a repeated content: once
+            first_pos = np.fromiter(map(pos_of.__getitem__, th), np.int64, nblobs)
+            keep &= first_pos == np.arange(nblobs)
 
         # Decode everything (plain first, then deltas) and check every content hash.
         buf = np.empty((nblobs, P), np.uint8)
@@ -709,7 +713,8 @@ class CheckpointWriter:
                              f"(limit {validate.MAX_BLOB_ID}); start a new store")
         blob_of = np.where(keep, 0, have)
         blob_of[kept] = np.arange(first, first + len(kept))
-        blob_of = blob_of[first_pos] if nblobs else blob_of      # repeats: their first's id
+        if repeats:
+            blob_of = blob_of[first_pos]           # repeats: their first's id
         base_of = np.zeros(nblobs, np.int64)
         base_of[dj[inside]] = blob_of[bpos[inside]]
         base_of[dj[~inside]] = bstore[~inside]
@@ -717,8 +722,9 @@ class CheckpointWriter:
         replain = is_delta & keep & (base_of > 0) & (base_of < cat.n) \
             & (cat.codec[np.minimum(base_of, cat.n - 1)] == CODEC_LZ4_DELTA)
         self._next_blob += len(kept)
-        self._new_index.update(zip([th[i] for i in kept.tolist()], blob_of[kept].tolist()))
-        self._new_hashes.extend(th[i] for i in kept.tolist())
+        kh = th if len(kept) == nblobs else [th[i] for i in kept.tolist()]
+        self._new_index.update(zip(kh, blob_of[kept].tolist()))
+        self._new_hashes.extend(kh)
         for k, p in enumerate(packs):
             sel = kept[which[kept] == k]
             if not len(sel):
@@ -742,8 +748,8 @@ class CheckpointWriter:
                         parts.append(mv[int(starts[i]):int(starts[i] + lens[i])])
                 data = b"".join(parts)
             bases = np.where(cd == CODEC_LZ4_DELTA, base_of[sel], 0).astype("<i8")
-            self._insert_pack(int(blob_of[sel[0]]), cd, bases, [th[i] for i in sel.tolist()],
-                              ln, cr, data)
+            self._insert_pack(int(blob_of[sel[0]]), cd, bases,
+                              kh if len(packs) == 1 else [th[i] for i in sel.tolist()], ln, cr, data)
             stats["new_blobs"] += len(sel)
             stats["delta_blobs"] += int((cd == CODEC_LZ4_DELTA).sum())
             stats["raw_blobs"] += int((cd == CODEC_RAW).sum())
@@ -773,6 +779,8 @@ class CheckpointWriter:
                 self._next_dicts.add(np.unique(bstore[~inside]), dicts)
 
         # The contents of the map's pages, for the caller.
+        if len(mpos) == nblobs and (mpos == np.arange(nblobs)).all():
+            return pages, buf                      # page i holds blob i: the usual case
         rows = np.zeros((len(pages), P), np.uint8)
         tin = mpos >= 0
         rows[tin] = buf[mpos[tin]]
