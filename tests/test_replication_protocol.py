@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -270,3 +271,78 @@ def test_bench_rows_show_the_four_replication_goals():
     assert [row[0] for row in rows] == ["replication checkpoint_rate", "replication pause_ratio",
                                         "replication failover_ms", "replication wire_ratio"]
     assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
+
+
+def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_output_since(tmp_path, capfd):
+    """The primary's side of a refusal: nothing it covered is released, the next checkpoint
+    goes full, and its output states hold the output of every checkpoint since the last
+    acknowledged one (what a failover after it must write)."""
+    import types
+    from storage import Store
+    from snapctl.replication.primary import Replicator
+    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
+           "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
+    path = str(tmp_path / "p.snap")
+    st = Store.create(path, cfg, synchronous="OFF")
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 4, (16, P.PAGE), dtype=np.uint8)
+    caps, parent = [], None
+    for i in range(5):
+        if i:
+            img[i, :8] ^= 1
+        states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
+        with st.checkpoint(parent, {"step": i}, transfer=True) as w:
+            w.add_pages(np.arange(16) if i == 0 else [i], img if i == 0 else img[[i]])
+            for k, v in states.items():
+                w.add_state(k, v)
+        parent = w.id
+        caps.append((w.id, w.digest, types.SimpleNamespace(
+            trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
+            transfer=w.transfer, named_states=lambda s=states: dict(s))))
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    got = []
+
+    def standby():
+        conn, _ = srv.accept()
+        ch = P.Channel(conn, None, b"S")
+        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
+        ch.nonce = b"n" * 16
+        ch.limit = P.STATE_LIMIT
+        ch.recv((P.START,))
+        while True:
+            ftype, payload = ch.recv()
+            if ftype == P.FINISH:
+                break
+            if ftype != P.CKPT:
+                continue
+            meta, states = P.decode_checkpoint(payload)
+            while ch.recv()[0] != P.END:
+                pass
+            got.append((meta, states))
+            refuse = meta["id"] == caps[2][0]        # checkpoint 2: "cannot import"
+            ch.send(P.ACK, P.encode_json({"id": meta["id"], **({"need_full": True} if refuse else {})}))
+        conn.close()
+
+    t = threading.Thread(target=standby, daemon=True)
+    t.start()
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": cfg, "schedule": {"count": 4}})
+    for ckpt, digest, cap in caps:
+        rep.after_commit(ckpt, cap, {"digest": digest})
+        if ckpt == caps[3][0]:                      # let the refusal of 2 (and 3) arrive
+            deadline = time.monotonic() + 10
+            while len(got) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+    rep.finish({})
+    t.join(10)
+    st.close()
+    kinds = [(m["id"], m["full"]) for m, _ in got]
+    assert kinds == [(caps[0][0], True), (caps[1][0], False), (caps[2][0], False), (caps[3][0], False),
+                     (caps[4][0], True)], kinds
+    last_meta, last_states = got[-1]
+    assert last_meta["released_before"] is False
+    assert last_states["stream/stdout"] == b"out2;out3;out4;"      # since checkpoint 1, the last acknowledged
+    assert rep.acked == caps[4][0]
+    assert "refused checkpoint" in capfd.readouterr().err
