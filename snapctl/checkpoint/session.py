@@ -146,7 +146,8 @@ class Checkpointer:
 
     def record(self, cap: Capture) -> int:
         """Write a capture now, as the next checkpoint of this chain, and account for it."""
-        ckpt, stats = C.commit(self.store, self.parent, cap, transfer=self.after_commit is not None)
+        ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True) if self.after_commit is not None
+                       else C.commit(self.store, self.parent, cap))
         self._account(ckpt, cap, stats)
         cap.release()
         return ckpt

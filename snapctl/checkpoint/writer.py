@@ -65,7 +65,9 @@ class Writer:
         if self._carry is not None:
             cap, self._carry = C.merge(self._carry, cap), None
         try:
-            ckpt, stats = C.commit(self.store, self.parent, cap, transfer=self.transfer)
+            # (``transfer`` only when asked: commit's plain signature stays what callers know)
+            ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True) if self.transfer
+                           else C.commit(self.store, self.parent, cap))
         except Exception as e:  # disk full, I/O error: keep the pages for the next try
             self.failed_writes += 1
             self._failures += 1
