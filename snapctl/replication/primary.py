@@ -12,6 +12,7 @@ never released).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import socket
@@ -372,12 +373,11 @@ class Replicator:
         before = chan.bytes_sent
         meta = dict(meta, map=len(t.pages), packs=len(t.packs), parent_digest=t.parent_digest,
                     digest=meta.get("digest") or t.digest)
-        chan.send(P.CKPT, P.encode_checkpoint(meta, states))
-        for pack in t.packs:
-            chan.send(P.PACK, pack.to_bytes())
-        for lo in range(0, len(t.pages), P.MAP_CHUNK):
-            chan.send(P.MAP, t.map_bytes(lo, lo + P.MAP_CHUNK))
-        chan.send(P.END)
+        chan.send_all(itertools.chain(
+            [(P.CKPT, P.encode_checkpoint(meta, states))],
+            ((P.PACK, pack.to_bytes()) for pack in t.packs),
+            ((P.MAP, t.map_bytes(lo, lo + P.MAP_CHUNK)) for lo in range(0, len(t.pages), P.MAP_CHUNK)),
+            [(P.END, b"")]))
         return chan.bytes_sent - before
 
     def finish(self, summary: dict) -> None:
