@@ -546,3 +546,46 @@ def _raise_first_bad(cat, sel, blobs, data, dicts, ckpt, page_of):
     i = int(sel[0])
     raise CorruptionError(f"{_where(ckpt, page_of(i), int(blobs[i]))}: cannot decode",
                           checkpoint=ckpt, page=page_of(i), blob=int(blobs[i]))
+
+
+def decode_blobs(data: bytes, starts: np.ndarray, lengths: np.ndarray, codecs: np.ndarray,
+                 out: np.ndarray, rows: np.ndarray, dict_at: np.ndarray,
+                 hashes: np.ndarray) -> int:
+    """Decode blob i (``lengths[i]`` bytes at ``starts[i]`` of ``data``, codec
+    ``codecs[i]``) into row ``rows[i]`` of ``out`` (pages x 4096, C-contiguous)
+    and check it against ``hashes[i]``; a delta's dictionary is the page at
+    address ``dict_at[i]``.  -1 when all decode and match, else the index of
+    the first that does not.  Blobs that arrive from outside the store (an
+    imported transfer): in C when the page loops are loaded, one call."""
+    starts = np.asarray(starts, np.int64)
+    n = len(starts)
+    if not n:
+        return -1
+    assert out.dtype == np.uint8 and out.flags.c_contiguous and out.shape[1:] == (PAGE_SIZE,)
+    dst = out.ctypes.data + np.asarray(rows, np.int64) * PAGE_SIZE
+    if pageloops.native("read"):
+        buf = np.frombuffer(data, np.uint8)
+        return pageloops.decode(buf.ctypes.data + starts, np.asarray(lengths, np.int64),
+                                np.asarray(codecs, np.uint8), dst, np.asarray(dict_at, np.int64),
+                                np.ascontiguousarray(hashes, np.uint8))
+    import ctypes
+    mv = memoryview(data)
+    for i, (s, ln, c, r, d, h) in enumerate(zip(starts.tolist(), np.asarray(lengths).tolist(),
+                                                np.asarray(codecs).tolist(), np.asarray(rows).tolist(),
+                                                np.asarray(dict_at).tolist(), hashes)):
+        try:
+            if c == CODEC_RAW:
+                page = bytes(mv[s:s + ln])
+            elif c == CODEC_LZ4:
+                page = _decompress(mv[s:s + ln], uncompressed_size=PAGE_SIZE)
+            elif c == CODEC_LZ4_DELTA:
+                page = _decompress(mv[s:s + ln], uncompressed_size=PAGE_SIZE,
+                                   dict=ctypes.string_at(d, PAGE_SIZE))
+            else:
+                return i
+        except Exception:  # lz4.block.LZ4BlockError is a ValueError too
+            return i
+        if len(page) != PAGE_SIZE or content_hash(page) != bytes(h):
+            return i
+        out[r] = np.frombuffer(page, np.uint8)
+    return -1

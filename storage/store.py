@@ -366,12 +366,16 @@ class Store:
 
     # --- writing -------------------------------------------------------------
 
-    def checkpoint(self, parent: int | None, meta: dict | None = None) -> "CheckpointWriter":
+    def checkpoint(self, parent: int | None, meta: dict | None = None, *,
+                   transfer: bool = False) -> "CheckpointWriter":
         """Start writing a checkpoint; use as a context manager.  Everything
-        added inside the ``with`` block commits atomically on exit."""
+        added inside the ``with`` block commits atomically on exit.  With
+        ``transfer``, the writer's ``transfer`` is, after commit, what the
+        checkpoint added as a ``storage.transfer.Transfer`` (for another
+        store's ``CheckpointWriter.add_transfer``)."""
         self._conns.check_writable()
         from .writer import CheckpointWriter
-        return CheckpointWriter(self._conns, self._index, parent, dict(meta or {}))
+        return CheckpointWriter(self._conns, self._index, parent, dict(meta or {}), transfer=transfer)
 
     # --- images ----------------------------------------------------------------
 
@@ -405,6 +409,68 @@ class Store:
             view = self._index.view(conn, path)
             self._index.fill(conn, cat, view.blob, flat, ckpt, 0, zero_rest=not out_is_zero,
                        verified=self._index.mark_verified)
+
+    def image_transfer(self, ckpt: int):
+        """The whole image of ``ckpt`` as a ``full`` ``storage.transfer.Transfer``:
+        every non-zero page by content hash, and the blobs they name plus their
+        delta bases, as stored (each pack's checksum checked), in blob order.
+        What another store imports to hold this image with the blobs this
+        store's later checkpoints may name as delta bases."""
+        from .transfer import Transfer
+        with self._conns.read() as conn:
+            path = tree.path_in(conn, ckpt)
+            ckpt = path[-1]
+            cat = self._index.catalog(conn)
+            view = self._index.view(conn, path)
+            nz = np.flatnonzero(view.blob)
+            blobs = view.blob[nz]
+            ub = np.unique(blobs)
+            bases = cat.base[ub[cat.codec[ub] == codec.CODEC_LZ4_DELTA]]
+            need = np.union1d(ub, bases[bases > 0])
+            packs = self._blob_packs(conn, cat, need, ckpt)
+            return Transfer(nz, cat.hash[blobs].copy(), packs, codec.digest_hex(view.digest),
+                            None, full=True, local={"map": blobs, "new": need,
+                                                    "bases": np.zeros(0, np.int64)})
+
+    def transfer_blobs(self, blobs) -> list:
+        """The blobs ``blobs`` (this store's ids, as a ``Transfer.local`` names them) and
+        their delta bases, as stored: ``storage.transfer.TransferPack`` s in blob order,
+        for a transfer to a peer that may not hold them (a page reverting to a content
+        of a checkpoint the peer never received)."""
+        with self._conns.read() as conn:
+            cat = self._index.catalog(conn)
+            ids = np.unique(np.asarray(blobs, np.int64))
+            if len(ids) and not cat.known(ids).all():
+                raise InvalidArgumentError("transfer_blobs: not a blob of this store")
+            d = ids[cat.codec[ids] == codec.CODEC_LZ4_DELTA]
+            return self._blob_packs(conn, cat, np.union1d(ids, cat.base[d]), None)
+
+    @staticmethod
+    def _blob_packs(conn, cat, need, ckpt) -> list:
+        """The blobs ``need`` (sorted, known) as TransferPacks, one per stored pack."""
+        from .formats import pack_data_ok
+        from .transfer import TransferPack
+        pk = cat.pack[need]
+        packs = []
+        for pid in np.unique(pk).tolist():
+            sel = need[pk == pid]
+            info = cat.packs[pid]
+            row = conn.execute("SELECT data FROM pack_data WHERE id = ?", (pid,)).fetchone()
+            if row is None or not pack_data_ok(row[0], info):
+                raise CorruptionError(f"pack {pid} is damaged or missing", checkpoint=ckpt)
+            mv = memoryview(row[0])
+            st, en = cat.start[sel], cat.end[sel]
+            if len(sel) == info.n:
+                data = row[0]
+            else:
+                data = b"".join([mv[a:b] for a, b in zip(st.tolist(), en.tolist())])
+            cd = cat.codec[sel].copy()
+            bh = np.zeros((len(sel), 16), np.uint8)
+            d = cd == codec.CODEC_LZ4_DELTA
+            bh[d] = cat.hash[cat.base[sel[d]]]
+            packs.append(TransferPack(cd, bh, cat.hash[sel].copy(), np.cumsum(en - st),
+                                      cat.crc[sel].copy(), data))
+        return packs
 
     def image_chunks(self, ckpt: int, chunk_pages: int = 16384):
         """The image of ``ckpt`` a chunk at a time, from one snapshot (for

@@ -21,12 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import codec, pageloops, tree, validate
-from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, content_hash
+from .codec import CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, ZERO_HASH, content_hash
 from .connection import Connections, sqlite_errors
 from .errors import CorruptionError, InvalidArgumentError, StoreError
 from .formats import MAP_COLUMNS, MAX_PACK_ID, PACK_COLUMNS, PackInfo, blob_crc, map_row, pack_row
 from .index import BlobIndex, DictCache, View
-from .packs import decode_into
+from .packs import decode_blobs, decode_into
+from .transfer import MissingContentError, Transfer, TransferError, TransferPack
 
 #: New contents compressed at a time (<= 1 MiB of data): SQLite reads a
 #: ~1 MiB row several times faster than a 20 MiB one, and prune frees space
@@ -105,8 +106,14 @@ def _in_order(pool, fn, args_iter, ahead: int = pageloops.JOBS_IN_FLIGHT):
 class CheckpointWriter:
     """Writes one checkpoint inside one transaction (see ``Store.checkpoint``)."""
 
-    def __init__(self, conns: Connections, index: BlobIndex, parent: int | None, meta: dict) -> None:
+    def __init__(self, conns: Connections, index: BlobIndex, parent: int | None, meta: dict,
+                 *, transfer: bool = False) -> None:
         self._conns = conns
+        #: keep what this checkpoint adds as a :class:`Transfer` (``self.transfer`` after commit)
+        self._keep_transfer = bool(transfer)
+        self.transfer: Transfer | None = None
+        self._imported = False
+        self._expect_digest: str | None = None
         self._bi = index
         self._filename = conns.filename
         self._page_count = index.page_count
@@ -199,6 +206,7 @@ class CheckpointWriter:
         self._new_index: dict[bytes, int] = {}    # ... for blobs of this checkpoint
         self._new_hashes: list[bytes] = []        # by blob id - first_blob
         self._new_packs: list[tuple[PackInfo, tuple]] = []
+        self._pack_data: dict[int, bytes] = {}     # pack id -> bytes (only for a transfer)
         self._inserter: ThreadPoolExecutor | None = None
         self._inserts: list = []
         self._held: tuple | None = None            # the first pack's row, not yet inserted
@@ -217,7 +225,7 @@ class CheckpointWriter:
         if not self._active:
             raise StoreError("checkpoint writer used outside its with-block")
         if self._failed is not None:
-            raise StoreError(f"checkpoint not written: an earlier add_pages failed "
+            raise StoreError(f"checkpoint not written: an earlier add_pages/add_transfer failed "
                              f"({self._failed}); leave the with-block to roll back")
 
     # -- pages --
@@ -282,30 +290,9 @@ class CheckpointWriter:
 
         # Dedup against the whole store, then against this checkpoint's
         # earlier batches, through dicts (map() in C, ~0.1 us a page).
-        new = self._new_index
-        ids = np.fromiter(map(self._index.get, hashes, itertools.repeat(0)), np.int64, len(hashes))
-        if new:
-            miss = np.flatnonzero(ids == 0)
-            if len(miss):
-                ids[miss] = np.fromiter(map(new.get, [hashes[k] for k in miss.tolist()],
-                                            itertools.repeat(0)), np.int64, len(miss))
-        cat = self._cat
-        known = (ids > 0) & (ids < cat.n)
-        if known.any():
-            # Never reuse a stored content that cannot be decoded any more
-            # (a delta whose base is gone): store it again instead.
-            k = np.flatnonzero(known)
-            dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
-                                         & ~cat.known(cat.base[ids[k]]))
-            ids[k[dead]] = 0
-            # Never reuse a stored blob this Store has not seen decode to its
-            # content hash: a forged blob can declare the hash of a page the
-            # guest writes later and hold other bytes (checked once per blob).
-            k = k[~dead]
-            if len(k):
-                self._drain()                      # one thread on the connection at a time
-                ids[k[~self._bi.verify_blobs(self._conn, cat, ids[k])]] = 0
+        ids = self._known_ids(hashes)
         fresh_a = np.flatnonzero(ids == 0)
+        new = self._new_index
         new_k = fresh_a                              # first row of each new content
         if len(fresh_a):
             # Distinct new contents in first-seen order, their ids and first
@@ -341,6 +328,34 @@ class CheckpointWriter:
         stats["dedup_pages"] += int((changed & (new_ids > 0)).sum()) - len(new_k)
         self._blob[pn] = new_ids
         self._written[pn] = True
+
+    def _known_ids(self, hashes: list) -> np.ndarray:
+        """Blob id of each content hash (16-byte keys) this store holds and may
+        reuse -- store-wide or written earlier in this checkpoint -- else 0."""
+        new = self._new_index
+        ids = np.fromiter(map(self._index.get, hashes, itertools.repeat(0)), np.int64, len(hashes))
+        if new:
+            miss = np.flatnonzero(ids == 0)
+            if len(miss):
+                ids[miss] = np.fromiter(map(new.get, [hashes[k] for k in miss.tolist()],
+                                            itertools.repeat(0)), np.int64, len(miss))
+        cat = self._cat
+        known = (ids > 0) & (ids < cat.n)
+        if known.any():
+            # Never reuse a stored content that cannot be decoded any more
+            # (a delta whose base is gone): store it again instead.
+            k = np.flatnonzero(known)
+            dead = ~cat.known(ids[k]) | ((cat.codec[ids[k]] == CODEC_LZ4_DELTA)
+                                         & ~cat.known(cat.base[ids[k]]))
+            ids[k[dead]] = 0
+            # Never reuse a stored blob this Store has not seen decode to its
+            # content hash: a forged blob can declare the hash of a page the
+            # guest writes later and hold other bytes (checked once per blob).
+            k = k[~dead]
+            if len(k):
+                self._drain()                      # one thread on the connection at a time
+                ids[k[~self._bi.verify_blobs(self._conn, cat, ids[k])]] = 0
+        return ids
 
     def _encode_pack(self, pn, data, rows, hashes, ids, words=None) -> None:
         """Encode the new contents at batch ``rows`` (blob ``ids``, increasing
@@ -484,6 +499,8 @@ class CheckpointWriter:
             if len(self._inserts) >= pageloops.JOBS_IN_FLIGHT:    # at most JOBS_IN_FLIGHT, as packs.py/_in_order
                 self._inserts.pop(0).result()
         end = ends.astype(np.int64)
+        if self._keep_transfer:
+            self._pack_data[pid] = blob
         self._new_packs.append((PackInfo(pid, self.id, first, n, len(blob), crc),
                                 (codecs, bases.astype(np.int64),
                                  np.frombuffer(hb, np.uint8).reshape(n, 16),
@@ -544,6 +561,237 @@ class CheckpointWriter:
                 out[b] = row
         return out
 
+    # -- transfers (another store's checkpoint, by content hash) --
+
+    def add_transfer(self, t: Transfer) -> tuple[np.ndarray, np.ndarray]:
+        """Import ``t`` -- what another store's checkpoint added (see
+        storage.transfer) -- as this checkpoint's pages: its packs are
+        inserted with this store's own blob ids (a content this store holds
+        already is not stored again), its delta bases and page map resolved
+        through this store's hash index.  Untrusted: every blob's checksum
+        and decoded content hash are checked, and the image digest at commit
+        against ``t.digest``, before anything is committed; ``TransferError``
+        (``MissingContentError`` for a content this store does not hold)
+        otherwise, and the checkpoint is rolled back.  At most one transfer,
+        before any ``add_pages``.  Returns (pages, contents): the map's pages
+        and their decoded contents (zero pages included), for a caller that
+        keeps the image in memory too."""
+        self._require_active()
+        if self._imported or self.stats["pages"]:
+            raise InvalidArgumentError("add_transfer: one transfer per checkpoint, before any add_pages")
+        if not isinstance(t, Transfer):
+            raise InvalidArgumentError(f"add_transfer takes a Transfer, not {type(t).__name__}")
+        self._imported = True
+        try:
+            with sqlite_errors(self._filename):
+                return self._import(t)
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    def _import(self, t: Transfer) -> tuple[np.ndarray, np.ndarray]:
+        P, pc, cat, stats = PAGE_SIZE, self._page_count, self._cat, self.stats
+        pages = np.asarray(t.pages)
+        mhash = np.asarray(t.hashes)
+        if pages.ndim != 1 or (pages.size and not np.issubdtype(pages.dtype, np.integer)) \
+                or mhash.dtype != np.uint8 or mhash.shape != (len(pages), 16):
+            raise TransferError("transfer: malformed page map")
+        pages = pages.astype(np.int64)
+        if len(pages) > pc or (len(pages) and (pages[0] < 0 or pages[-1] >= pc
+                                               or not (np.diff(pages) > 0).all())):
+            raise TransferError(f"transfer: page map out of range or not increasing "
+                                f"(the image has {pc} pages)")
+        packs = list(t.packs)
+        nblobs = sum(p.n for p in packs if isinstance(p, TransferPack))
+        if len(packs) > nblobs or nblobs > 2 * pc + 256:
+            raise TransferError(f"transfer: {nblobs} blobs in {len(packs)} packs is more than an "
+                                f"image of {pc} pages can need")
+        if not t.full and t.parent_digest is not None \
+                and t.parent_digest != codec.digest_hex(self._pdigest):
+            raise TransferError("transfer: it applies to another image than this checkpoint's parent")
+        for p in packs:
+            if not isinstance(p, TransferPack):
+                raise TransferError("transfer: a pack is not a TransferPack")
+            p.check()                                # (cheap; a parsed pack is checked again)
+        # Every blob's checksum (what this store will record for it).
+        xh = codec.xxh3_64
+        for k, p in enumerate(packs):
+            if p.crcs_from_data:
+                continue                             # taken from these very bytes on arrival
+            mv = memoryview(p.data)
+            got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
+                              np.uint64, p.n)
+            if not np.array_equal(got, np.asarray(p.crcs, np.uint64)):
+                i = int(np.flatnonzero(got != p.crcs)[0])
+                raise TransferError(f"transfer: pack {k}, blob {i}: its bytes fail their checksum")
+
+        # All blobs as flat arrays (transfer order: a base before its deltas).
+        if packs:
+            codecs = np.concatenate([p.codecs for p in packs]).astype(np.uint8)
+            bhash = np.concatenate([p.bases for p in packs])
+            thash = np.ascontiguousarray(np.concatenate([p.hashes for p in packs]))
+            starts = np.concatenate([p.starts for p in packs])
+            lens = np.concatenate([np.diff(np.concatenate(([0], p.ends))) for p in packs])
+            which = np.repeat(np.arange(len(packs)), [p.n for p in packs])
+        else:
+            codecs, which = np.zeros(0, np.uint8), np.zeros(0, np.int64)
+            bhash = thash = np.zeros((0, 16), np.uint8)
+            starts = lens = np.zeros(0, np.int64)
+        th = thash.view("V16").ravel().tolist() if nblobs else []
+        # first occurrence of each content (later keys of the reversed zip win)
+        pos_of = dict(zip(reversed(th), range(nblobs - 1, -1, -1)))
+        have = self._known_ids(th) if th else np.zeros(0, np.int64)
+        is_delta = codecs == CODEC_LZ4_DELTA
+        dj = np.flatnonzero(is_delta)
+        bh = bhash[dj].view("V16").ravel().tolist() if len(dj) else []
+        # A delta's base: earlier in this transfer, else held by this store.
+        bpos = np.fromiter(map(pos_of.get, bh, itertools.repeat(-1)), np.int64, len(bh))
+        inside = bpos >= 0
+        if (bpos[inside] >= dj[inside]).any() or is_delta[bpos[inside]].any():
+            raise TransferError("transfer: a delta's base is not an earlier plain blob")
+        bstore = np.zeros(len(dj), np.int64)
+        if (~inside).any():
+            out_k = np.flatnonzero(~inside)
+            bstore[out_k] = self._known_ids([bh[k] for k in out_k.tolist()])
+            if (bstore[out_k] == 0).any():
+                k = int(out_k[np.flatnonzero(bstore[out_k] == 0)[0]])
+                raise MissingContentError(f"transfer: delta base {bh[k].hex()} is not in this store")
+        # A transfer blob this store holds already is not stored again -- unless a
+        # delta of the transfer needs it as its base and this store's copy is a delta.
+        keep = have == 0
+        as_base = np.zeros(nblobs, bool)
+        as_base[bpos[inside]] = True
+        keep |= as_base & (have > 0) & (cat.codec[np.where(have < cat.n, have, 0)] == CODEC_LZ4_DELTA)
+        repeats = len(pos_of) != nblobs
+        if repeats:                                # a repeated content: once
+            first_pos = np.fromiter(map(pos_of.__getitem__, th), np.int64, nblobs)
+            keep &= first_pos == np.arange(nblobs)
+
+        # Decode everything (plain first, then deltas) and check every content hash.
+        buf = np.empty((nblobs, P), np.uint8)
+        dict_at = np.zeros(nblobs, np.int64)
+        dicts = None
+        if len(dj):
+            dict_at[dj[inside]] = buf.ctypes.data + bpos[inside] * P
+            if (~inside).any():
+                ids = bstore[~inside]
+                got = self._dictionaries(np.unique(ids))
+                if not all(int(b) in got for b in ids.tolist()):
+                    raise MissingContentError("transfer: a delta base of this store cannot be read")
+                u = np.unique(ids)
+                dicts = np.stack([np.asarray(got[int(b)], np.uint8).reshape(P) for b in u.tolist()])
+                dict_at[dj[~inside]] = dicts.ctypes.data + np.searchsorted(u, ids) * P
+        order = np.concatenate((np.flatnonzero(~is_delta), dj))
+        for part in (order[:nblobs - len(dj)], dj):
+            for k in np.unique(which[part]).tolist():
+                sel = part[which[part] == k]
+                bad = decode_blobs(packs[k].data, starts[sel], lens[sel], codecs[sel], buf, sel,
+                                   dict_at[sel], thash[sel])
+                if bad >= 0:
+                    raise TransferError(f"transfer: pack {k}, blob "
+                                        f"{int(sel[bad]) - int(np.flatnonzero(which == k)[0])}: does "
+                                        "not decode to its content hash")
+
+        # Resolve the page map: every content must be in the transfer or this store.
+        mh = mhash.view("V16").ravel().tolist() if len(pages) else []
+        mpos = np.fromiter(map(pos_of.get, mh, itertools.repeat(-1)), np.int64, len(mh))
+        zero = (mhash == np.frombuffer(ZERO_HASH, np.uint8)).all(axis=1)
+        mstore = np.zeros(len(mh), np.int64)
+        look = np.flatnonzero((mpos < 0) & ~zero)
+        if len(look):
+            mstore[look] = self._known_ids([mh[k] for k in look.tolist()])
+            if (mstore[look] == 0).any():
+                k = int(look[np.flatnonzero(mstore[look] == 0)[0]])
+                raise MissingContentError(f"transfer: page {int(pages[k])}'s content {mh[k].hex()} "
+                                          "is not in this store")
+
+        # Ids: new blobs in transfer order; the others are this store's.
+        first = self._next_blob
+        kept = np.flatnonzero(keep)
+        if first + len(kept) > validate.MAX_BLOB_ID:
+            raise StoreError(f"{self._filename}: the store has used up its blob ids "
+                             f"(limit {validate.MAX_BLOB_ID}); start a new store")
+        blob_of = np.where(keep, 0, have)
+        blob_of[kept] = np.arange(first, first + len(kept))
+        if repeats:
+            blob_of = blob_of[first_pos]           # repeats: their first's id
+        base_of = np.zeros(nblobs, np.int64)
+        base_of[dj[inside]] = blob_of[bpos[inside]]
+        base_of[dj[~inside]] = bstore[~inside]
+        # A delta whose base this store holds only as a delta: stored plainly (depth <= 1).
+        replain = is_delta & keep & (base_of > 0) & (base_of < cat.n) \
+            & (cat.codec[np.minimum(base_of, cat.n - 1)] == CODEC_LZ4_DELTA)
+        self._next_blob += len(kept)
+        kh = th if len(kept) == nblobs else [th[i] for i in kept.tolist()]
+        self._new_index.update(zip(kh, blob_of[kept].tolist()))
+        self._new_hashes.extend(kh)
+        for k, p in enumerate(packs):
+            sel = kept[which[kept] == k]
+            if not len(sel):
+                continue
+            lo = int(np.flatnonzero(which == k)[0])
+            cd, ln, cr = codecs[sel].copy(), lens[sel].copy(), np.asarray(p.crcs)[sel - lo].copy()
+            if len(sel) == p.n and not replain[sel].any():
+                data = p.data
+            else:
+                mv = memoryview(p.data)
+                parts = []
+                for j, i in enumerate(sel.tolist()):
+                    if replain[i]:
+                        enc = codec.lz4_compress(buf[i], store_size=False)
+                        cd[j] = CODEC_LZ4
+                        if len(enc) >= P:
+                            enc, cd[j] = buf[i].tobytes(), CODEC_RAW
+                        ln[j], cr[j] = len(enc), blob_crc(enc)
+                        parts.append(enc)
+                    else:
+                        parts.append(mv[int(starts[i]):int(starts[i] + lens[i])])
+                data = b"".join(parts)
+            bases = np.where(cd == CODEC_LZ4_DELTA, base_of[sel], 0).astype("<i8")
+            self._insert_pack(int(blob_of[sel[0]]), cd, bases,
+                              kh if len(packs) == 1 else [th[i] for i in sel.tolist()], ln, cr, data)
+            stats["new_blobs"] += len(sel)
+            stats["delta_blobs"] += int((cd == CODEC_LZ4_DELTA).sum())
+            stats["raw_blobs"] += int((cd == CODEC_RAW).sum())
+            stats["stored_bytes"] += len(data)
+
+        ids = np.where(zero, 0, np.where(mpos >= 0, blob_of[np.maximum(mpos, 0)] if nblobs else 0,
+                                         mstore))
+        if t.full:                                 # the whole image: unlisted pages are zero
+            self._blob[:] = 0
+            self._written[:] = True
+        self._blob[pages] = ids
+        self._written[pages] = True
+        self._expect_digest = t.digest
+        changed = ids != self._pblob[pages]
+        stats["pages"] += len(pages)
+        stats["raw_bytes"] += len(pages) * P
+        stats["zero_pages"] += int(zero.sum())
+        stats["unchanged_pages"] += int(len(pages) - changed.sum())
+        stats["dedup_pages"] += int((changed & ~zero & (mpos < 0)).sum())
+
+        # Delta dictionaries for the next checkpoint, as add_pages keeps them.
+        if self._parent is not None and self._next_dicts.size + len(kept) <= DICT_CACHE_PAGES:
+            plain = kept[~is_delta[kept] & (lens[kept] > DICT_MIN_BYTES)]
+            if len(plain):
+                self._next_dicts.add(blob_of[plain], buf[plain])
+            if dicts is not None:
+                self._next_dicts.add(np.unique(bstore[~inside]), dicts)
+
+        # The contents of the map's pages, for the caller.
+        if len(mpos) == nblobs and (mpos == np.arange(nblobs)).all():
+            return pages, buf                      # page i holds blob i: the usual case
+        rows = np.zeros((len(pages), P), np.uint8)
+        tin = mpos >= 0
+        rows[tin] = buf[mpos[tin]]
+        if len(look):
+            ub, inv = np.unique(mstore[look], return_inverse=True)
+            tmp = np.empty((len(ub), P), np.uint8)
+            self._drain()
+            decode_into(self._conn, cat, ub, np.arange(len(ub)) * P, tmp)
+            rows[look] = tmp[inv.reshape(-1)]
+        return pages, rows
+
     # -- states and stats --
 
     def add_state(self, name: str, data: bytes) -> None:
@@ -575,7 +823,7 @@ class CheckpointWriter:
                     return
                 if self._failed is not None:
                     self._rollback(conn)
-                    raise StoreError(f"checkpoint not written: add_pages failed inside the "
+                    raise StoreError(f"checkpoint not written: add_pages/add_transfer failed inside the "
                                      f"with-block ({self._failed}); rolled back")
                 try:
                     self._drain()
@@ -592,6 +840,29 @@ class CheckpointWriter:
                 os.close(self._wal_fd)
                 self._wal_fd = None
             self._conns.end_write()
+
+    def _export(self, pages, hashes, kept, first, new_hash, digest) -> Transfer:
+        """This checkpoint as a Transfer: its map by content hash and the packs
+        it wrote as encoded (delta bases by content hash), from memory."""
+        cat = self._cat
+        packs, new, based = [], [], []
+        for info, (codecs, bases, bhashes, _start, end, crcs) in kept:
+            new.append(np.arange(info.first, info.first + info.n))
+            based.append(bases[bases > 0])
+            bh = np.zeros((info.n, 16), np.uint8)
+            d = np.flatnonzero(bases > 0)
+            if len(d):
+                b = bases[d]
+                old = b < first
+                bh[d[old]] = cat.hash[b[old]]
+                bh[d[~old]] = new_hash[b[~old] - first]
+            packs.append(TransferPack(codecs.copy(), bh, bhashes.copy(), end.copy(), crcs.copy(),
+                                      self._pack_data[info.id]))
+        cat_ids = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        return Transfer(pages.copy(), hashes.copy(), packs, codec.digest_hex(digest),
+                        codec.digest_hex(self._pdigest), full=self._parent is None,
+                        local={"map": self._blob[pages].copy(), "new": cat_ids(new),
+                               "bases": cat_ids(based)})
 
     def _rollback(self, conn) -> None:
         """Let the inserts in flight finish first (their errors no longer
@@ -626,6 +897,9 @@ class CheckpointWriter:
         hashes[~is_new] = cat.hash[blobs[~is_new]]
         hashes[is_new] = new_hash[blobs[is_new] - first]
         digest = codec.digest_update(self._pdigest, pages, cat.hash[self._pblob[pages]], hashes)
+        if self._expect_digest is not None and codec.digest_hex(digest) != self._expect_digest:
+            raise TransferError(f"transfer: the imported image's digest {codec.digest_hex(digest)} "
+                                f"is not the exporter's {self._expect_digest}")
         conn.execute(f"INSERT INTO maps({MAP_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
                      map_row(self.id, pages, blobs))
 
@@ -633,6 +907,9 @@ class CheckpointWriter:
         # overwritten later in the same checkpoint) are dropped again.
         live = np.zeros(self._next_blob - first, bool)
         live[blobs[is_new] - first] = True
+        for _, arrays in self._new_packs:          # an imported delta's base among the new blobs
+            b = arrays[1]
+            live[b[b >= first] - first] = True
         kept = []
         for info, arrays in self._new_packs:
             if live[info.first - first:info.first - first + info.n].any():
@@ -641,13 +918,16 @@ class CheckpointWriter:
                 conn.execute("DELETE FROM packs WHERE id = ?", (info.id,))
                 conn.execute("DELETE FROM pack_data WHERE id = ?", (info.id,))
                 self.stats["packs"] -= 1
+        if self._keep_transfer:
+            self.transfer = self._export(pages, hashes, kept, first, new_hash, digest)
         # Reference counts per pack: map entries + delta bases of kept packs.
         pack_of_new = np.full(self._next_blob - first, -1, np.int64)
         for info, _ in kept:
             pack_of_new[info.first - first:info.first - first + info.n] = info.id
-        nzb = blobs[blobs > 0]
-        refs = [cat.pack[nzb[nzb < first]], pack_of_new[nzb[nzb >= first] - first]]
-        refs += [cat.pack[a[1][a[1] > 0]] for _, a in kept]
+        def pack_of(ids):
+            return np.concatenate((cat.pack[ids[ids < first]], pack_of_new[ids[ids >= first] - first]))
+        # (an imported transfer's delta may have its base among its own new blobs)
+        refs = [pack_of(blobs[blobs > 0])] + [pack_of(a[1][a[1] > 0]) for _, a in kept]
         counted = np.concatenate(refs) if refs else np.zeros(0, np.int64)
         u, cnt = np.unique(counted, return_counts=True)
         conn.executemany("INSERT INTO refs(pack, n) VALUES (?, ?) "

@@ -191,10 +191,7 @@ _OTHER_4096 = [
     ("program/mm.py", "limit: int = 4096", "C-string length cap (PATH_MAX)"),
     ("program/inspect.py", "_MAX_READ = 4096 * PAGE", "a count of pages per read"),
     ("replication/primary.py", "sock.recv(4096)", "socket read size"),
-    ("replication/protocol.py", "PAGES_LIMIT = ", "slack bytes for a frame's header"),
     ("replication/protocol.py", "f.read(4096)", "token file read size"),
-    ("replication/standby.py", "range(0, gone.size, 4096)", "pages per batch"),
-    ("replication/standby.py", "gone[i:i + 4096]", "pages per batch"),
 ]
 
 

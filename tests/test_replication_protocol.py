@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -94,34 +95,84 @@ def test_length_is_checked_before_reading():
         s.recv()
 
 
-def test_pages_frame_validation():
-    pages = np.array([3, 7, 9], np.int64)
-    data = np.random.default_rng(1).integers(0, 256, (3, P.PAGE), dtype=np.uint8)
-    blob = P.encode_pages(pages, data)
-    got_p, got_d = P.decode_pages(blob, 16)
-    assert (got_p == pages).all() and (got_d == data).all()
-    with pytest.raises(P.ProtocolError, match="out of range"):
-        P.decode_pages(blob, 8)
-    bad = P.encode_pages(np.array([7, 3], np.int64), data[:2])
-    with pytest.raises(P.ProtocolError, match="not increasing"):
-        P.decode_pages(bad, 16)
-    head = P.PAGES_HEAD.size + 24
-    corrupt = blob[:head] + bytes(len(blob) - head)
-    with pytest.raises(P.ProtocolError):
-        P.decode_pages(corrupt, 16)
-    with pytest.raises(P.ProtocolError):
-        P.decode_pages(blob[:-5], 16)
-    # a delta against the previous image: a page with one changed word costs a few bytes
-    image = np.zeros((16, P.PAGE), np.uint8)
-    image[pages] = data
-    new = data.copy()
-    new[:, 8] ^= 0x5A
-    delta = P.encode_pages(pages, new, image[pages])
-    assert len(delta) < 200
-    got_p, got_d = P.decode_pages(delta, 16, image)
-    assert (got_d == new).all()
-    with pytest.raises(P.ProtocolError, match="full image"):
-        P.decode_pages(delta, 16)
+def test_a_refused_transfer_is_acknowledged_as_refused_and_stores_nothing(tmp_path, capfd):
+    """A hostile (authenticated) primary's checkpoint frames: a wrong content hash, damaged
+    bytes, an unknown base hash, an oversize count -- each refused with one log line and a
+    need_full acknowledgement, nothing stored; an honest one after them goes in."""
+    from storage import Store
+    from storage.transfer import TransferPack
+    from snapctl.replication.standby import Standby
+    from snapctl.checkpoint.captures import vcpu_state_name
+    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 4, (16, P.PAGE), dtype=np.uint8)
+    src = Store.create(str(tmp_path / "src.snap"), cfg, synchronous="OFF")
+    with src.checkpoint(None, transfer=True) as w0:
+        w0.add_pages(np.arange(16), img)
+    img2 = img.copy()
+    img2[:8, :32] ^= 1
+    with src.checkpoint(w0.id, transfer=True) as w1:
+        w1.add_pages(np.arange(8), img2[:8])
+    base, inc = w0.transfer, w1.transfer
+    assert (inc.packs[0].codecs == 2).any()
+
+    sb = Standby("127.0.0.1:0", str(tmp_path / "sb.snap"), token=None)
+    sb.store = Store.create(sb.store_path, cfg, synchronous="OFF")
+    sb.config, sb._warm_ckpt, sb._refusing = cfg, None, False
+    sb.warm = type("W", (), {"pages": np.zeros((16, P.PAGE), np.uint8)})()
+    import queue
+    sb._q = queue.Queue()
+    sent = []
+
+    class Chan:
+        def send(self, ftype, payload=b""):
+            sent.append(P.decode_json(payload, "ack"))
+
+    def frames(pid, t, full, parent, packs=None, meta_extra=None):
+        meta = {"id": pid, "parent": parent, "trigger": "base" if full else "sync", "steps": [pid],
+                "step": pid, "index": pid, "digest": t.digest, "parent_digest": t.parent_digest,
+                "full": full, "map": len(t.pages), "packs": len(t.packs), **(meta_extra or {})}
+        sb._q.put((P.CKPT, P.encode_checkpoint(meta, {vcpu_state_name(0): b"v"})))
+        for p in (packs if packs is not None else t.packs):
+            sb._q.put((P.PACK, p.to_bytes()))
+        sb._q.put((P.MAP, t.map_bytes()))
+        sb._q.put((P.END, b""))
+
+    frames(0, base, True, None)
+    p = inc.packs[0]
+    h = p.hashes.copy()
+    h[0, 0] ^= 1
+    b = p.bases.copy()
+    d = int(np.flatnonzero(p.codecs == 2)[0])
+    b[d] = 7
+    bad = {"hash": [TransferPack(p.codecs, p.bases, h, p.ends, p.crcs, p.data)],
+           # the wire carries no checksums (the receiver takes them from the bytes): damaged
+           # bytes are caught when they do not decode to their content hash
+           "bytes": [TransferPack(p.codecs, p.bases, p.hashes, p.ends, p.crcs,
+                                  bytes([p.data[0] ^ 0xFF]) + p.data[1:])],
+           "base": [TransferPack(p.codecs, b, p.hashes, p.ends, p.crcs, p.data)]}
+    for k, packs in bad.items():
+        frames(1, inc, False, 0, packs)
+        frames(0, base, True, None, meta_extra={"trigger": "sync"})   # the full image it asks for
+    frames(1, inc, False, 0, meta_extra={"packs": 10**9})   # an oversize count
+    frames(0, base, True, None, meta_extra={"trigger": "sync"})
+    frames(1, inc, False, 0)
+    sb._q.put((P.FINISH, P.encode_json({})))
+    sb._receive(Chan())
+    refused = [a for a in sent if a.get("need_full")]
+    assert len(refused) == 4 and all(a["id"] == 1 for a in refused)
+    assert sent[-1] == {"id": 1}
+    err = capfd.readouterr().err
+    assert err.count("refused checkpoint 1") == 4, err
+    for needle in ("content hash", "not in this store", "out of bounds"):
+        assert needle in err
+    # only what was acknowledged is stored: 4 fulls (digest of the base) and the increment
+    cks = sb.store.checkpoints()
+    assert len(cks) == 6 and sb.store.digest(cks[-1].id) == w1.digest
+    assert not sb.store.verify().problems
+    assert (sb.warm.pages == img2).all()
+    sb.store.close()
+    src.close()
 
 
 def test_checkpoint_frame_validation():
@@ -220,3 +271,78 @@ def test_bench_rows_show_the_four_replication_goals():
     assert [row[0] for row in rows] == ["replication checkpoint_rate", "replication pause_ratio",
                                         "replication failover_ms", "replication wire_ratio"]
     assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
+
+
+def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_output_since(tmp_path, capfd):
+    """The primary's side of a refusal: nothing it covered is released, the next checkpoint
+    goes full, and its output states hold the output of every checkpoint since the last
+    acknowledged one (what a failover after it must write)."""
+    import types
+    from storage import Store
+    from snapctl.replication.primary import Replicator
+    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
+           "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
+    path = str(tmp_path / "p.snap")
+    st = Store.create(path, cfg, synchronous="OFF")
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 4, (16, P.PAGE), dtype=np.uint8)
+    caps, parent = [], None
+    for i in range(5):
+        if i:
+            img[i, :8] ^= 1
+        states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
+        with st.checkpoint(parent, {"step": i}, transfer=True) as w:
+            w.add_pages(np.arange(16) if i == 0 else [i], img if i == 0 else img[[i]])
+            for k, v in states.items():
+                w.add_state(k, v)
+        parent = w.id
+        caps.append((w.id, w.digest, types.SimpleNamespace(
+            trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
+            transfer=w.transfer, named_states=lambda s=states: dict(s))))
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    got = []
+
+    def standby():
+        conn, _ = srv.accept()
+        ch = P.Channel(conn, None, b"S")
+        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
+        ch.nonce = b"n" * 16
+        ch.limit = P.STATE_LIMIT
+        ch.recv((P.START,))
+        while True:
+            ftype, payload = ch.recv()
+            if ftype == P.FINISH:
+                break
+            if ftype != P.CKPT:
+                continue
+            meta, states = P.decode_checkpoint(payload)
+            while ch.recv()[0] != P.END:
+                pass
+            got.append((meta, states))
+            refuse = meta["id"] == caps[2][0]        # checkpoint 2: "cannot import"
+            ch.send(P.ACK, P.encode_json({"id": meta["id"], **({"need_full": True} if refuse else {})}))
+        conn.close()
+
+    t = threading.Thread(target=standby, daemon=True)
+    t.start()
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": cfg, "schedule": {"count": 4}})
+    for ckpt, digest, cap in caps:
+        rep.after_commit(ckpt, cap, {"digest": digest})
+        if ckpt == caps[3][0]:                      # let the refusal of 2 (and 3) arrive
+            deadline = time.monotonic() + 10
+            while len(got) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+    rep.finish({})
+    t.join(10)
+    st.close()
+    kinds = [(m["id"], m["full"]) for m, _ in got]
+    assert kinds == [(caps[0][0], True), (caps[1][0], False), (caps[2][0], False), (caps[3][0], False),
+                     (caps[4][0], True)], kinds
+    last_meta, last_states = got[-1]
+    assert last_meta["released_before"] is False
+    assert last_states["stream/stdout"] == b"out2;out3;out4;"      # since checkpoint 1, the last acknowledged
+    assert rep.acked == caps[4][0]
+    assert "refused checkpoint" in capfd.readouterr().err

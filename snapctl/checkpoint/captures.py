@@ -49,6 +49,9 @@ class Capture:
     early: list = field(default_factory=list)
     #: the guest driver's own named states (``Machine.guest_states``), taken in the same pause
     states: dict = field(default_factory=dict)
+    #: once committed with ``commit(..., transfer=True)``: what the checkpoint added to the
+    #: store, as a ``storage.transfer.Transfer`` (replication ships it)
+    transfer: object = None
 
     def flatten(self) -> "Capture":
         """Fold the pre-copied chunks in (later wins): one sorted pages/data pair."""
@@ -197,10 +200,12 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
     return Capture(pages, dest, vcpus, steps, trigger, timings, buffer, early, states)
 
 
-def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None) -> tuple[int, dict]:
-    """Write a capture as one checkpoint (one transaction). Returns (id, stats)."""
+def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | None = None, *,
+           transfer: bool = False) -> tuple[int, dict]:
+    """Write a capture as one checkpoint (one transaction). Returns (id, stats). With
+    ``transfer``, ``cap.transfer`` is then what the checkpoint added (storage.transfer)."""
     meta = {"step": cap.steps[0], "steps": cap.steps, "trigger": cap.trigger}
-    with store.checkpoint(parent=parent, meta=meta) as w:
+    with store.checkpoint(parent=parent, meta=meta, transfer=transfer) as w:
         for pages, data in cap.early:  # pre-copied first: the pause's fresh copies win
             w.add_pages(pages, data)
         w.add_pages(cap.pages, cap.data)
@@ -209,4 +214,5 @@ def commit(store: Store, parent: int | None, cap: Capture, extra_stats: dict | N
         stats = {"dirty_pages": cap.page_count(), **{k: round(v, 3) for k, v in cap.timings.items()}}
         stats.update(extra_stats or {})
         w.set_stats(stats)
+    cap.transfer = w.transfer
     return w.id, dict(w.stats, **stats, digest=w.digest)

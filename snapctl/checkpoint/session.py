@@ -75,7 +75,8 @@ class Checkpointer:
                  after_commit: Callable[[int, Capture, dict], None] | None = None):
         self.machine = machine
         #: called with (id, capture, stats) once a checkpoint is committed, before its
-        #: capture is released (replication sends it from here)
+        #: capture is released (replication sends it from here: ``capture.transfer`` is then
+        #: what the checkpoint added to the store, storage.transfer)
         self.after_commit = after_commit
         self.store = store
         self.parent = parent
@@ -121,7 +122,8 @@ class Checkpointer:
 
     def background_writer(self) -> Writer:
         """A writer committing this chain's captures behind a bounded queue (close it at the end)."""
-        return Writer(self.store, self.parent, depth=self.depth, on_commit=self._account)
+        return Writer(self.store, self.parent, depth=self.depth, on_commit=self._account,
+                      transfer=self.after_commit is not None)
 
     def staging_buffer(self) -> StagingBuffer:
         """A reused staging buffer for the next capture (may wait while the writer is behind)."""
@@ -144,7 +146,8 @@ class Checkpointer:
 
     def record(self, cap: Capture) -> int:
         """Write a capture now, as the next checkpoint of this chain, and account for it."""
-        ckpt, stats = C.commit(self.store, self.parent, cap)
+        ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True) if self.after_commit is not None
+                       else C.commit(self.store, self.parent, cap))
         self._account(ckpt, cap, stats)
         cap.release()
         return ckpt
@@ -168,7 +171,8 @@ class Checkpointer:
         m = self.machine
         start_steps = m.steps()
         t_run, pages_before = time.perf_counter(), self.summary.pages
-        writer = Writer(self.store, self.parent, depth=self.depth, on_commit=self._account) if self.background else None
+        writer = Writer(self.store, self.parent, depth=self.depth, on_commit=self._account,
+                        transfer=self.after_commit is not None) if self.background else None
 
         def take(trigger: str, already_paused: bool) -> None:
             buf = self._pool.acquire()  # before the pause: waiting here costs no downtime

@@ -32,8 +32,9 @@ class Writer:
     store keeps every checkpoint committed before (each is one transaction)."""
 
     def __init__(self, store: Store, parent: int | None, *, depth: int = QUEUE_DEPTH, max_failures: int = MAX_FAILURES,
-                 on_commit: Callable[[int, Capture, dict], None] | None = None):
+                 on_commit: Callable[[int, Capture, dict], None] | None = None, transfer: bool = False):
         self.store = store
+        self.transfer = transfer   # keep each checkpoint's storage.transfer.Transfer on its capture
         self.parent = parent
         self.on_commit = on_commit
         self.max_failures = max_failures
@@ -64,7 +65,9 @@ class Writer:
         if self._carry is not None:
             cap, self._carry = C.merge(self._carry, cap), None
         try:
-            ckpt, stats = C.commit(self.store, self.parent, cap)
+            # (``transfer`` only when asked: commit's plain signature stays what callers know)
+            ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True) if self.transfer
+                           else C.commit(self.store, self.parent, cap))
         except Exception as e:  # disk full, I/O error: keep the pages for the next try
             self.failed_writes += 1
             self._failures += 1

@@ -12,6 +12,7 @@ never released).
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import socket
@@ -19,13 +20,17 @@ import sys
 import threading
 import time
 
+
 import numpy as np
 
 from storage import Store
+from storage.transfer import Transfer
 
 from . import protocol as P
 from .releaser import OutputGate, Releaser, write_all  # noqa: F401  (write_all: the standby's)
 
+#: a program's output states (a re-sync after a refused checkpoint joins them up)
+STREAMS = ("stream/stdout", "stream/stderr")
 #: unacknowledged checkpoints in flight before the writer waits
 WINDOW = 8
 EXIT_REPLICATION_LOST = 4
@@ -71,9 +76,16 @@ class Replicator:
         self._ro: Store | None = None
         self._last_sent: int | None = None
         self._attempts = 0
-        #: the standby's image of the last checkpoint sent (pages go as XOR deltas against it)
-        self._shadow: np.ndarray | None = None
-        #: increments waiting for the sender thread (encoding + sending, off the writer thread)
+        #: the last checkpoint the standby acknowledged in this connection (None: none yet)
+        self._standby_has: int | None = None
+        #: the standby refused an increment (it lacks a content it names): the next full
+        #: image also carries the output of the checkpoints it never stored
+        self._resync_after: int | None = None
+        self._refused = False
+        #: by this store's blob id: held by the standby (sent in this connection since its
+        #: full image): a checkpoint naming a blob it lacks ships that blob too
+        self._held = np.zeros(0, bool)
+        #: increments waiting for the sender thread (sending, off the writer thread)
         self._jobs: queue.Queue = queue.Queue()
         self._sender: threading.Thread | None = None
 
@@ -112,6 +124,9 @@ class Replicator:
             gen = self._gen
             self._need_full = True
             self._inflight.clear()
+            self._standby_has = None
+            self._refused = False
+            self._held = np.zeros(0, bool)
             self.lost_reason = None
         threading.Thread(target=self._reader, args=(chan, gen), name="replication-acks", daemon=True).start()
         threading.Thread(target=self._heartbeat, args=(chan, gen), name="replication-heartbeat",
@@ -169,7 +184,20 @@ class Replicator:
                         raise P.ProtocolError(f"ack for checkpoint {ckpt}, which is not in flight")
                     for k in [k for k in self._inflight if k < ckpt]:   # acks are in order
                         self._inflight.pop(k)
+                    if ack.get("need_full"):
+                        # not stored (the standby lacks a content it names): nothing it covers
+                        # is released; the next checkpoint goes as a full image
+                        if not self._refused:
+                            _warn(f"replication: standby {self.addr} refused checkpoint {ckpt} "
+                                  f"({str(ack.get('reason', ''))[:200]}); sending a full image next")
+                        self._refused = True
+                        self._need_full = True
+                        if self._resync_after is None:
+                            self._resync_after = self._standby_has if self._standby_has is not None else -1
+                        self._cond.notify_all()
+                        continue
                     self.acked = ckpt
+                    self._standby_has = ckpt
                     self._cond.notify_all()
                 if self.gate is not None and bound:
                     # the releaser writes the output and tells the standby (its own channel):
@@ -233,31 +261,35 @@ class Replicator:
         if stuck:
             self._lose(f"standby {self.addr} acknowledged nothing for {ACK_TIMEOUT:.0f} s", gen=gen)
             return
+        with self._cond:
+            gap_after, self._resync_after = (self._resync_after, None) if full else (None, None)
         meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
                 "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
                 "digest": stats.get("digest"), "full": full,
                 # a re-sync's own output went out while there was no standby to cover it
-                "released_before": full and cap.trigger != "base"}
+                # (not after a refused checkpoint: that output is still held)
+                "released_before": full and cap.trigger != "base" and gap_after is None}
         self._last_sent = ckpt
         if full:
             # a full image (the base's pages are live guest memory; a re-sync reads the
             # store): sent from here, once what is queued has gone
             self._jobs.join()
             try:
-                n = self._send_full(chan, ckpt, cap, meta)
+                n = self._send_full(chan, ckpt, cap, meta, gap_after)
             except (OSError, P.ProtocolError) as e:
                 self._lose(f"standby {self.addr}: {e}", gen=gen)
                 return
             with self._cond:
                 if gen == self._gen:
                     self._need_full = False
+                    self._refused = False
             self.sent += 1
             self.wire_bytes += n
             return
-        # An increment: copy what is needed before the capture is released, and let the
-        # sender thread encode and send it while this thread commits the next checkpoint.
-        cap.flatten()
-        job = (chan, gen, meta, cap.named_states(), cap.pages.copy(), np.array(cap.data[:cap.pages.size]))
+        # An increment: what the writer stored, as it encoded it (the capture's transfer: held
+        # in memory, nothing to copy or encode); the sender thread sends it while this thread
+        # commits the next checkpoint.
+        job = (chan, gen, meta, cap.named_states(), cap.transfer)
         if self._sender is None:
             self._sender = threading.Thread(target=self._send_loop, name="replication-sender", daemon=True)
             self._sender.start()
@@ -265,12 +297,12 @@ class Replicator:
 
     def _send_loop(self) -> None:
         while True:
-            chan, gen, meta, states, pages, data = self._jobs.get()
+            chan, gen, meta, states, transfer = self._jobs.get()
             try:
                 if gen != self._gen:
                     continue
                 try:
-                    n = self._send_increment(chan, meta, states, pages, data)
+                    n = self._send_transfer(chan, meta, states, transfer)
                 except (OSError, P.ProtocolError) as e:
                     self._lose(f"standby {self.addr}: {e}", gen=gen)
                     continue
@@ -279,58 +311,73 @@ class Replicator:
             finally:
                 self._jobs.task_done()
 
-    def _npages(self) -> int:
-        return int(self.start_info["config"]["mem_size"]) // P.PAGE
-
     def _store(self) -> Store:
         if self._ro is None:
             self._ro = Store.open(self.store_path, readonly=True)
         return self._ro
 
-    def _send_full(self, chan: P.Channel, ckpt: int, cap, meta: dict) -> int:
-        """Every non-zero page of ``ckpt`` plainly, and the shadow reset to that image."""
-        before = chan.bytes_sent
-        if cap.trigger != "base":
-            st = self._store()
-            st_states = {n: st.state(ckpt, n) for n in st.state_names(ckpt)}
-            for c in st.path(ckpt)[:-1]:   # files a failover may need, first opened earlier
-                for n in st.state_names(c):
-                    if n.startswith("inherited/") and n not in st_states:
-                        st_states[n] = st.state(c, n)
-            data = np.empty((st.page_count, P.PAGE), np.uint8)
-            st.materialize(ckpt, data)
-        else:
-            st_states = cap.named_states()
-            cap.flatten()
-            data = cap.data   # the base: all of memory, in page order
-        pages = np.flatnonzero(data.any(axis=1))   # zero pages need not travel
-        chan.send(P.CKPT, P.encode_checkpoint(meta, st_states))
-        # the shadow: the image the standby will hold once this checkpoint is in
-        if self._shadow is None:
-            self._shadow = np.zeros((self._npages(), P.PAGE), np.uint8)
-        else:
-            self._shadow[:] = 0
-        sh = self._shadow
-        for i in range(0, pages.size, P.CHUNK_PAGES):
-            chunk = pages[i:i + P.CHUNK_PAGES]
-            rows = data[chunk]
-            chan.send(P.PAGES, P.encode_pages(chunk, rows))
-            sh[chunk] = rows
-        chan.send(P.END)
-        return chan.bytes_sent - before
+    def _send_full(self, chan: P.Channel, ckpt: int, cap, meta: dict, gap_after: int | None) -> int:
+        """The whole image of ``ckpt``: the base's own transfer (every page it stored), else
+        the store's image transfer (its blobs and their delta bases, as stored). After a
+        refused increment (``gap_after``: the last checkpoint the standby holds, -1: none),
+        its output states carry the output of every checkpoint since, which the standby
+        never stored (a failover replays it from there)."""
+        if cap.trigger == "base" and cap.transfer is not None:
+            return self._send_transfer(chan, meta, cap.named_states(), cap.transfer)
+        st = self._store()
+        st_states = {n: st.state(ckpt, n) for n in st.state_names(ckpt)}
+        path = st.path(ckpt)
+        for c in path[:-1]:   # files a failover may need, first opened earlier
+            for n in st.state_names(c):
+                if n.startswith("inherited/") and n not in st_states:
+                    st_states[n] = st.state(c, n)
+        if gap_after is not None:
+            since = path[path.index(gap_after) + 1:] if gap_after in path else path
+            for name in STREAMS:
+                parts = [st.state(c, name) for c in since if name in st.state_names(c)]
+                if parts:
+                    st_states[name] = b"".join(parts)
+        return self._send_transfer(chan, meta, st_states, st.image_transfer(ckpt))
 
-    def _send_increment(self, chan: P.Channel, meta: dict, states: dict, pages: np.ndarray,
-                        data: np.ndarray) -> int:
-        """The dirty pages as XOR deltas against the shadow (what the standby holds)."""
+    def _complete(self, t):
+        """``t`` plus the stored blobs it names (its pages' contents and its deltas' bases)
+        that the standby does not hold -- none for a standby that has had every checkpoint
+        since the run's base; after a re-sync, a page going back to a content of a
+        checkpoint the standby never received (a restore replaying its old run). And note
+        what the standby will hold."""
+        loc = t.local
+        if loc is None:
+            return t
+        if t.full:
+            self._held = np.zeros(0, bool)
+        named = np.concatenate((loc["map"][loc["map"] > 0], loc["bases"]))
+        held = self._held
+        top = int(max(named.max(initial=0), loc["new"].max(initial=0))) + 1
+        if top > len(held):
+            grown = np.zeros(max(top, 2 * len(held)), bool)
+            grown[:len(held)] = held
+            self._held = held = grown
+        held[loc["new"]] = True
+        lack = np.unique(named[~held[named]])
+        if not len(lack):
+            return t
+        extra = self._store().transfer_blobs(lack)
+        held[lack] = True
+        return Transfer(t.pages, t.hashes, extra + list(t.packs), t.digest, t.parent_digest, t.full)
+
+    def _send_transfer(self, chan: P.Channel, meta: dict, states: dict, t) -> int:
+        """One checkpoint: CKPT (meta, states, the transfer's counts and digests), one PACK
+        frame per pack as the primary's writer encoded it, its page map in MAP frames (whose
+        entries name those packs' blobs), END."""
+        t = self._complete(t)
         before = chan.bytes_sent
-        chan.send(P.CKPT, P.encode_checkpoint(meta, states))
-        sh = self._shadow
-        for i in range(0, pages.size, P.CHUNK_PAGES):
-            chunk = pages[i:i + P.CHUNK_PAGES]
-            rows = data[i:i + P.CHUNK_PAGES]
-            chan.send(P.PAGES, P.encode_pages(chunk, rows, sh[chunk]))
-            sh[chunk] = rows
-        chan.send(P.END)
+        meta = dict(meta, map=len(t.pages), packs=len(t.packs), parent_digest=t.parent_digest,
+                    digest=meta.get("digest") or t.digest)
+        chan.send_all(itertools.chain(
+            [(P.CKPT, P.encode_checkpoint(meta, states))],
+            ((P.PACK, pack.to_bytes()) for pack in t.packs),
+            ((P.MAP, t.map_bytes(lo, lo + P.MAP_CHUNK)) for lo in range(0, len(t.pages), P.MAP_CHUNK)),
+            [(P.END, b"")]))
         return chan.bytes_sent - before
 
     def finish(self, summary: dict) -> None:

@@ -6,8 +6,9 @@ A frame is a 20-byte header, the payload, and (with a token) a 32-byte MAC::
 
 - ``length`` is checked against the receiver's current limit *before* any
   payload is read: a peer cannot make the receiver allocate more than the
-  limit (64 KiB until the handshake is done, then a bound derived from the
-  guest's size; see :data:`CHUNK_PAGES`).
+  limit (64 KiB until the handshake is done, then :data:`STATE_LIMIT`); the
+  checkpoint inside (MAP and PACK frames, storage.transfer's wire form) is
+  bounded again by the guest's size before it is imported.
 - ``seq`` starts at 0 in each direction and must go up by exactly one: a
   replayed, dropped or reordered frame ends the session.
 - With a token, the MAC is HMAC-SHA256(token, direction || session nonce ||
@@ -31,29 +32,29 @@ import struct
 import threading
 
 import lz4.block
-import numpy as np
 
 from ..kvm.constants import PAGE_SIZE
 
 MAGIC = b"SNRP"
-VERSION = 1
+#: 2: checkpoints travel as the primary's encoded packs (MAP + PACK frames), not as pages
+VERSION = 2
 HEADER = struct.Struct("!4sBBHQI")
 MAC_SIZE = 32
 NONCE_SIZE = 16
 PAGE = PAGE_SIZE
 
 #: frame types
-HELLO, START, CKPT, PAGES, END, ACK, HEARTBEAT, RELEASED, FINISH, REFUSED, SESSION = range(1, 12)
-NAMES = {HELLO: "hello", START: "start", CKPT: "checkpoint", PAGES: "pages", END: "end", ACK: "ack",
+HELLO, START, CKPT, MAP, END, ACK, HEARTBEAT, RELEASED, FINISH, REFUSED, SESSION, PACK = range(1, 13)
+NAMES = {HELLO: "hello", START: "start", CKPT: "checkpoint", MAP: "map", END: "end", ACK: "ack",
          HEARTBEAT: "heartbeat", RELEASED: "released", FINISH: "finish", REFUSED: "refused",
-         SESSION: "session"}
+         SESSION: "session", PACK: "pack"}
 
 #: before the handshake completes, no frame may be larger than this
 HANDSHAKE_LIMIT = 64 << 10
-#: pages per PAGES frame: a frame's payload is at most CHUNK_PAGES * (PAGE + 8) + slack
-CHUNK_PAGES = 256
-PAGES_LIMIT = CHUNK_PAGES * (PAGE + 8) + 4096
-#: a checkpoint's JSON header + states (vCPU state, program state, output, files) per frame
+#: page map entries per MAP frame (24 bytes each: page number, content hash)
+MAP_CHUNK = 1 << 16
+#: a checkpoint's JSON header + states (vCPU state, program state, output, files) per frame,
+#: and the largest PACK frame (the writer's packs hold ~1 MiB; storage.transfer bounds each)
 STATE_LIMIT = 64 << 20
 
 
@@ -131,6 +132,34 @@ class Channel:
                     self.sock.sendall(parts[2])
             self._send_seq += 1
             self.bytes_sent += len(header) + len(payload) + (MAC_SIZE if self.token is not None else 0)
+
+    def send_all(self, frames) -> None:
+        """Frames [(type, payload)] (any iterable, consumed lazily) in order, ~1 MiB per
+        ``sendall``: one checkpoint of a few hundred pages is one system call (one release
+        of the GIL, not five). The lock is taken per batch, so heartbeats still go out
+        between the batches of a large full image."""
+        batch: list = []
+        size = 0
+        for frame in frames:
+            batch.append(frame)
+            size += len(frame[1])
+            if size >= 1 << 20:
+                self._send_batch(batch)
+                batch, size = [], 0
+        if batch:
+            self._send_batch(batch)
+
+    def _send_batch(self, batch) -> None:
+        with self.lock:
+            parts: list = []
+            for ftype, payload in batch:
+                header = HEADER.pack(MAGIC, VERSION, ftype, 0, self._send_seq, len(payload))
+                parts += [header, payload]
+                if self.token is not None:
+                    parts.append(self._mac(self.side, header, payload))
+                self._send_seq += 1
+                self.bytes_sent += len(header) + len(payload) + (MAC_SIZE if self.token is not None else 0)
+            self.sock.sendall(b"".join(parts))
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -254,50 +283,6 @@ def _decode_states(payload) -> tuple[dict, dict[str, bytes]]:
     if pos != len(mv):
         raise ProtocolError("checkpoint frame: trailing bytes")
     return meta, states
-
-
-PAGES_HEAD = struct.Struct("!IIB")   # page count, compressed size, mode
-#: page contents as they are / XORed with the receiver's image of the previous checkpoint
-PLAIN, XOR = 0, 1
-
-
-def encode_pages(pages: np.ndarray, data: np.ndarray, base: np.ndarray | None = None) -> bytes:
-    """PAGES payload: count, compressed length, mode, page numbers (u64 LE), LZ4 of the
-    contents -- XORed with ``base`` (the same pages' previous contents) when given: a page
-    where a few words changed is then mostly zeros and compresses to almost nothing."""
-    raw = np.ascontiguousarray(data)
-    mode = PLAIN
-    if base is not None:
-        raw = np.bitwise_xor(raw, base)
-        mode = XOR
-    comp = lz4.block.compress(memoryview(raw.reshape(-1)), store_size=False)
-    return b"".join([PAGES_HEAD.pack(pages.size, len(comp), mode), pages.astype("<u8").tobytes(), comp])
-
-
-def decode_pages(payload, npages: int, image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Page numbers (validated: < ``npages``, strictly increasing) and their contents
-    (an XOR frame is undone against ``image``, the previous checkpoint's pages)."""
-    mv = memoryview(payload)
-    if len(mv) < PAGES_HEAD.size:
-        raise ProtocolError("pages frame too short")
-    n, clen, mode = PAGES_HEAD.unpack(mv[:PAGES_HEAD.size])
-    if n == 0 or n > CHUNK_PAGES or PAGES_HEAD.size + 8 * n + clen != len(mv) or mode not in (PLAIN, XOR):
-        raise ProtocolError("pages frame: malformed lengths")
-    pages = np.frombuffer(mv[PAGES_HEAD.size:PAGES_HEAD.size + 8 * n], "<u8").astype(np.int64)
-    if pages.min() < 0 or pages.max() >= npages or (n > 1 and not (np.diff(pages) > 0).all()):
-        raise ProtocolError("pages frame: page numbers out of range or not increasing")
-    try:
-        raw = lz4.block.decompress(mv[PAGES_HEAD.size + 8 * n:], uncompressed_size=n * PAGE)
-    except lz4.block.LZ4BlockError:
-        raise ProtocolError("pages frame: corrupt compressed data") from None
-    if len(raw) != n * PAGE:
-        raise ProtocolError("pages frame: wrong decompressed size")
-    data = np.frombuffer(raw, np.uint8).reshape(n, PAGE)
-    if mode == XOR:
-        if image is None:
-            raise ProtocolError("pages frame: a delta where a full image was expected")
-        data = np.bitwise_xor(data, image[pages])
-    return pages, data
 
 
 def new_nonce() -> bytes:

@@ -21,9 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from storage import Store
+from storage.transfer import Transfer, TransferError, TransferPack, join_maps, parse_map
 
 from ..checkpoint.captures import vcpu_state_name
 from ..checkpoint.schedule import Schedule
@@ -150,7 +150,8 @@ class Standby:
         self.released = None
         log(f"primary {peer} connected ({start.get('kind', 'run')} of {self.config.get('guest')}, "
             f"{self.config['mem_size'] >> 20} MiB)")
-        chan.limit = max(P.PAGES_LIMIT, P.STATE_LIMIT)
+        chan.limit = P.STATE_LIMIT
+        self._refusing = False
         t_lost = None
         self._q = queue.Queue(maxsize=64)
         self._lost_at = None
@@ -252,7 +253,7 @@ class Standby:
         """Drain the socket as frames arrive (failure detection is the time of the error)."""
         while True:
             try:
-                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.PAGES, P.END, P.FINISH))
+                ftype, payload = chan.recv((P.HEARTBEAT, P.CKPT, P.MAP, P.PACK, P.END, P.FINISH))
                 if ftype == P.HEARTBEAT:
                     continue
             except BaseException as e:   # noqa: BLE001 - handed to the receiving thread
@@ -289,6 +290,11 @@ class Standby:
                 raise P.ProtocolError("checkpoint frame: malformed metadata")
             if full:
                 parent = self._warm_ckpt   # a re-sync: a child of what the store (and warm memory) holds
+            elif self._refusing:
+                # an increment on top of one this standby refused: it cannot apply either
+                self._skip_checkpoint()
+                chan.send(P.ACK, P.encode_json({"id": pid, "need_full": True, "reason": "waiting for a full image"}))
+                continue
             else:
                 if self.latest is None or meta.get("parent") != self.latest.primary:
                     raise P.ProtocolError("checkpoint frame: its parent is not the last checkpoint received")
@@ -297,40 +303,27 @@ class Standby:
             if any(v is None for v in vcpus):
                 raise P.ProtocolError("checkpoint frame: vCPU state missing")
             local_meta = {"step": steps[0], "steps": steps, "trigger": meta["trigger"], "replica_of": pid}
-            pending: list[tuple[np.ndarray, np.ndarray]] = []
-            count = 0
-            with st.checkpoint(parent=parent, meta=local_meta) as w:   # one transaction; rolled back on error
-                while True:
-                    ftype, payload = self._next((P.PAGES, P.END))
-                    if ftype == P.END:
-                        break
-                    # deltas are against the previous checkpoint's image: warm memory until END
-                    pages, data = P.decode_pages(payload, npages, None if full else self.warm.pages)
-                    count += pages.size
-                    if count > npages:
-                        raise P.ProtocolError("checkpoint frame: more pages than the guest has")
-                    w.add_pages(pages, data)
-                    pending.append((pages, data))
-                if full and parent is not None:   # pages the image no longer has: zero now
-                    sent = np.concatenate([p for p, _ in pending]) if pending else np.zeros(0, np.int64)
-                    nz = np.flatnonzero(self.warm.pages.any(axis=1))
-                    gone = np.setdiff1d(nz, sent, assume_unique=True)
-                    for i in range(0, gone.size, 4096):
-                        g = gone[i:i + 4096]
-                        w.add_pages(g, np.zeros((g.size, P.PAGE), np.uint8))
-                for name, blob in states.items():
-                    w.add_state(name, blob)
-                w.set_stats({"replica_of": pid, "pages_received": count})
-            if meta.get("digest") and w.digest != meta["digest"]:
-                log(f"checkpoint {w.id} (primary {pid}): image digest {w.digest} differs from the "
-                    f"primary's {meta['digest']}")
-                raise P.ProtocolError("image digest mismatch")
-            # warm memory: now exactly the image of this checkpoint
+            try:
+                transfer = self._read_transfer(meta, npages, full)
+                with st.checkpoint(parent=parent, meta=local_meta) as w:   # one transaction; rolled back on error
+                    pages, rows = w.add_transfer(transfer)
+                    for name, blob in states.items():
+                        w.add_state(name, blob)
+                    w.set_stats({"replica_of": pid, "pages_received": int(pages.size),
+                                 "blobs_received": transfer.blob_count})
+            except TransferError as e:
+                # nothing stored; the primary sends a full image next (and holds the output)
+                log(f"refused checkpoint {pid} from the primary: {e}")
+                self._refusing = True
+                chan.send(P.ACK, P.encode_json({"id": pid, "need_full": True, "reason": str(e)[:200]}))
+                continue
+            self._refusing = False
+            # warm memory: now exactly the image of this checkpoint (the pages the import
+            # decoded -- and checked against their hashes -- once, for the store and for here)
             mem = self.warm.pages
             if full:
                 mem[:] = 0
-            for pages, data in pending:
-                mem[pages] = data
+            mem[pages] = rows
             self._warm_ckpt = w.id
             self._local_of[pid] = w.id
             self.latest = Latest(w.id, pid, meta, vcpus)
@@ -339,6 +332,50 @@ class Standby:
             self.result.received.append(w.id)
             self.result.primary_ids.append(pid)
             chan.send(P.ACK, P.encode_json({"id": pid}))
+
+    def _read_transfer(self, meta: dict, npages: int, full: bool) -> Transfer:
+        """The MAP and PACK frames up to END, as a Transfer -- counts and bytes bounded by
+        the guest's size before anything is kept (TransferError otherwise, every frame of
+        the checkpoint read)."""
+        nmap, npacks = meta.get("map"), meta.get("packs")
+        max_blobs = 2 * npages + 256
+        bad = None
+        if (not isinstance(nmap, int) or not isinstance(npacks, int) or not 0 <= nmap <= npages
+                or not 0 <= npacks <= max_blobs):
+            bad = f"map of {nmap!r} entries / {npacks!r} packs out of bounds for {npages} pages"
+        maps, packs, map_bytes, nbytes = [], [], 0, 0
+        while True:
+            ftype, payload = self._next((P.MAP, P.PACK, P.END))
+            if ftype == P.END:
+                break
+            if bad is not None:
+                continue   # read (and drop) the rest of this checkpoint
+            try:
+                if ftype == P.MAP:   # after the packs: its entries name their blobs
+                    map_bytes += len(payload)
+                    if map_bytes > 32 * npages + (1 << 16):   # entries, and each chunk's header
+                        raise TransferError("more map bytes than the guest can need")
+                    maps.append(payload)
+                else:
+                    nbytes += len(payload)
+                    if len(packs) >= npacks or nbytes > max_blobs * (P.PAGE + 64):
+                        raise TransferError("more packs (or bytes) than announced or than the guest can need")
+                    packs.append(TransferPack.from_bytes(payload))
+            except TransferError as e:
+                bad, maps, packs = str(e), [], []
+        if bad is not None:
+            raise TransferError(f"transfer: {bad}")
+        pages, hashes = join_maps([parse_map(m, npages, packs) for m in maps], npages)
+        if len(pages) != nmap or len(packs) != npacks:
+            raise TransferError(f"transfer: {len(pages)} map entries / {len(packs)} packs, "
+                                f"{nmap} / {npacks} announced")
+        digest, pdigest = meta.get("digest"), meta.get("parent_digest")
+        return Transfer(pages, hashes, packs, digest if isinstance(digest, str) else None,
+                        pdigest if isinstance(pdigest, str) else None, full=full)
+
+    def _skip_checkpoint(self) -> None:
+        while self._next((P.MAP, P.PACK, P.END))[0] != P.END:
+            pass
 
     def _released(self, payload) -> None:
         rid = P.decode_json(payload, "released").get("id")
