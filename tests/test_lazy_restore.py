@@ -403,3 +403,25 @@ def test_a_host_thread_reading_a_damaged_page_is_one_error_line_not_a_crash(dama
             line = "error: " + d["error"]
         for needle in ("error: checkpoint 2", f"page {page}", f"blob {blob}"):
             assert needle in line, (needle, line)
+
+
+@lazy_ok
+def test_the_handlers_function_table_is_by_name():
+    """lz_create's table is built from the names lz_fn(i) gives, each slot the address of
+    the function the C side calls by that name (a reordering on either side cannot mismatch)."""
+    import ctypes
+
+    from storage import lazy, pageloops
+    from storage._pagecodec import ffi
+
+    lib = pageloops.library()
+    table = lazy.fn_table(lib)
+    names = [ffi.string(lib.lz_fn(i)).decode() for i in range(len(table))]
+    assert lib.lz_fn(len(table)) == ffi.NULL and lib.lz_fn(-1) == ffi.NULL
+    assert len(set(names)) == len(names) == 19
+    import _sqlite3
+    sq = ctypes.CDLL(_sqlite3.__file__)         # the libsqlite3 Python's sqlite3 module uses
+    for n, a in zip(names, table):
+        want = (ctypes.cast(getattr(sq, n), ctypes.c_void_p).value if n.startswith("sqlite3_")
+                else pageloops.functions()[n])
+        assert want == int(a), n

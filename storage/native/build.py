@@ -16,6 +16,7 @@ const char *pc_encode_fns(void);
 int64_t pc_encode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                   uintptr_t);
 int64_t pc_image_digest(int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, uintptr_t);
+const char *lz_fn(int64_t);
 int64_t lz_uffd_open(void);
 int64_t lz_uffd_register(int64_t, uintptr_t, int64_t);
 int64_t lz_uffd_unregister(int64_t, uintptr_t, int64_t);

@@ -1218,10 +1218,35 @@ int64_t lz_uffd_unregister(int64_t fd, uintptr_t addr, int64_t len)
     return ioctl((int)fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
-/* args: see storage/lazy.py (LazyImage.__init__) for the order.  dir_: five
- * int64 arrays of npk entries (pack id, first blob id, blob count, size,
- * mchk), sorted by first id, ranges not overlapping; digest_: the
- * checkpoint's digest (low, high). */
+/* lz_create's function table, by name: the caller asks lz_fn(i) for the name
+ * of entry i (NULL past the end) and puts that function's address there, so
+ * neither side holds a positional list the other could silently disagree
+ * with (as the encoder's pc_encode_fns); here each name is tied to its slot
+ * by a designated initializer. */
+enum { LZF_DEC, LZF_DEC_DICT, LZF_H128, LZF_H64, LZF_OPEN, LZF_CLOSE, LZF_EXEC, LZF_BUSY, LZF_BOPEN,
+       LZF_BREOPEN, LZF_BREAD, LZF_BCLOSE, LZF_BBYTES, LZF_PREPARE, LZF_BIND64, LZF_STEP, LZF_COL64,
+       LZF_COLTYPE, LZF_FINALIZE, LZF_COUNT };
+static const char *const LZ_FN_NAMES[LZF_COUNT] = {
+    [LZF_DEC] = "LZ4_decompress_safe", [LZF_DEC_DICT] = "LZ4_decompress_safe_usingDict",
+    [LZF_H128] = "XXH3_128bits", [LZF_H64] = "XXH3_64bits",
+    [LZF_OPEN] = "sqlite3_open_v2", [LZF_CLOSE] = "sqlite3_close_v2", [LZF_EXEC] = "sqlite3_exec",
+    [LZF_BUSY] = "sqlite3_busy_timeout", [LZF_BOPEN] = "sqlite3_blob_open",
+    [LZF_BREOPEN] = "sqlite3_blob_reopen", [LZF_BREAD] = "sqlite3_blob_read",
+    [LZF_BCLOSE] = "sqlite3_blob_close", [LZF_BBYTES] = "sqlite3_blob_bytes",
+    [LZF_PREPARE] = "sqlite3_prepare_v2", [LZF_BIND64] = "sqlite3_bind_int64", [LZF_STEP] = "sqlite3_step",
+    [LZF_COL64] = "sqlite3_column_int64", [LZF_COLTYPE] = "sqlite3_column_type",
+    [LZF_FINALIZE] = "sqlite3_finalize",
+};
+
+const char *lz_fn(int64_t i)
+{
+    return i >= 0 && i < LZF_COUNT ? LZ_FN_NAMES[i] : NULL;
+}
+
+/* args: see storage/lazy.py (LazyImage.__init__) for the order.  dir_: three
+ * int64 arrays of npk entries (pack id, first blob id, blob count), sorted
+ * by first id, ranges not overlapping; digest_: the checkpoint's digest
+ * (low, high); fns_: the table lz_fn() names. */
 uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, uintptr_t maps_,
                     int64_t nmaps, int64_t nrecent, int64_t recent_max, uintptr_t dir_, int64_t npk,
                     uintptr_t digest_, uintptr_t state, uintptr_t fns_, const char *path)
@@ -1262,25 +1287,25 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
     c->host = (char *)host;
     c->npages = npages;
     c->state = (uint8_t *)state;
-    c->dec = (lz_dec_fn)fns[0];
-    c->dec_dict = (lz_dec_dict_fn)fns[1];
-    c->h128 = (lz_h128_fn)fns[2];
-    c->h64 = (lz_h64_fn)fns[3];
-    c->sq_open = (sq_open_fn)fns[4];
-    c->sq_close = (sq_close_fn)fns[5];
-    c->sq_exec = (sq_exec_fn)fns[6];
-    c->sq_busy = (sq_busy_fn)fns[7];
-    c->sq_bopen = (sq_bopen_fn)fns[8];
-    c->sq_breopen = (sq_breopen_fn)fns[9];
-    c->sq_bread = (sq_bread_fn)fns[10];
-    c->sq_bclose = (sq_bclose_fn)fns[11];
-    c->sq_bbytes = (sq_bbytes_fn)fns[12];
-    c->sq_prepare = (sq_prepare_fn)fns[13];
-    c->sq_bind64 = (sq_bind64_fn)fns[14];
-    c->sq_step = (sq_step_fn)fns[15];
-    c->sq_col64 = (sq_col64_fn)fns[16];
-    c->sq_coltype = (sq_coltype_fn)fns[17];
-    c->sq_finalize = (sq_finalize_fn)fns[18];
+    c->dec = (lz_dec_fn)fns[LZF_DEC];
+    c->dec_dict = (lz_dec_dict_fn)fns[LZF_DEC_DICT];
+    c->h128 = (lz_h128_fn)fns[LZF_H128];
+    c->h64 = (lz_h64_fn)fns[LZF_H64];
+    c->sq_open = (sq_open_fn)fns[LZF_OPEN];
+    c->sq_close = (sq_close_fn)fns[LZF_CLOSE];
+    c->sq_exec = (sq_exec_fn)fns[LZF_EXEC];
+    c->sq_busy = (sq_busy_fn)fns[LZF_BUSY];
+    c->sq_bopen = (sq_bopen_fn)fns[LZF_BOPEN];
+    c->sq_breopen = (sq_breopen_fn)fns[LZF_BREOPEN];
+    c->sq_bread = (sq_bread_fn)fns[LZF_BREAD];
+    c->sq_bclose = (sq_bclose_fn)fns[LZF_BCLOSE];
+    c->sq_bbytes = (sq_bbytes_fn)fns[LZF_BBYTES];
+    c->sq_prepare = (sq_prepare_fn)fns[LZF_PREPARE];
+    c->sq_bind64 = (sq_bind64_fn)fns[LZF_BIND64];
+    c->sq_step = (sq_step_fn)fns[LZF_STEP];
+    c->sq_col64 = (sq_col64_fn)fns[LZF_COL64];
+    c->sq_coltype = (sq_coltype_fn)fns[LZF_COLTYPE];
+    c->sq_finalize = (sq_finalize_fn)fns[LZF_FINALIZE];
     c->t0_ns = lz_now();
     snprintf(c->fpre, sizeof c->fpre, "error: ");
     snprintf(c->fsuf, sizeof c->fsuf, "\n");
