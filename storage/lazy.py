@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import mmap
 import os
 import threading
 import time
@@ -167,7 +168,7 @@ class LazyImage:
     background fill, :meth:`close` before unmapping the memory."""
 
     def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
-                 on_event=None, recent: int = 4, recent_max: int = 1 << 16):
+                 on_event=None, recent: int = 4, recent_max: int = 0):
         why = probe()
         if why:
             raise LazyUnavailable(why)
@@ -181,7 +182,10 @@ class LazyImage:
         self.addr, self.npages = addr, npages
         self.on_event = on_event
         self.t0 = time.perf_counter()
-        self._state = np.zeros(npages, np.uint8)
+        # straight from the kernel, zero and untouched (np.zeros' calloc clears it when
+        # glibc serves it from the heap: O(memory) before the guest starts)
+        self._state_map = mmap.mmap(-1, npages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._state = np.frombuffer(self._state_map, np.uint8)
         packs = self.index.packs
         self._dir = np.ascontiguousarray(packs)
         self._dir_ptrs = np.array([self._dir[i].ctypes.data for i in range(3)], np.uint64)
