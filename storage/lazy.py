@@ -234,6 +234,13 @@ class LazyImage:
         self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
         self._watcher.start()
 
+    def started(self) -> None:
+        """A vCPU is about to enter the guest: the background fill stops making way for the
+        start (it would after 50 ms anyway) and runs ahead of the vCPUs."""
+        with self._lock:
+            if self._ctx:
+                self._lib.lz_started(self._ctx)
+
     def _watch(self) -> None:
         """Wakes on the handler's event fd (a failure, or the fill is done); GIL-free while waiting."""
         while True:

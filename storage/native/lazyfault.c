@@ -218,6 +218,7 @@ typedef struct lz_ctx {
     pthread_t fault_thr, bg_thr[LZ_BG], check_thr;
     int fault_started, bg_started, check_started, background, eager;
     int64_t next_chunk, bg_left;
+    volatile int go;              /* a vCPU is entering the guest (lz_started): stop making way */
     lz_bgarg bgarg[LZ_BG];
     volatile int stop;
     /* counters (atomics: both threads add) */
@@ -1084,15 +1085,17 @@ static int lz_account(lz_ctx *c, lz_src *s, int64_t p)
 static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi, int account)
 {
     int64_t p = lo;
-    if (s->niced && lz_now() - c->t0_ns > LZ_BG_NICE_NS) {
-        /* Then ahead of the vCPUs: while pages are missing the guest runs
-         * fault to fault (~10x slower), so the sooner the fill is done the
-         * sooner it runs at full speed.  Unprivileged: back to 0. */
-        if (setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE_AFTER))
-            setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
-        s->niced = 0;
-    }
     while (p < hi && !c->stop && !__atomic_load_n(&c->err, __ATOMIC_ACQUIRE)) {
+        if (s->niced && (__atomic_load_n(&c->go, __ATOMIC_RELAXED) || lz_now() - c->t0_ns > LZ_BG_NICE_NS)) {
+            /* A vCPU is in the guest (or LZ_BG_NICE_NS passed): now ahead of
+             * the vCPUs.  While pages are missing the guest runs fault to
+             * fault (~10x slower), so the sooner the fill is done the sooner
+             * it runs at full speed.  Unprivileged: back to 0.  (Looked at
+             * every run, not every chunk: a chunk takes 10-20 ms.) */
+            if (setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE_AFTER))
+                setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
+            s->niced = 0;
+        }
         if (__atomic_load_n(&c->state[p], __ATOMIC_ACQUIRE)) {
             int r = account ? lz_account(c, s, p) : 0;
             if (r)
@@ -1498,6 +1501,15 @@ int64_t lz_start(uintptr_t c_, int64_t background)
 
 /* Wait for the background fill to end (it ends by itself, on a failure or
  * on lz_stop). */
+/* A vCPU thread is about to enter the guest for the first time: the
+ * background threads stop making way for the start (they would after
+ * LZ_BG_NICE_NS anyway). */
+void lz_started(uintptr_t c_)
+{
+    lz_ctx *c = (lz_ctx *)c_;
+    __atomic_store_n(&c->go, 1, __ATOMIC_RELAXED);
+}
+
 void lz_join_background(uintptr_t c_)
 {
     lz_ctx *c = (lz_ctx *)c_;
