@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
+import mmap
 import os
 import threading
 import time
@@ -106,10 +107,10 @@ class LazyUnavailable(StoreError):
 _sqlite = None
 
 
-def _sqlite_fns() -> list[int]:
+def _sqlite_fns() -> dict[str, int]:
     """Entry points of the libsqlite3 that Python's sqlite3 module uses (one
     library in the process: its file locks must be shared with the store's
-    own connections)."""
+    own connections), by name."""
     global _sqlite
     if _sqlite is None:
         import _sqlite3
@@ -118,7 +119,7 @@ def _sqlite_fns() -> list[int]:
         for cand in (getattr(_sqlite3, "__file__", None), name):
             try:
                 lib = ctypes.CDLL(cand)
-                _sqlite = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in _SQLITE_NAMES]
+                _sqlite = {n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in _SQLITE_NAMES}
                 break
             except (OSError, AttributeError, TypeError):
                 continue
@@ -128,12 +129,29 @@ def _sqlite_fns() -> list[int]:
     return _sqlite
 
 
+def fn_table(lib) -> np.ndarray:
+    """lz_create's function table, in the order the C side names (``lz_fn(i)``),
+    from the LZ4/xxh3 functions the page loops use and the SQLite ones: by name
+    on both sides, so a reordering on either can never mismatch silently."""
+    from ._pagecodec import ffi
+    have = dict(pageloops.functions(), **_sqlite_fns())
+    names = []
+    while (name := lib.lz_fn(len(names))) != ffi.NULL:
+        names.append(ffi.string(name).decode())
+    try:
+        return np.array([have[n] for n in names], np.uint64)
+    except KeyError as exc:
+        raise LazyUnavailable(f"the lazy-restore handler wants a function nothing gave it: {exc}") from None
+
+
 def probe() -> str:
     """'' when lazy restore can work here, else why not (one line)."""
     if os.environ.get("SNAPCTL_NO_USERFAULTFD", "") not in ("", "0"):
         return "userfaultfd is disabled (SNAPCTL_NO_USERFAULTFD is set)"
     if not pageloops.loaded():
         return f"lazy restore needs the C extension (the store runs {pageloops.kind()})"
+    if not hasattr(pageloops.library(), "lz_fn"):
+        return "lazy restore needs the C extension rebuilt (python setup.py build_ext --inplace)"
     fd = int(pageloops.library().lz_uffd_open())
     if fd < 0:
         return f"userfaultfd is not available here ({os.strerror(-fd)})"
@@ -150,7 +168,7 @@ class LazyImage:
     background fill, :meth:`close` before unmapping the memory."""
 
     def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
-                 on_event=None, recent: int = 4, recent_max: int = 1 << 16):
+                 on_event=None, recent: int = 4, recent_max: int = 0):
         why = probe()
         if why:
             raise LazyUnavailable(why)
@@ -164,15 +182,16 @@ class LazyImage:
         self.addr, self.npages = addr, npages
         self.on_event = on_event
         self.t0 = time.perf_counter()
-        self._state = np.zeros(npages, np.uint8)
+        # straight from the kernel, zero and untouched (np.zeros' calloc clears it when
+        # glibc serves it from the heap: O(memory) before the guest starts)
+        self._state_map = mmap.mmap(-1, npages, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._state = np.frombuffer(self._state_map, np.uint8)
         packs = self.index.packs
         self._dir = np.ascontiguousarray(packs)
         self._dir_ptrs = np.array([self._dir[i].ctypes.data for i in range(3)], np.uint64)
         d = self.index.digest
         self._digest = np.array([d & ((1 << 64) - 1), (d >> 64) & ((1 << 64) - 1)], np.uint64)
-        fns = pageloops.functions()
-        self._fns = np.array([fns[f] for f in ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict",
-                                               "XXH3_128bits", "XXH3_64bits")] + _sqlite_fns(), np.uint64)
+        self._fns = fn_table(self._lib)
         self._ctx = 0
         self._last: dict | None = None
         self._uffd = -1
@@ -214,6 +233,13 @@ class LazyImage:
             raise LazyUnavailable("cannot start the lazy-restore threads")
         self._watcher = threading.Thread(target=self._watch, name="lazy-restore-watch", daemon=True)
         self._watcher.start()
+
+    def started(self) -> None:
+        """A vCPU is about to enter the guest: the background fill stops making way for the
+        start (it would after 50 ms anyway) and runs ahead of the vCPUs."""
+        with self._lock:
+            if self._ctx:
+                self._lib.lz_started(self._ctx)
 
     def _watch(self) -> None:
         """Wakes on the handler's event fd (a failure, or the fill is done); GIL-free while waiting."""

@@ -403,3 +403,68 @@ def test_a_host_thread_reading_a_damaged_page_is_one_error_line_not_a_crash(dama
             line = "error: " + d["error"]
         for needle in ("error: checkpoint 2", f"page {page}", f"blob {blob}"):
             assert needle in line, (needle, line)
+
+
+@lazy_ok
+def test_the_handlers_function_table_is_by_name():
+    """lz_create's table is built from the names lz_fn(i) gives, each slot the address of
+    the function the C side calls by that name (a reordering on either side cannot mismatch)."""
+    import ctypes
+
+    from storage import lazy, pageloops
+    from storage._pagecodec import ffi
+
+    lib = pageloops.library()
+    table = lazy.fn_table(lib)
+    names = [ffi.string(lib.lz_fn(i)).decode() for i in range(len(table))]
+    assert lib.lz_fn(len(table)) == ffi.NULL and lib.lz_fn(-1) == ffi.NULL
+    assert len(set(names)) == len(names) == 19
+    import _sqlite3
+    sq = ctypes.CDLL(_sqlite3.__file__)         # the libsqlite3 Python's sqlite3 module uses
+    for n, a in zip(names, table):
+        want = (ctypes.cast(getattr(sq, n), ctypes.c_void_p).value if n.startswith("sqlite3_")
+                else pageloops.functions()[n])
+        assert want == int(a), n
+
+
+@lazy_ok
+@pytest.mark.parametrize("recent_max", [0, 300, 1 << 16])
+def test_a_fill_with_or_without_the_recent_pages_pass_is_the_checkpoint(tmp_path, recent_max):
+    """The background fill -- the newest checkpoints' pages one by one first (up to
+    ``recent_max``), then 4096-page chunks, those the newest checkpoints changed most
+    first -- places exactly checkpoint k, and its digest adds up (over 3 chunks and a
+    partial one, the changes concentrated in the third, so the order is not page order)."""
+    import mmap
+
+    from storage import Store
+    from storage.lazy import LazyImage
+
+    rng = np.random.default_rng(seed_for("lazy-fill-order", 13))
+    n = 3 * 4096 + 77
+    cfg = {"mem_size": n * 4096, "vcpus": 1, "name": "t", "ram": [{"gpa": 0, "size": n * 4096, "slot": 0}]}
+    img = np.zeros((n, 4096), np.uint8)
+    img[::3, :64] = rng.integers(1, 256, (len(img[::3]), 64), dtype=np.uint8)
+    with Store.create(str(tmp_path / "f.db"), cfg, synchronous="OFF") as st:
+        with st.checkpoint(parent=None, meta={"step": 0, "trigger": "base"}) as w:
+            w.add_pages(np.arange(n), img)
+        parent = w.id
+        for k in range(5):
+            pages = np.unique(np.concatenate([rng.integers(2 * 4096, 3 * 4096, 600),
+                                              rng.integers(0, n, 20)]))
+            img[pages, 64:128] = rng.integers(0, 256, (len(pages), 64), dtype=np.uint8)
+            with st.checkpoint(parent=parent, meta={"step": k + 1, "trigger": "t"}) as w:
+                w.add_pages(pages, img[pages])
+            parent = w.id
+        mem = mmap.mmap(-1, n * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        got = np.frombuffer(mem, np.uint8).reshape(n, 4096)
+        lz = LazyImage(st, parent, got.ctypes.data, n, recent=4, recent_max=recent_max)
+        try:
+            lz.start()
+            lz.wait(120)
+            s = lz.stats()
+        finally:
+            lz.close()
+        assert s["populated"] == n and s["done"] and not s["error"], s
+        assert np.array_equal(got, img)
+        del got
+        mem.close()

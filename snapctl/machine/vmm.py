@@ -313,6 +313,8 @@ class Machine:
     def _loop(self, r: _Runner) -> None:
         v = r.vcpu
         v.thread_ident = threading.get_ident()
+        if self.lazy is not None:       # about to enter the guest: a lazy fill need not make way any more
+            self.lazy.started()
         try:
             while True:
                 # Unlocked fast path: a pause sets _pause_req under the lock *before* it kicks, and

@@ -16,6 +16,7 @@ const char *pc_encode_fns(void);
 int64_t pc_encode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                   uintptr_t);
 int64_t pc_image_digest(int64_t, uintptr_t, uintptr_t, int64_t, uintptr_t, uintptr_t);
+const char *lz_fn(int64_t);
 int64_t lz_uffd_open(void);
 int64_t lz_uffd_register(int64_t, uintptr_t, int64_t);
 int64_t lz_uffd_unregister(int64_t, uintptr_t, int64_t);
@@ -24,6 +25,7 @@ uintptr_t lz_create(int64_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, in
 void lz_set_fatal(uintptr_t, int64_t, const char *, const char *, int64_t, int64_t);
 int64_t lz_fill_now(uintptr_t, int64_t, int64_t);
 int64_t lz_start(uintptr_t, int64_t);
+void lz_started(uintptr_t);
 void lz_join_background(uintptr_t);
 void lz_stop(uintptr_t);
 void lz_destroy(uintptr_t);

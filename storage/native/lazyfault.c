@@ -126,6 +126,12 @@ typedef struct {
     sqlite3 *db;
     sqlite3_blob *blob;
     int64_t pack;                 /* row the blob handle is on, or -1 */
+    /* Reading single blobs (not whole packs), a delta's base comes through a
+     * handle of its own: a run of deltas then keeps each handle on its row
+     * (the base pack, the delta pack) instead of moving one between the two
+     * for every page, which costs a seek and the walk to the offset. */
+    sqlite3_blob *bblob;
+    int64_t bpack;
     char *buf;                    /* stored bytes of one blob */
     char dict[LZ_PAGE];           /* a delta's base, decoded */
     char *run;                    /* LZ_RUN pages being decoded */
@@ -139,9 +145,10 @@ typedef struct {
     int64_t cache_bytes;
     uint64_t tick;
     int64_t last, prev;           /* directory entries of the last two packs looked up */
-    /* The digest terms (storage.codec) of the pages this source decoded
-     * and placed: an eager fill adds them up here instead of a second pass
-     * over the image (lz_finished compares the total with the digest). */
+    /* The digest terms (storage.codec) of the pages of the chunks this
+     * (background) source went over in page order, whoever placed them:
+     * added up here instead of a second pass over the image (lz_finished
+     * compares the total with the digest). */
     unsigned __int128 *term;      /* per page of the run being decoded */
     unsigned __int128 dsum;
 } lz_src;
@@ -185,6 +192,8 @@ typedef struct lz_ctx {
     uint64_t zero_lo, zero_hi;    /* the zero page's content hash, as stored */
     int64_t *hot;                 /* pages the newest maps change, newest first */
     int64_t nhot;
+    int64_t *order;               /* the chunks of the page-order pass, the hottest first */
+    int64_t nchunks;
     uint8_t *state;
     lz_dec_fn dec;
     lz_dec_dict_fn dec_dict;
@@ -209,6 +218,7 @@ typedef struct lz_ctx {
     pthread_t fault_thr, bg_thr[LZ_BG], check_thr;
     int fault_started, bg_started, check_started, background, eager;
     int64_t next_chunk, bg_left;
+    volatile int go;              /* a vCPU is entering the guest (lz_started): stop making way */
     lz_bgarg bgarg[LZ_BG];
     volatile int stop;
     /* counters (atomics: both threads add) */
@@ -227,6 +237,19 @@ typedef struct lz_ctx {
     int fatal_len, fatal_fd, fatal_code;
     pthread_mutex_t err_lock;
 } lz_ctx;
+
+/* Zeroed memory of `size` bytes straight from the kernel (NULL if none). */
+static void *lz_zalloc(size_t size)
+{
+    void *p = mmap(NULL, size ? size : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void lz_zfree(void *p, size_t size)
+{
+    if (p)
+        munmap(p, size ? size : 1);
+}
 
 static int64_t lz_now(void)
 {
@@ -352,9 +375,9 @@ static void lz_live_remove(lz_ctx *c)
 
 static int lz_src_open(lz_ctx *c, lz_src *s, const char *path)
 {
-    s->pack = -1;
+    s->pack = s->bpack = -1;
     s->last = s->prev = -1;
-    s->blob = NULL;
+    s->blob = s->bblob = NULL;
     s->buf = malloc(2 * LZ_PAGE + 64);
     s->run = malloc((size_t)LZ_RUN * LZ_PAGE);
     s->term = malloc((size_t)LZ_RUN * sizeof *s->term);
@@ -377,7 +400,9 @@ static void lz_src_close(lz_ctx *c, lz_src *s)
 {
     if (s->blob)
         c->sq_bclose(s->blob);
-    s->blob = NULL;
+    if (s->bblob)
+        c->sq_bclose(s->bblob);
+    s->blob = s->bblob = NULL;
     if (s->db) {
         c->sq_exec(s->db, "COMMIT", NULL, NULL, NULL);
         c->sq_close(s->db);
@@ -597,7 +622,8 @@ static int lz_find(lz_ctx *c, lz_src *s, int64_t b, lz_blob *o)
  * unchecked: the decoded page's content hash is what proves it right, and
  * LZ4's safe decoder takes any input; the checksum is looked at only when
  * the page fails, to say whether the stored bytes are what is damaged. */
-static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at, int *len, int check)
+static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at, int *len, int check,
+                        int base)
 {
     int64_t p = bl->pack, st = bl->start, n = bl->end - bl->start;
     if (p < 0 || n < 0 || n > 2 * LZ_PAGE)
@@ -612,21 +638,23 @@ static int lz_read_blob(lz_ctx *c, lz_src *s, const lz_blob *bl, const char **at
         *len = (int)n;
         return 0;
     }
-    if (s->blob && s->pack != p) {
-        if (c->sq_breopen(s->blob, p) != 0) {
-            c->sq_bclose(s->blob);          /* an aborted handle: start again */
-            s->blob = NULL;
+    sqlite3_blob **h = base ? &s->bblob : &s->blob;
+    int64_t *hp = base ? &s->bpack : &s->pack;
+    if (*h && *hp != p) {
+        if (c->sq_breopen(*h, p) != 0) {
+            c->sq_bclose(*h);               /* an aborted handle: start again */
+            *h = NULL;
         }
     }
-    if (!s->blob) {
-        if (c->sq_bopen(s->db, "main", "pack_data", "data", p, 0, &s->blob) != 0) {
-            s->blob = NULL;
-            s->pack = -1;
+    if (!*h) {
+        if (c->sq_bopen(s->db, "main", "pack_data", "data", p, 0, h) != 0) {
+            *h = NULL;
+            *hp = -1;
             return LZE_MISSING;
         }
     }
-    s->pack = p;
-    if (c->sq_bread(s->blob, s->buf, (int)n, (int)st) != 0)
+    *hp = p;
+    if (c->sq_bread(*h, s->buf, (int)n, (int)st) != 0)
         return LZE_MISSING;
     if (check && c->h64(s->buf, (size_t)n) != bl->crc)
         return LZE_CHECKSUM;
@@ -679,16 +707,17 @@ static int lz_decode_raw(lz_ctx *c, lz_src *s, int64_t page, char *out, lz_blob 
         int64_t a = bl->base;
         if (a <= 0 || lz_find(c, s, a, &ba) != 0 || ba.codec == 2)
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, &ba, &at, &len, check)) != 0 || (r = lz_plain(c, at, &ba, len, s->dict)) != 0)
+        if ((r = lz_read_blob(c, s, &ba, &at, &len, check, 1)) != 0
+            || (r = lz_plain(c, at, &ba, len, s->dict)) != 0)
             return LZE_BASE;
         if (check && !lz_digest_ok(c, s->dict, ba.hash))
             return LZE_BASE;
-        if ((r = lz_read_blob(c, s, bl, &at, &len, check)) != 0)
+        if ((r = lz_read_blob(c, s, bl, &at, &len, check, 0)) != 0)
             return r;
         if (c->dec_dict(at, out, len, LZ_PAGE, s->dict, LZ_PAGE) != LZ_PAGE)
             return LZE_DECODE;
     } else {
-        if ((r = lz_read_blob(c, s, bl, &at, &len, check)) != 0)
+        if ((r = lz_read_blob(c, s, bl, &at, &len, check, 0)) != 0)
             return r;
         if ((r = lz_plain(c, at, bl, len, out)) != 0)
             return r;
@@ -751,8 +780,7 @@ static void lz_poison(lz_ctx *c, int64_t page)
  * A page some other thread placed first (EEXIST) counts as placed: its
  * waiters are woken, which the kernel does not do on EEXIST.  A page that
  * cannot be placed (ENOMEM, ...) is poisoned like a damaged one. */
-static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t *counter,
-                    const unsigned __int128 *term, unsigned __int128 *acc)
+static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t *counter)
 {
     int64_t done = 0;
     while (done < n) {
@@ -789,11 +817,8 @@ static int lz_place(lz_ctx *c, int64_t page, int64_t n, const char *src, int64_t
             return LZE_UFFD;
         }
         int64_t k = got / LZ_PAGE;
-        for (int64_t i = 0; i < k; i++) {
-            if (term)                        /* placed here: its term counts here (not on EEXIST) */
-                *acc += term[done + i];
+        for (int64_t i = 0; i < k; i++)
             __atomic_store_n(&c->state[page + done + i], 1, __ATOMIC_RELEASE);
-        }
         __atomic_fetch_add(&c->populated, k, __ATOMIC_RELAXED);
         __atomic_fetch_add(counter, k, __ATOMIC_RELAXED);
         if (!src)
@@ -903,8 +928,16 @@ static int lz_resolve(lz_ctx *c, lz_src *s, int64_t i, int64_t hi)
     return ok ? 0 : -1;
 }
 
+static int lz_cmp64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 /* The whole image from the path's maps, oldest first, and the hot list from
- * the newest nrecent of them (never the base: it is all of memory). */
+ * the newest nrecent of them (never the base: it is all of memory): its
+ * first recent_max pages, filled one by one first, and the order of the
+ * chunks of the page-order pass by how many of them each holds. */
 static int lz_build_image(lz_ctx *c, lz_src *s)
 {
     char **keep = calloc((size_t)(c->nmaps > 0 ? c->nmaps : 1), sizeof *keep);
@@ -928,22 +961,34 @@ static int lz_build_image(lz_ctx *c, lz_src *s)
         else
             free(m);
     }
-    if (!r && c->nrecent > 0 && c->recent_max > 0) {
-        uint8_t *seen = calloc((size_t)c->npages, 1);
-        c->hot = malloc(8 * (size_t)c->recent_max);
-        if (seen && c->hot) {
-            for (int64_t i = c->nmaps - 1; i > 0 && i >= c->nmaps - c->nrecent && c->nhot < c->recent_max; i--) {
+    if (!r && c->nrecent > 0) {
+        uint8_t *seen = lz_zalloc((size_t)c->npages);
+        int64_t *count = calloc((size_t)c->nchunks, 8);
+        c->hot = malloc(8 * (size_t)(c->recent_max > 0 ? c->recent_max : 1));
+        if (seen && c->hot && count) {
+            for (int64_t i = c->nmaps - 1; i > 0 && i >= c->nmaps - c->nrecent; i--) {
                 if (!keep[i])
                     continue;
                 const int64_t n = c->mn[i], *pg = (const int64_t *)(keep[i] + 8);
-                for (int64_t j = 0; j < n && c->nhot < c->recent_max; j++)
+                for (int64_t j = 0; j < n; j++)
                     if (!seen[pg[j]]) {
                         seen[pg[j]] = 1;
-                        c->hot[c->nhot++] = pg[j];
+                        count[pg[j] / LZ_CHUNK]++;
+                        if (c->nhot < c->recent_max)
+                            c->hot[c->nhot++] = pg[j];
                     }
             }
+            /* the chunks by how many of those pages they hold, most first (ties
+             * in page order): a working set that is not scattered over all of
+             * memory is then filled early, at the page-order pass's cost */
+            for (int64_t i = 0; i < c->nchunks; i++)
+                c->order[i] = ((int64_t)(LZ_CHUNK - count[i]) << 40) | i;
+            qsort(c->order, (size_t)c->nchunks, 8, lz_cmp64);
+            for (int64_t i = 0; i < c->nchunks; i++)
+                c->order[i] &= ((int64_t)1 << 40) - 1;
         }
-        free(seen);
+        lz_zfree(seen, (size_t)c->npages);
+        free(count);
     }
     for (int64_t i = 0; i < c->nmaps; i++)
         free(keep[i]);
@@ -978,7 +1023,7 @@ static int lz_serve(lz_ctx *c, lz_src *s, int64_t page, int64_t *counter)
         lz_poison(c, page);
         return r;
     }
-    return lz_place(c, page, 1, r == 1 ? NULL : s->run, counter, r == 1 ? NULL : s->term, &s->dsum);
+    return lz_place(c, page, 1, r == 1 ? NULL : s->run, counter);
 }
 
 static void *lz_fault_loop(void *arg)
@@ -1014,20 +1059,47 @@ static void *lz_fault_loop(void *arg)
     return NULL;
 }
 
-/* Fill pages [lo, hi) that are still missing, in runs of one kind. */
-static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
+/* The digest term of page p, from its blob's content hash in the catalogue
+ * (a page someone else placed); 0 or an error kind (recorded here). */
+static int lz_account(lz_ctx *c, lz_src *s, int64_t p)
+{
+    int64_t b = c->img[p];
+    lz_blob bl;
+    int r;
+    if (!b)
+        return 0;
+    if (b < 0 || (r = lz_find(c, s, b, &bl)) != 0) {
+        lz_fail(c, b < 0 ? LZE_MISSING : r, p, b, 0);
+        lz_signal(c);
+        return b < 0 ? LZE_MISSING : r;
+    }
+    s->dsum += lz_term(c, p, bl.hash);
+    return 0;
+}
+
+/* Fill pages [lo, hi) that are still missing, in runs of one kind.
+ * ``account``: add the digest term of every page of the range to s->dsum,
+ * whoever placed it (the chunks of the page-order pass cover every page
+ * once: their terms add up to the image's digest, which lz_finished
+ * compares -- no separate pass over the image). */
+static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi, int account)
 {
     int64_t p = lo;
-    if (s->niced && lz_now() - c->t0_ns > LZ_BG_NICE_NS) {
-        /* Then ahead of the vCPUs: while pages are missing the guest runs
-         * fault to fault (~10x slower), so the sooner the fill is done the
-         * sooner it runs at full speed.  Unprivileged: back to 0. */
-        if (setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE_AFTER))
-            setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
-        s->niced = 0;
-    }
     while (p < hi && !c->stop && !__atomic_load_n(&c->err, __ATOMIC_ACQUIRE)) {
+        if (s->niced && (__atomic_load_n(&c->go, __ATOMIC_RELAXED) || lz_now() - c->t0_ns > LZ_BG_NICE_NS)) {
+            /* A vCPU is in the guest (or LZ_BG_NICE_NS passed): now ahead of
+             * the vCPUs.  While pages are missing the guest runs fault to
+             * fault (~10x slower), so the sooner the fill is done the sooner
+             * it runs at full speed.  Unprivileged: back to 0.  (Looked at
+             * every run, not every chunk: a chunk takes 10-20 ms.) */
+            if (setpriority(PRIO_PROCESS, (id_t)s->tid, LZ_BG_NICE_AFTER))
+                setpriority(PRIO_PROCESS, (id_t)s->tid, 0);
+            s->niced = 0;
+        }
         if (__atomic_load_n(&c->state[p], __ATOMIC_ACQUIRE)) {
+            int r = account ? lz_account(c, s, p) : 0;
+            if (r)
+                return r;
             p++;
             continue;
         }
@@ -1043,7 +1115,7 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
                         break;
                     /* place what decoded so far, then stop at the damage */
                     if (n)
-                        lz_place(c, p, n, s->run, &c->bg_pages, s->term, &s->dsum);
+                        lz_place(c, p, n, s->run, &c->bg_pages);
                     lz_fail(c, r, p + n, blob, 0);
                     lz_poison(c, p + n);
                     return r;
@@ -1055,9 +1127,12 @@ static int lz_fill_range(lz_ctx *c, lz_src *s, int64_t lo, int64_t hi)
             p++;
             continue;
         }
-        int r = lz_place(c, p, n, zero ? NULL : s->run, &c->bg_pages, zero ? NULL : s->term, &s->dsum);
+        int r = lz_place(c, p, n, zero ? NULL : s->run, &c->bg_pages);
         if (r)
             return r;
+        if (account && !zero)               /* placed here or, racing, by the fault thread */
+            for (int64_t i = 0; i < n; i++)
+                s->dsum += s->term[i];
         p += n;
     }
     return 0;
@@ -1090,14 +1165,15 @@ static void *lz_bg_loop(void *arg)
      * read just their blobs (whole packs would be read again and again) */
     s->cached = 0;
     for (int64_t i = a->k; i < c->nhot && !c->stop && !c->err; i += LZ_BG)
-        if (lz_fill_range(c, s, c->hot[i], c->hot[i] + 1))
+        if (lz_fill_range(c, s, c->hot[i], c->hot[i] + 1, 0))
             break;
     s->cached = 1;
     while (!c->stop && !c->err) {
-        int64_t lo = __atomic_fetch_add(&c->next_chunk, LZ_CHUNK, __ATOMIC_RELAXED);
-        if (lo >= c->npages)
+        int64_t i = __atomic_fetch_add(&c->next_chunk, 1, __ATOMIC_RELAXED);
+        if (i >= c->nchunks)
             break;
-        if (lz_fill_range(c, s, lo, lo + LZ_CHUNK < c->npages ? lo + LZ_CHUNK : c->npages))
+        int64_t lo = c->order[i] * LZ_CHUNK;
+        if (lz_fill_range(c, s, lo, lo + LZ_CHUNK < c->npages ? lo + LZ_CHUNK : c->npages, 1))
             break;
     }
     /* the packs it kept are not needed any more */
@@ -1114,10 +1190,10 @@ static void *lz_bg_loop(void *arg)
 static void lz_finished(lz_ctx *c)
 {
     if (__atomic_sub_fetch(&c->bg_left, 1, __ATOMIC_ACQ_REL) == 0) {
-        if (c->eager && !c->err && !c->stop) {
-            /* every page was placed by one of the sources, each adding the
-             * terms of the pages it placed: their total is the image's */
-            unsigned __int128 sum = c->fsrc.dsum + c->csrc.dsum;
+        if (c->background && !c->err && !c->stop) {
+            /* the page-order pass went over every page once, each thread
+             * adding the terms of its chunks: their total is the image's */
+            unsigned __int128 sum = 0;
             for (int k = 0; k < LZ_BG; k++)
                 sum += c->bsrc[k].dsum;
             if ((uint64_t)sum != c->digest_lo || (uint64_t)(sum >> 64) != c->digest_hi)
@@ -1131,12 +1207,15 @@ static void lz_finished(lz_ctx *c)
     }
 }
 
-/* The check thread: the image's page maps must add up to the checkpoint's
- * digest (storage.codec: a sum of one term per non-zero page, from its
- * blob's content hash), as a materialize checks before returning a byte.
- * It needs every referenced pack's metadata, so it runs here, beside the
- * guest, not before it starts; the pages themselves are checked one by one
- * as they are served (checksum, content hash). */
+/* The check thread merges the image from the page maps (lz_build_image).
+ * The image's page maps must add up to the checkpoint's digest
+ * (storage.codec: a sum of one term per non-zero page, from its blob's
+ * content hash), as a materialize checks before returning a byte.  That
+ * needs every referenced pack's metadata, so it is done beside the guest,
+ * not before it starts: by the fill threads as they go (lz_fill_range), or,
+ * without them (tests: every page from a fault), in a pass here.  The pages
+ * themselves are checked one by one as they are served (checksum, content
+ * hash). */
 static void *lz_check_loop(void *arg)
 {
     lz_ctx *c = arg;
@@ -1149,10 +1228,10 @@ static void *lz_check_loop(void *arg)
         lz_finished(c);
         return NULL;
     }
-    if (c->eager) {
-        /* an eager fill decodes every page before it returns: the fill
-         * threads add the digest's terms up as they place the pages
-         * (lz_finished compares), so no second pass over the image */
+    if (c->background) {
+        /* the fill threads add the digest's terms up as they go over every
+         * page in page order (lz_fill_range; lz_finished compares), so no
+         * second pass over the image: only without them (tests) is it here */
         lz_finished(c);
         return NULL;
     }
@@ -1218,10 +1297,35 @@ int64_t lz_uffd_unregister(int64_t fd, uintptr_t addr, int64_t len)
     return ioctl((int)fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
-/* args: see storage/lazy.py (LazyImage.__init__) for the order.  dir_: five
- * int64 arrays of npk entries (pack id, first blob id, blob count, size,
- * mchk), sorted by first id, ranges not overlapping; digest_: the
- * checkpoint's digest (low, high). */
+/* lz_create's function table, by name: the caller asks lz_fn(i) for the name
+ * of entry i (NULL past the end) and puts that function's address there, so
+ * neither side holds a positional list the other could silently disagree
+ * with (as the encoder's pc_encode_fns); here each name is tied to its slot
+ * by a designated initializer. */
+enum { LZF_DEC, LZF_DEC_DICT, LZF_H128, LZF_H64, LZF_OPEN, LZF_CLOSE, LZF_EXEC, LZF_BUSY, LZF_BOPEN,
+       LZF_BREOPEN, LZF_BREAD, LZF_BCLOSE, LZF_BBYTES, LZF_PREPARE, LZF_BIND64, LZF_STEP, LZF_COL64,
+       LZF_COLTYPE, LZF_FINALIZE, LZF_COUNT };
+static const char *const LZ_FN_NAMES[LZF_COUNT] = {
+    [LZF_DEC] = "LZ4_decompress_safe", [LZF_DEC_DICT] = "LZ4_decompress_safe_usingDict",
+    [LZF_H128] = "XXH3_128bits", [LZF_H64] = "XXH3_64bits",
+    [LZF_OPEN] = "sqlite3_open_v2", [LZF_CLOSE] = "sqlite3_close_v2", [LZF_EXEC] = "sqlite3_exec",
+    [LZF_BUSY] = "sqlite3_busy_timeout", [LZF_BOPEN] = "sqlite3_blob_open",
+    [LZF_BREOPEN] = "sqlite3_blob_reopen", [LZF_BREAD] = "sqlite3_blob_read",
+    [LZF_BCLOSE] = "sqlite3_blob_close", [LZF_BBYTES] = "sqlite3_blob_bytes",
+    [LZF_PREPARE] = "sqlite3_prepare_v2", [LZF_BIND64] = "sqlite3_bind_int64", [LZF_STEP] = "sqlite3_step",
+    [LZF_COL64] = "sqlite3_column_int64", [LZF_COLTYPE] = "sqlite3_column_type",
+    [LZF_FINALIZE] = "sqlite3_finalize",
+};
+
+const char *lz_fn(int64_t i)
+{
+    return i >= 0 && i < LZF_COUNT ? LZ_FN_NAMES[i] : NULL;
+}
+
+/* args: see storage/lazy.py (LazyImage.__init__) for the order.  dir_: three
+ * int64 arrays of npk entries (pack id, first blob id, blob count), sorted
+ * by first id, ranges not overlapping; digest_: the checkpoint's digest
+ * (low, high); fns_: the table lz_fn() names. */
 uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, uintptr_t maps_,
                     int64_t nmaps, int64_t nrecent, int64_t recent_max, uintptr_t dir_, int64_t npk,
                     uintptr_t digest_, uintptr_t state, uintptr_t fns_, const char *path)
@@ -1234,14 +1338,22 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
         return 0;
     c->pk = calloc(npk > 0 ? (size_t)npk : 1, sizeof *c->pk);
     c->pk_first = calloc(npk > 0 ? (size_t)npk : 1, 8);
-    c->img = calloc((size_t)npages, 8);      /* untouched zero pages until written: O(1) now */
-    if (!c->pk || !c->img || !c->pk_first) {
+    /* untouched zero pages until written: O(1) now.  mmap, not calloc: once
+     * glibc's mmap threshold has grown past this size (it follows the sizes
+     * freed), calloc serves it from the heap and clears it, O(memory). */
+    c->img = lz_zalloc((size_t)npages * 8);
+    c->nchunks = (npages + LZ_CHUNK - 1) / LZ_CHUNK;
+    c->order = malloc(8 * (size_t)(c->nchunks > 0 ? c->nchunks : 1));
+    if (!c->pk || !c->img || !c->pk_first || !c->order) {
         free(c->pk);
         free(c->pk_first);
-        free(c->img);
+        free(c->order);
+        lz_zfree(c->img, (size_t)npages * 8);
         free(c);
         return 0;
     }
+    for (int64_t i = 0; i < c->nchunks; i++)
+        c->order[i] = i;                     /* page order until the hot pages re-order it */
     c->mck = (const int64_t *)maps[0];
     c->mn = (const int64_t *)maps[1];
     c->nmaps = nmaps;
@@ -1262,25 +1374,25 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
     c->host = (char *)host;
     c->npages = npages;
     c->state = (uint8_t *)state;
-    c->dec = (lz_dec_fn)fns[0];
-    c->dec_dict = (lz_dec_dict_fn)fns[1];
-    c->h128 = (lz_h128_fn)fns[2];
-    c->h64 = (lz_h64_fn)fns[3];
-    c->sq_open = (sq_open_fn)fns[4];
-    c->sq_close = (sq_close_fn)fns[5];
-    c->sq_exec = (sq_exec_fn)fns[6];
-    c->sq_busy = (sq_busy_fn)fns[7];
-    c->sq_bopen = (sq_bopen_fn)fns[8];
-    c->sq_breopen = (sq_breopen_fn)fns[9];
-    c->sq_bread = (sq_bread_fn)fns[10];
-    c->sq_bclose = (sq_bclose_fn)fns[11];
-    c->sq_bbytes = (sq_bbytes_fn)fns[12];
-    c->sq_prepare = (sq_prepare_fn)fns[13];
-    c->sq_bind64 = (sq_bind64_fn)fns[14];
-    c->sq_step = (sq_step_fn)fns[15];
-    c->sq_col64 = (sq_col64_fn)fns[16];
-    c->sq_coltype = (sq_coltype_fn)fns[17];
-    c->sq_finalize = (sq_finalize_fn)fns[18];
+    c->dec = (lz_dec_fn)fns[LZF_DEC];
+    c->dec_dict = (lz_dec_dict_fn)fns[LZF_DEC_DICT];
+    c->h128 = (lz_h128_fn)fns[LZF_H128];
+    c->h64 = (lz_h64_fn)fns[LZF_H64];
+    c->sq_open = (sq_open_fn)fns[LZF_OPEN];
+    c->sq_close = (sq_close_fn)fns[LZF_CLOSE];
+    c->sq_exec = (sq_exec_fn)fns[LZF_EXEC];
+    c->sq_busy = (sq_busy_fn)fns[LZF_BUSY];
+    c->sq_bopen = (sq_bopen_fn)fns[LZF_BOPEN];
+    c->sq_breopen = (sq_breopen_fn)fns[LZF_BREOPEN];
+    c->sq_bread = (sq_bread_fn)fns[LZF_BREAD];
+    c->sq_bclose = (sq_bclose_fn)fns[LZF_BCLOSE];
+    c->sq_bbytes = (sq_bbytes_fn)fns[LZF_BBYTES];
+    c->sq_prepare = (sq_prepare_fn)fns[LZF_PREPARE];
+    c->sq_bind64 = (sq_bind64_fn)fns[LZF_BIND64];
+    c->sq_step = (sq_step_fn)fns[LZF_STEP];
+    c->sq_col64 = (sq_col64_fn)fns[LZF_COL64];
+    c->sq_coltype = (sq_coltype_fn)fns[LZF_COLTYPE];
+    c->sq_finalize = (sq_finalize_fn)fns[LZF_FINALIZE];
     c->t0_ns = lz_now();
     snprintf(c->fpre, sizeof c->fpre, "error: ");
     snprintf(c->fsuf, sizeof c->fsuf, "\n");
@@ -1315,7 +1427,8 @@ uintptr_t lz_create(int64_t uffd, int64_t evfd, uintptr_t host, int64_t npages, 
             close(c->stopfd);
         free(c->pk);
         free(c->pk_first);
-        free(c->img);
+        lz_zfree(c->img, (size_t)npages * 8);
+        free(c->order);
         free(c);
         return 0;
     }
@@ -1346,7 +1459,7 @@ int64_t lz_fill_now(uintptr_t c_, int64_t lo, int64_t hi)
         if (lz_resolve(c, &c->fsrc, i, hi))
             return lz_map_fail(c, i);
     c->sys_hi = hi;
-    return lz_fill_range(c, &c->fsrc, lo, hi);
+    return lz_fill_range(c, &c->fsrc, lo, hi, 0);
 }
 
 /* Start the fault thread and (background != 0) the background fill;
@@ -1357,6 +1470,7 @@ int64_t lz_start(uintptr_t c_, int64_t background)
     c->t0_ns = lz_now();
     if (pthread_create(&c->fault_thr, NULL, lz_fault_loop, c))
         return -1;
+    pthread_setname_np(c->fault_thr, "lazy-fault");   /* as profilers and top show them */
     c->fault_started = 1;
     c->background = background != 0;
     c->eager = background == 2;
@@ -1365,6 +1479,7 @@ int64_t lz_start(uintptr_t c_, int64_t background)
         c->stop = 1;
         return -3;
     }
+    pthread_setname_np(c->check_thr, "lazy-check");
     c->check_started = 1;
     if (background) {
         for (int k = 0; k < LZ_BG; k++) {
@@ -1375,6 +1490,9 @@ int64_t lz_start(uintptr_t c_, int64_t background)
                 c->bg_started = k;
                 return -2;
             }
+            char name[16];
+            snprintf(name, sizeof name, "lazy-fill%d", k);
+            pthread_setname_np(c->bg_thr[k], name);
             c->bg_started = k + 1;
         }
     }
@@ -1383,6 +1501,15 @@ int64_t lz_start(uintptr_t c_, int64_t background)
 
 /* Wait for the background fill to end (it ends by itself, on a failure or
  * on lz_stop). */
+/* A vCPU thread is about to enter the guest for the first time: the
+ * background threads stop making way for the start (they would after
+ * LZ_BG_NICE_NS anyway). */
+void lz_started(uintptr_t c_)
+{
+    lz_ctx *c = (lz_ctx *)c_;
+    __atomic_store_n(&c->go, 1, __ATOMIC_RELAXED);
+}
+
 void lz_join_background(uintptr_t c_)
 {
     lz_ctx *c = (lz_ctx *)c_;
@@ -1431,8 +1558,9 @@ void lz_destroy(uintptr_t c_)
         free(c->pk[i].meta);
     free(c->pk);
     free(c->pk_first);
-    free(c->img);
+    lz_zfree(c->img, (size_t)c->npages * 8);
     free(c->hot);
+    free(c->order);
     free(c);
 }
 
