@@ -35,7 +35,7 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = DEFAULT_KVM_PATH, d
               if vcpu_state_name(i) in names]
     if len(states) != config.vcpus:
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
-    m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver)
+    m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver, register_in_background=True)
     try:
         if lazy:
             from .lazy import serve_lazily

@@ -184,7 +184,13 @@ class Machine:
     """
 
     def __init__(self, config: MachineConfig, *, kvm_path: str = DEFAULT_KVM_PATH, boot: bool = True,
-                 driver: GuestDriver | None = None, memory: GuestMemory | None = None):
+                 driver: GuestDriver | None = None, memory: GuestMemory | None = None,
+                 register_in_background: bool = False):
+        """``register_in_background``: guest RAM's memory slots are registered with KVM on
+        a thread of their own while the caller goes on (a restore reads its checkpoint
+        meanwhile: KVM's set-up of a slot grows with its size, ~0.5 ms a GiB here); whatever
+        needs them -- start, boot, restoring vCPU state, close -- waits for it
+        (:meth:`memory_registered`)."""
         config.validate()
         if memory is not None and memory.size != config.mem_size:
             raise MachineError(f"given guest memory is {memory.size} bytes, the machine has {config.mem_size}")
@@ -206,8 +212,10 @@ class Machine:
         self._runners: list[_Runner] = []
         #: a ``storage.lazy.LazyImage`` while guest RAM is served lazily (``load_machine(lazy=True)``)
         self.lazy = None
+        self._slots: threading.Thread | None = None
+        self._slots_error: BaseException | None = None
         try:
-            self._build()
+            self._build(register_in_background)
             if driver is not None:
                 driver.attach(self)
             if boot:
@@ -217,7 +225,7 @@ class Machine:
             raise
 
     # -- construction -------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, register_in_background: bool) -> None:
         cfg = self.config
         self.vm = self.system.create_vm()
         try:
@@ -229,9 +237,12 @@ class Machine:
         elif cfg.tracking == "bitmap":
             self.vm.enable_manual_dirty_log_protect()
         self.memory = self._given_memory if self._given_memory is not None else GuestMemory(cfg.mem_size)
-        log = cfg.tracking != "none"
-        for r in self.memory.regions:
-            self.vm.set_memory_region(r.slot, r.gpa, self.memory.host_addr + r.gpa, r.size, log_dirty=log)
+        if register_in_background:
+            self._slots = threading.Thread(target=self._register_memory, name="memslots", daemon=True)
+            self._slots.start()
+        else:
+            self._register_memory()
+            self.memory_registered()
         self.tracker = make_tracker(cfg.tracking, self.vm, self.memory)
         self.msr_indices = self.system.msr_index_list()
         self._cpuid = self.system.supported_cpuid()
@@ -239,7 +250,24 @@ class Machine:
             v = self.vm.create_vcpu(i)
             self._runners.append(_Runner(i, v))
 
+    def _register_memory(self) -> None:
+        log = self.config.tracking != "none"
+        try:
+            for r in self.memory.regions:
+                self.vm.set_memory_region(r.slot, r.gpa, self.memory.host_addr + r.gpa, r.size, log_dirty=log)
+        except BaseException as e:   # noqa: BLE001 - raised by memory_registered on the caller's thread
+            self._slots_error = e
+
+    def memory_registered(self) -> None:
+        """Wait until guest RAM's memory slots are registered with KVM; raise what failed."""
+        if self._slots is not None:
+            self._slots.join()
+            self._slots = None
+        if self._slots_error is not None:
+            raise self._slots_error
+
     def _boot(self) -> None:
+        self.memory_registered()
         cfg, mem = self.config, self.memory
         guest = G.get_guest(cfg.guest)
         code = guest.code()
@@ -278,6 +306,7 @@ class Machine:
 
     def start(self) -> None:
         """Start one thread per vCPU; the guest runs until paused, held or stopped."""
+        self.memory_registered()
         with self._cond:
             for r in self._runners:
                 if r.thread is not None:
@@ -291,6 +320,8 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        if self._slots is not None:     # the VM's fd and the memory stay until it is done with them
+            self._slots.join()
         with self._cond:
             self._stopping = True
             for r in self._runners:
@@ -606,6 +637,7 @@ class Machine:
     def collect_dirty(self) -> np.ndarray:
         """Guest pages written since the last collect (must be paused): sorted, unique."""
         self._require_parked()
+        self.memory_registered()
         return self.tracker.collect()
 
     def take_early_copies(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -639,6 +671,7 @@ class Machine:
         """Load a memory image and vCPU states into a machine built with ``boot=False``
         (``image=None``: RAM was already filled through ``memory.pages``).
         Returns MSRs the kernel refused. Dirty tracking starts clean from this image."""
+        self.memory_registered()
         if any(r.thread is not None for r in self._runners):
             raise MachineError("restore_state needs a machine that has not started")
         if len(vcpu_states) != len(self._runners):
