@@ -38,7 +38,7 @@ import numpy as np
 
 from . import pageloops
 from .codec import PAGE_SIZE
-from .errors import CorruptionError, StoreError
+from .errors import CorruptionError, InvalidArgumentError, StoreError
 from .packs import MAX_PACK_ID
 from .validate import MAX_BLOB_ID, MAX_PACK_BLOBS
 
@@ -164,18 +164,21 @@ class LazyImage:
     host address ``addr`` (fresh anonymous memory nothing has touched).
 
     ``eager``: page range populated before this returns (checked; raises
-    ``CorruptionError``).  Call :meth:`start` to start the handler and the
-    background fill, :meth:`close` before unmapping the memory."""
+    ``CorruptionError``).  ``index``: ``store.page_index(ckpt)`` when the caller
+    has already read it (e.g. while it built the VM).  Call :meth:`start` to start
+    the handler and the background fill, :meth:`close` before unmapping the memory."""
 
     def __init__(self, store, ckpt: int, addr: int, npages: int, *, eager: tuple[int, int] = (0, 0),
-                 on_event=None, recent: int = 4, recent_max: int = 0):
+                 on_event=None, recent: int = 4, recent_max: int = 0, index=None):
+        if index is not None and index.ckpt != ckpt:
+            raise InvalidArgumentError(f"a page index of checkpoint {index.ckpt} given for checkpoint {ckpt}")
         why = probe()
         if why:
             raise LazyUnavailable(why)
         if npages != store.page_count:
             raise StoreError(f"memory of {npages} pages for a store of {store.page_count}")
         self._lib = pageloops.library()
-        self.index = store.page_index(ckpt)
+        self.index = index if index is not None else store.page_index(ckpt)
         self.ckpt = self.index.ckpt
         self._maps = np.ascontiguousarray(self.index.maps)
         self._map_ptrs = np.array([self._maps[i].ctypes.data for i in range(2)], np.uint64)

@@ -468,3 +468,17 @@ def test_a_fill_with_or_without_the_recent_pages_pass_is_the_checkpoint(tmp_path
         assert np.array_equal(got, img)
         del got
         mem.close()
+
+
+def test_a_page_index_of_another_checkpoint_is_refused(tmp_path):
+    """LazyImage takes a page index read beforehand (load_machine reads it while the VM is
+    built): one of another checkpoint is an error, never served as this one."""
+    from storage import Store
+    from storage.errors import InvalidArgumentError
+    from storage.lazy import LazyImage
+    with Store.create(str(tmp_path / "s.snap"), {"mem_size": 64 * 4096}) as st:
+        for parent in (None, 0):
+            with st.checkpoint(parent) as w:
+                w.add_pages([1], np.full((1, 4096), 7 if parent is None else 9, np.uint8))
+        with pytest.raises(InvalidArgumentError, match="page index of checkpoint 0 given for checkpoint 1"):
+            LazyImage(st, 1, 0, st.page_count, index=st.page_index(0))

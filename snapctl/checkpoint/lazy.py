@@ -26,10 +26,12 @@ from ..machine import layout as L
 __all__ = ["LazyUnavailable", "probe", "serve_lazily"]
 
 
-def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_first: bool = True) -> LazyImage:
+def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_first: bool = True,
+                 index=None) -> LazyImage:
     """Serve checkpoint ``ckpt`` into ``machine``'s (untouched) guest RAM from now on.
     ``background=False``: no background fill; ``system_first=False``: the system area
-    lazily too -- every page then comes from a fault, page tables included (tests)."""
+    lazily too -- every page then comes from a fault, page tables included (tests);
+    ``index``: the checkpoint's ``store.page_index``, if already read."""
     mem = machine.memory
 
     def on_event(lz: LazyImage) -> None:
@@ -40,7 +42,8 @@ def serve_lazily(store, ckpt: int, machine, *, background: bool = True, system_f
             lz.finish()
 
     lz = LazyImage(store, ckpt, mem.host_addr, mem.npages,
-                   eager=(0, L.SYSTEM_SIZE // L.PAGE if system_first else 0), on_event=on_event)
+                   eager=(0, L.SYSTEM_SIZE // L.PAGE if system_first else 0), on_event=on_event,
+                   index=index)
     mem.close_hooks.append(lz.close)
     machine.lazy = lz
     lz.start(background)

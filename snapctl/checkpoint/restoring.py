@@ -7,6 +7,7 @@ vCPU; :func:`restore` continues it as a new branch of the tree.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 from storage import Store
@@ -35,11 +36,20 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = DEFAULT_KVM_PATH, d
               if vcpu_state_name(i) in names]
     if len(states) != config.vcpus:
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
-    m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver, register_in_background=True)
+    # the VM is built (its memory slots registered on a thread of their own) while a lazy
+    # restore reads the checkpoint's page index on another: both grow with memory, and
+    # the time to the first instruction is what a lazy restore is for
+    index = _Background(store.page_index, ckpt) if lazy else None
+    try:
+        m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver, register_in_background=True)
+    except BaseException:
+        if index is not None:
+            index.wait()     # the store is not left in use by the reading thread
+        raise
     try:
         if lazy:
             from .lazy import serve_lazily
-            serve_lazily(store, ckpt, m)
+            serve_lazily(store, ckpt, m, index=index.result())
         else:
             from storage.lazy import fill
             # straight into guest RAM: through userfaultfd where it is available (each page
@@ -53,6 +63,31 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = DEFAULT_KVM_PATH, d
         m.close()
         raise
     return m
+
+
+class _Background:
+    """``fn(*args)`` on a thread of its own; :meth:`result` waits and returns (or raises) it."""
+
+    def __init__(self, fn, *args) -> None:
+        self._out: tuple = (None, None)
+
+        def run() -> None:
+            try:
+                self._out = (fn(*args), None)
+            except BaseException as e:   # noqa: BLE001 - raised by result() on the caller's thread
+                self._out = (None, e)
+        self._t = threading.Thread(target=run, name="restore-read", daemon=True)
+        self._t.start()
+
+    def wait(self) -> None:
+        self._t.join()
+
+    def result(self):
+        self._t.join()
+        value, error = self._out
+        if error is not None:
+            raise error
+        return value
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
