@@ -515,7 +515,15 @@ class Store:
                                       checkpoint=ckpt)
             rows = {r[0]: r for r in conn.execute(
                 f"SELECT ckpt, n FROM maps WHERE ckpt IN ({ids_sql(path)})")}
-            packs = conn.execute("SELECT id, first, n FROM packs").fetchall()
+            # the pack directory in one step (one row of text, not one Python row per pack:
+            # a restore reads this while building the VM on another thread, and every row
+            # handed to Python waits for the GIL); a non-integer value reads as -1, a row
+            # pack_directory leaves out, as it leaves out any other out-of-range row
+            text = conn.execute(
+                "SELECT group_concat(CASE WHEN typeof(id) = 'integer' AND typeof(first) = 'integer' "
+                "AND typeof(n) = 'integer' THEN id || ' ' || first || ' ' || n ELSE '-1 -1 -1' END, ' ') "
+                "FROM packs").fetchone()[0]
+        packs = np.array((text or "").split(), np.int64).reshape(-1, 3).tolist()
         from .lazy import pack_directory
         maps = np.zeros((2, len(path)), np.int64)
         for i, c in enumerate(path):
