@@ -482,3 +482,26 @@ def test_a_page_index_of_another_checkpoint_is_refused(tmp_path):
                 w.add_pages([1], np.full((1, 4096), 7 if parent is None else 9, np.uint8))
         with pytest.raises(InvalidArgumentError, match="page index of checkpoint 0 given for checkpoint 1"):
             LazyImage(st, 1, 0, st.page_count, index=st.page_index(0))
+
+
+@pytest.mark.parametrize("column, value", [("first", "'x12'"), ("n", "1.5"), ("n", "x'00'"), ("first", "-3")])
+def test_the_page_index_leaves_out_a_pack_row_with_a_damaged_directory_entry(tmp_path, column, value):
+    """The pack directory a lazy restore serves from (read as one row of text): a pack whose
+    id, first blob or count is not an in-range integer is left out -- its blobs are then
+    missing, as a damaged pack's are -- and the others are all there, in order."""
+    from storage import Store
+    path = str(tmp_path / "s.snap")
+    with Store.create(path, {"mem_size": 64 * 4096}) as st:
+        for k, parent in enumerate((None, 0, 1)):
+            with st.checkpoint(parent) as w:
+                w.add_pages([k + 1], np.full((1, 4096), k + 7, np.uint8))
+        whole = st.page_index(2).packs.copy()
+    assert whole.shape == (3, 3) and (np.diff(whole[1]) > 0).all()
+    victim = int(whole[0, 1])
+    con = sqlite3.connect(path)
+    con.execute(f"UPDATE packs SET {column} = {value} WHERE id = {victim}")
+    con.commit()
+    con.close()
+    with Store.open(path, readonly=True) as st:
+        got = st.page_index(2).packs
+    assert got.tolist() == np.delete(whole, 1, axis=1).tolist()
