@@ -211,6 +211,21 @@ class Transfer:
         return own
 
 
+def map_entries(buf) -> int:
+    """The entry count a wire map chunk claims (its header only: a receiver bounds the
+    running total before it decompresses anything)."""
+    if len(buf) < _MAP_HEAD.size:
+        raise TransferError("transfer map: too short")
+    return _MAP_HEAD.unpack(memoryview(buf)[:_MAP_HEAD.size])[0]
+
+
+def pack_blobs(buf) -> int:
+    """The blob count a wire pack claims (its header only, as :func:`map_entries`)."""
+    if len(buf) < _PACK_HEAD.size:
+        raise TransferError("transfer pack: too short")
+    return _PACK_HEAD.unpack(memoryview(buf)[:_PACK_HEAD.size])[0]
+
+
 def parse_map(buf, page_count: int, packs: list) -> tuple[np.ndarray, np.ndarray]:
     """One wire chunk of a transfer's map -> (pages, hashes), bounded by
     ``page_count``; blob indexes name blobs of ``packs`` (the transfer's,

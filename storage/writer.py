@@ -234,6 +234,8 @@ class CheckpointWriter:
         """Store new contents of ``pages[i]`` for page ``page_numbers[i]``.
         A later call (or a later row) for the same page wins."""
         self._require_active()
+        if self._imported:
+            raise InvalidArgumentError("add_pages: this checkpoint's pages came from add_transfer")
         page_count = self._page_count
         pn = np.asarray(page_numbers)
         if pn.ndim != 1 or (pn.size and not np.issubdtype(pn.dtype, np.integer)):
@@ -614,7 +616,7 @@ class CheckpointWriter:
                 raise TransferError("transfer: a pack is not a TransferPack")
             p.check()                                # (cheap; a parsed pack is checked again)
         # Every blob's checksum (what this store will record for it).
-        xh = codec.xxh3_64
+        xh = blob_crc
         for k, p in enumerate(packs):
             if p.crcs_from_data:
                 continue                             # taken from these very bytes on arrival

@@ -118,10 +118,10 @@ def test_a_refused_transfer_is_acknowledged_as_refused_and_stores_nothing(tmp_pa
 
     sb = Standby("127.0.0.1:0", str(tmp_path / "sb.snap"), token=None)
     sb.store = Store.create(sb.store_path, cfg, synchronous="OFF")
-    sb.config, sb._warm_ckpt, sb._refusing = cfg, None, False
+    sb.config = cfg
     sb.warm = type("W", (), {"pages": np.zeros((16, P.PAGE), np.uint8)})()
     import queue
-    sb._q = queue.Queue()
+    q = queue.Queue()
     sent = []
 
     class Chan:
@@ -132,11 +132,11 @@ def test_a_refused_transfer_is_acknowledged_as_refused_and_stores_nothing(tmp_pa
         meta = {"id": pid, "parent": parent, "trigger": "base" if full else "sync", "steps": [pid],
                 "step": pid, "index": pid, "digest": t.digest, "parent_digest": t.parent_digest,
                 "full": full, "map": len(t.pages), "packs": len(t.packs), **(meta_extra or {})}
-        sb._q.put((P.CKPT, P.encode_checkpoint(meta, {vcpu_state_name(0): b"v"})))
+        q.put((P.CKPT, P.encode_checkpoint(meta, {vcpu_state_name(0): b"v"})))
         for p in (packs if packs is not None else t.packs):
-            sb._q.put((P.PACK, p.to_bytes()))
-        sb._q.put((P.MAP, t.map_bytes()))
-        sb._q.put((P.END, b""))
+            q.put((P.PACK, p.to_bytes()))
+        q.put((P.MAP, t.map_bytes()))
+        q.put((P.END, b""))
 
     frames(0, base, True, None)
     p = inc.packs[0]
@@ -156,19 +156,36 @@ def test_a_refused_transfer_is_acknowledged_as_refused_and_stores_nothing(tmp_pa
         frames(0, base, True, None, meta_extra={"trigger": "sync"})   # the full image it asks for
     frames(1, inc, False, 0, meta_extra={"packs": 10**9})   # an oversize count
     frames(0, base, True, None, meta_extra={"trigger": "sync"})
+    # more blobs than the image can need, in announced packs: refused from the packs' headers as
+    # they arrive (tiny blobs cost ~20 wire bytes: a byte bound alone let ~400x pages through)
+    frames(1, inc, False, 0, packs=inc.packs * 40, meta_extra={"packs": 40})
+    frames(0, base, True, None, meta_extra={"trigger": "sync"})
+    # map chunks claiming more entries than announced: refused from their headers, before
+    # any is decompressed (a chunk of zero-page entries compresses ~255:1)
+    q.put((P.CKPT, P.encode_checkpoint(
+        {"id": 1, "parent": 0, "trigger": "sync", "steps": [1], "step": 1, "index": 1, "digest": inc.digest,
+         "parent_digest": inc.parent_digest, "full": False, "map": len(inc.pages), "packs": len(inc.packs)},
+        {vcpu_state_name(0): b"v"})))
+    for p_ in inc.packs:
+        q.put((P.PACK, p_.to_bytes()))
+    for _ in range(3):
+        q.put((P.MAP, inc.map_bytes()))
+    q.put((P.END, b""))
+    frames(0, base, True, None, meta_extra={"trigger": "sync"})
     frames(1, inc, False, 0)
-    sb._q.put((P.FINISH, P.encode_json({})))
-    sb._receive(Chan())
+    q.put((P.FINISH, P.encode_json({})))
+    sb.receive(q, Chan())
     refused = [a for a in sent if a.get("need_full")]
-    assert len(refused) == 4 and all(a["id"] == 1 for a in refused)
+    assert len(refused) == 6 and all(a["id"] == 1 for a in refused)
     assert sent[-1] == {"id": 1}
     err = capfd.readouterr().err
-    assert err.count("refused checkpoint 1") == 4, err
-    for needle in ("content hash", "not in this store", "out of bounds"):
+    assert err.count("refused checkpoint 1") == 6, err
+    for needle in ("content hash", "not in this store", "out of bounds", "more packs, blobs or bytes",
+                   "more map entries"):
         assert needle in err
-    # only what was acknowledged is stored: 4 fulls (digest of the base) and the increment
+    # only what was acknowledged is stored: 6 fulls (digest of the base) and the increment
     cks = sb.store.checkpoints()
-    assert len(cks) == 6 and sb.store.digest(cks[-1].id) == w1.digest
+    assert len(cks) == 8 and sb.store.digest(cks[-1].id) == w1.digest
     assert not sb.store.verify().problems
     assert (sb.warm.pages == img2).all()
     sb.store.close()
@@ -330,11 +347,10 @@ def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_outpu
                      start={"kind": "run", "config": cfg, "schedule": {"count": 4}})
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
-        if ckpt == caps[3][0]:                      # let the refusal of 2 (and 3) arrive
-            deadline = time.monotonic() + 10
-            while len(got) < 4 and time.monotonic() < deadline:
+        if ckpt == caps[3][0]:        # let the refusal of 2 and the ack of 3 be taken in
+            deadline = time.monotonic() + 60
+            while not (rep.awaiting_full() and rep.acked == caps[3][0]) and time.monotonic() < deadline:
                 time.sleep(0.01)
-            time.sleep(0.2)
     rep.finish({})
     t.join(10)
     st.close()
@@ -346,3 +362,91 @@ def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_outpu
     assert last_states["stream/stdout"] == b"out2;out3;out4;"      # since checkpoint 1, the last acknowledged
     assert rep.acked == caps[4][0]
     assert "refused checkpoint" in capfd.readouterr().err
+
+
+def test_a_late_refusal_of_a_checkpoint_before_the_full_image_starts_no_second_resync(tmp_path, capfd):
+    """A standby that refused checkpoint 2 refuses 3 too (it was in flight); if that refusal
+    arrives after the full image 4 was sent, it is answered already: 5 goes as an increment
+    carrying only its own output (a second re-sync would carry 2..4's output again, which
+    4's acknowledgement released: a failover after it would write that output twice)."""
+    import types
+    from storage import Store
+    from snapctl.replication.primary import Replicator
+    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
+           "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
+    path = str(tmp_path / "p.snap")
+    st = Store.create(path, cfg, synchronous="OFF")
+    img = np.zeros((16, P.PAGE), np.uint8)
+    img[:, 0] = np.arange(16)
+    caps, parent = [], None
+    for i in range(6):
+        if i:
+            img[i % 16, 8:16] ^= 1
+        states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
+        with st.checkpoint(parent, {"step": i}, transfer=True) as w:
+            w.add_pages(np.arange(16) if i == 0 else [i % 16], img if i == 0 else img[[i % 16]])
+            for k, v in states.items():
+                w.add_state(k, v)
+        parent = w.id
+        caps.append((w.id, w.digest, types.SimpleNamespace(
+            trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
+            transfer=w.transfer, named_states=lambda s=states: dict(s))))
+    ids = [c[0] for c in caps]
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    got = []
+
+    def standby():
+        conn, _ = srv.accept()
+        ch = P.Channel(conn, None, b"S")
+        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
+        ch.nonce = b"n" * 16
+        ch.limit = P.STATE_LIMIT
+        ch.recv((P.START,))
+        while True:
+            ftype, payload = ch.recv()
+            if ftype == P.FINISH:
+                break
+            if ftype != P.CKPT:
+                continue
+            meta, states = P.decode_checkpoint(payload)
+            while ch.recv()[0] != P.END:
+                pass
+            got.append((meta, states))
+            pid = meta["id"]
+            if pid == ids[2]:
+                ch.send(P.ACK, P.encode_json({"id": pid, "need_full": True, "reason": "test"}))
+            elif pid == ids[3]:
+                pass                                   # its refusal goes after the full image arrives
+            elif pid == ids[4]:
+                ch.send(P.ACK, P.encode_json({"id": ids[3], "need_full": True, "reason": "test"}))
+                ch.send(P.ACK, P.encode_json({"id": pid}))
+            else:
+                ch.send(P.ACK, P.encode_json({"id": pid}))
+        conn.close()
+
+    t = threading.Thread(target=standby, daemon=True)
+    t.start()
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": cfg, "schedule": {"count": 5}})
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 60
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    for ckpt, digest, cap in caps:
+        rep.after_commit(ckpt, cap, {"digest": digest})
+        if ckpt == ids[3]:
+            wait_for(rep.awaiting_full)                 # the refusal of 2 is in: 4 goes full
+        if ckpt == ids[4]:
+            wait_for(lambda: rep.acked == ids[4])       # ... and the late refusal of 3 before its ack
+    rep.finish({})
+    t.join(10)
+    st.close()
+    kinds = [(m["id"], m["full"]) for m, _ in got]
+    assert kinds == [(ids[0], True), (ids[1], False), (ids[2], False), (ids[3], False), (ids[4], True),
+                     (ids[5], False)], kinds
+    assert got[4][1]["stream/stdout"] == b"out2;out3;out4;"     # the full image: since 1, the last acked
+    assert got[5][1]["stream/stdout"] == b"out5;"               # not 2..5 again
+    assert rep.acked == ids[5]

@@ -274,9 +274,11 @@ def test_a_machine_closed_while_its_memory_slots_are_registered_closes_cleanly()
     """close() waits for the background registration before the VM's fd and the memory
     go (a slot registered on a closed fd, or memory unmapped under KVM, otherwise)."""
     cfg = MachineConfig(guest="stamp", mem_size=256 * MB, seed=1, steps_per_yield=100)
+    import threading
     for _ in range(3):
         m = Machine(cfg, boot=False, register_in_background=True)
         m.close()
+        assert not [t for t in threading.enumerate() if t.name == "memslots"]   # close waited for it
     with Machine(cfg, register_in_background=True) as m:     # and one that runs
         m.start()
         m.pause_at_step(100)

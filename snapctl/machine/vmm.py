@@ -260,8 +260,9 @@ class Machine:
 
     def memory_registered(self) -> None:
         """Wait until guest RAM's memory slots are registered with KVM; raise what failed."""
-        if self._slots is not None:
-            self._slots.join()
+        t = self._slots
+        if t is not None:           # (join twice is harmless: two waiting threads both may)
+            t.join()
             self._slots = None
         if self._slots_error is not None:
             raise self._slots_error
@@ -320,8 +321,9 @@ class Machine:
         if self._closed:
             return
         self._closed = True
-        if self._slots is not None:     # the VM's fd and the memory stay until it is done with them
-            self._slots.join()
+        t = self._slots
+        if t is not None:               # the VM's fd and the memory stay until it is done with them
+            t.join()
         with self._cond:
             self._stopping = True
             for r in self._runners:

@@ -69,6 +69,7 @@ class Replicator:
         self._last_attempt = 0.0
         self._stream_totals = {1: 0, 2: 0}
         self._need_full = True
+        self._last_full = -1      # the last checkpoint sent as a full image
         self._index = 0            # scheduled checkpoints taken in this run (base/restore point: 0)
         self._gen = 0              # connection generation
         self.hb_interval = 0.1
@@ -184,6 +185,11 @@ class Replicator:
                         raise P.ProtocolError(f"ack for checkpoint {ckpt}, which is not in flight")
                     for k in [k for k in self._inflight if k < ckpt]:   # acks are in order
                         self._inflight.pop(k)
+                    if ack.get("need_full") and ckpt < self._last_full:
+                        # a refusal of an increment sent before the full image that already
+                        # answers it (in flight when the first refusal arrived): setting up
+                        # another re-sync would re-send output that image's ack released
+                        continue
                     if ack.get("need_full"):
                         # not stored (the standby lacks a content it names): nothing it covers
                         # is released; the next checkpoint goes as a full image
@@ -218,6 +224,12 @@ class Replicator:
                 return
 
     # -- hooks ----------------------------------------------------------------------------------
+    def awaiting_full(self) -> bool:
+        """Whether the next checkpoint goes to the standby as a full image (a new or
+        returning standby, or one that refused a checkpoint)."""
+        with self._cond:
+            return self._need_full
+
     def bind_output(self, output) -> None:
         """Route a program's live output through the releaser process (released on acks)."""
         self.gate = Releaser()   # holds from the start; opened if the standby is lost
@@ -263,6 +275,8 @@ class Replicator:
             return
         with self._cond:
             gap_after, self._resync_after = (self._resync_after, None) if full else (None, None)
+            if full:
+                self._last_full = ckpt   # refusals of checkpoints before it are answered by it
         meta = {"id": ckpt, "parent": None if full else self._last_sent, "trigger": cap.trigger,
                 "steps": [int(x) for x in cap.steps], "step": int(cap.steps[0]), "index": index,
                 "digest": stats.get("digest"), "full": full,
@@ -276,8 +290,8 @@ class Replicator:
             self._jobs.join()
             try:
                 n = self._send_full(chan, ckpt, cap, meta, gap_after)
-            except (OSError, P.ProtocolError) as e:
-                self._lose(f"standby {self.addr}: {e}", gen=gen)
+            except Exception as e:   # noqa: BLE001 - the link, or a store it cannot read: replication
+                self._lose(f"standby {self.addr}: {e}", gen=gen)   # is lost (one line), the run goes on
                 return
             with self._cond:
                 if gen == self._gen:
@@ -303,8 +317,8 @@ class Replicator:
                     continue
                 try:
                     n = self._send_transfer(chan, meta, states, transfer)
-                except (OSError, P.ProtocolError) as e:
-                    self._lose(f"standby {self.addr}: {e}", gen=gen)
+                except Exception as e:   # noqa: BLE001 - as in after_commit: never a dead sender
+                    self._lose(f"standby {self.addr}: {e}", gen=gen)   # thread the next full image waits for
                     continue
                 self.sent += 1
                 self.wire_bytes += n

@@ -51,7 +51,8 @@ NAMES = {HELLO: "hello", START: "start", CKPT: "checkpoint", MAP: "map", END: "e
 
 #: before the handshake completes, no frame may be larger than this
 HANDSHAKE_LIMIT = 64 << 10
-#: page map entries per MAP frame (24 bytes each: page number, content hash)
+#: page map entries per MAP frame (storage.transfer's wire form: LZ4 of the page and blob-index
+#: differences, and a 16-byte content hash for an entry naming no blob of the transfer)
 MAP_CHUNK = 1 << 16
 #: a checkpoint's JSON header + states (vCPU state, program state, output, files) per frame,
 #: and the largest PACK frame (the writer's packs hold ~1 MiB; storage.transfer bounds each)

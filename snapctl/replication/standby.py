@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 
 from storage import Store
-from storage.transfer import Transfer, TransferError, TransferPack, join_maps, parse_map
+from storage.transfer import (Transfer, TransferError, TransferPack, join_maps, map_entries, pack_blobs,
+                              parse_map)
 
 from ..checkpoint.captures import vcpu_state_name
 from ..checkpoint.schedule import Schedule
@@ -36,6 +37,11 @@ from .primary import write_all
 
 DEFAULT_FAILOVER_MS = 500.0
 EXIT_NO_CHECKPOINT = 3
+
+
+#: Payload bytes the reader thread may read ahead of the checkpoint being committed: two
+#: of the largest frames (a hostile peer's 64 frames of 64 MiB would otherwise be held).
+QUEUED_BYTES = 2 * P.STATE_LIMIT
 
 
 def log(msg: str) -> None:
@@ -92,6 +98,11 @@ class Standby:
         self.result = StandbyResult("no-checkpoint", EXIT_NO_CHECKPOINT)
         self._local_of: dict[int, int] = {}
         self.sock: socket.socket | None = None
+        self._warm_ckpt: int | None = None     # the local checkpoint warm memory holds
+        self._refusing = False
+        self._q: queue.Queue = queue.Queue(maxsize=64)
+        self._room = threading.Condition()
+        self._queued = 0          # payload bytes in self._q
 
     # -- serving --------------------------------------------------------------------------------
     def bind(self) -> tuple[str, int]:
@@ -154,6 +165,7 @@ class Standby:
         self._refusing = False
         t_lost = None
         self._q = queue.Queue(maxsize=64)
+        self._queued = 0
         self._lost_at = None
         reader = threading.Thread(target=self._reader, args=(chan, self._q), name="standby-reader", daemon=True)
         reader.start()
@@ -260,6 +272,10 @@ class Standby:
                 self._lost_at = time.perf_counter()   # detection: failover time counts from here
                 q.put((None, e))
                 return
+            with self._room:   # frames read ahead are bounded in bytes too, not only in count
+                while self._queued and self._queued + len(payload) > QUEUED_BYTES:
+                    self._room.wait()
+                self._queued += len(payload)
             q.put((ftype, payload))
             if ftype == P.FINISH:
                 return
@@ -268,9 +284,20 @@ class Standby:
         ftype, payload = self._q.get()
         if ftype is None:
             raise payload
+        with self._room:
+            self._queued -= len(payload)
+            self._room.notify()
         if ftype not in expect:
             raise P.ProtocolError(f"unexpected {P.NAMES[ftype]} frame")
         return ftype, payload
+
+    def receive(self, frames: queue.Queue, chan) -> None:
+        """The receiving side of a session over frames already read -- ``(type, payload)``
+        items of ``frames``, as the reader thread queues them (a test or a recorded
+        stream puts them there) -- acknowledging on ``chan`` (``send(type, payload)``);
+        the store, ``config`` and ``warm`` memory set up as a session's start does."""
+        self._q = frames
+        self._receive(chan)
 
     def _receive(self, chan: P.Channel) -> None:
         st = self.store
@@ -343,7 +370,7 @@ class Standby:
         if (not isinstance(nmap, int) or not isinstance(npacks, int) or not 0 <= nmap <= npages
                 or not 0 <= npacks <= max_blobs):
             bad = f"map of {nmap!r} entries / {npacks!r} packs out of bounds for {npages} pages"
-        maps, packs, map_bytes, nbytes = [], [], 0, 0
+        maps, packs, map_bytes, nbytes, entries, blobs = [], [], 0, 0, 0, 0
         while True:
             ftype, payload = self._next((P.MAP, P.PACK, P.END))
             if ftype == P.END:
@@ -351,15 +378,20 @@ class Standby:
             if bad is not None:
                 continue   # read (and drop) the rest of this checkpoint
             try:
+                # counts bounded by their headers as frames arrive, before anything is
+                # decompressed or parsed: a chunk's entries compress ~255:1, a tiny blob
+                # costs ~20 wire bytes, so bytes alone do not bound what parsing would hold
                 if ftype == P.MAP:   # after the packs: its entries name their blobs
                     map_bytes += len(payload)
-                    if map_bytes > 32 * npages + (1 << 16):   # entries, and each chunk's header
-                        raise TransferError("more map bytes than the guest can need")
+                    entries += map_entries(payload)
+                    if map_bytes > 32 * npages + (1 << 16) or entries > nmap:
+                        raise TransferError("more map entries (or bytes) than announced")
                     maps.append(payload)
                 else:
                     nbytes += len(payload)
-                    if len(packs) >= npacks or nbytes > max_blobs * (P.PAGE + 64):
-                        raise TransferError("more packs (or bytes) than announced or than the guest can need")
+                    blobs += pack_blobs(payload)
+                    if len(packs) >= npacks or nbytes > max_blobs * (P.PAGE + 64) or blobs > max_blobs:
+                        raise TransferError("more packs, blobs or bytes than announced or than the guest can need")
                     packs.append(TransferPack.from_bytes(payload))
             except TransferError as e:
                 bad, maps, packs = str(e), [], []
@@ -370,8 +402,9 @@ class Standby:
             raise TransferError(f"transfer: {len(pages)} map entries / {len(packs)} packs, "
                                 f"{nmap} / {npacks} announced")
         digest, pdigest = meta.get("digest"), meta.get("parent_digest")
-        return Transfer(pages, hashes, packs, digest if isinstance(digest, str) else None,
-                        pdigest if isinstance(pdigest, str) else None, full=full)
+        if not isinstance(digest, str):   # the image is checked against it at commit: required
+            raise TransferError("transfer: the checkpoint frame names no image digest")
+        return Transfer(pages, hashes, packs, digest, pdigest if isinstance(pdigest, str) else None, full=full)
 
     def _skip_checkpoint(self) -> None:
         while self._next((P.MAP, P.PACK, P.END))[0] != P.END:

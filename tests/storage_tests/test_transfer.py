@@ -340,3 +340,17 @@ def test_blobs_a_peer_lacks_travel_with_the_checkpoint_that_names_them(stores, l
         w3.add_transfer(Transfer(t.pages, t.hashes, extra, t.digest, t.parent_digest))
     assert w3.digest == w.digest and (_image(b, w3.id) == img).all()
     assert not b.verify().problems
+
+
+def test_pages_of_their_own_after_a_transfer_are_refused_and_nothing_is_stored(stores):
+    """One checkpoint is either imported or written, not both: add_pages after add_transfer
+    is an error at once (it failed at commit with a misleading digest mismatch)."""
+    from storage.errors import InvalidArgumentError
+    rng = np.random.default_rng(seed_for("transfer-then-pages", 13))
+    a, b = stores("a"), stores("b")
+    (w, _), = _chain(a, rng, 1)
+    with pytest.raises(InvalidArgumentError, match="came from add_transfer"):
+        with b.checkpoint(None, {"step": 0}) as wb:
+            wb.add_transfer(w.transfer)
+            wb.add_pages([0], random_pages(rng, 1))
+    assert b.checkpoints() == [] and not b.verify().problems
