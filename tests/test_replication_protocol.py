@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from snapctl.replication import protocol as P
+from storage_tests.storage_helpers import seed_for
 from snapctl.replication.standby import Standby
 
 TOKEN = b"0123456789abcdef-test-token"
@@ -104,7 +105,7 @@ def test_a_refused_transfer_is_acknowledged_as_refused_and_stores_nothing(tmp_pa
     from snapctl.replication.standby import Standby
     from snapctl.checkpoint.captures import vcpu_state_name
     cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed_for("refused-transfer", 5))
     img = rng.integers(0, 4, (16, P.PAGE), dtype=np.uint8)
     src = Store.create(str(tmp_path / "src.snap"), cfg, synchronous="OFF")
     with src.checkpoint(None, transfer=True) as w0:
@@ -290,37 +291,42 @@ def test_bench_rows_show_the_four_replication_goals():
     assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
 
 
-def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_output_since(tmp_path, capfd):
-    """The primary's side of a refusal: nothing it covered is released, the next checkpoint
-    goes full, and its output states hold the output of every checkpoint since the last
-    acknowledged one (what a failover after it must write)."""
+PRIMARY_CFG = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
+               "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
+
+
+def _committed_run(path: str, n: int, seed: int) -> list:
+    """``n`` checkpoints committed to a new store at ``path`` (the base, then one page
+    changed each), each checkpoint ``i`` with the output ``out{i};``: [(id, digest,
+    capture-like object)] for ``Replicator.after_commit``."""
     import types
     from storage import Store
-    from snapctl.replication.primary import Replicator
-    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
-           "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
-    path = str(tmp_path / "p.snap")
-    st = Store.create(path, cfg, synchronous="OFF")
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed_for("primary-run", seed))
     img = rng.integers(0, 4, (16, P.PAGE), dtype=np.uint8)
     caps, parent = [], None
-    for i in range(5):
-        if i:
-            img[i, :8] ^= 1
-        states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
-        with st.checkpoint(parent, {"step": i}, transfer=True) as w:
-            w.add_pages(np.arange(16) if i == 0 else [i], img if i == 0 else img[[i]])
-            for k, v in states.items():
-                w.add_state(k, v)
-        parent = w.id
-        caps.append((w.id, w.digest, types.SimpleNamespace(
-            trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
-            transfer=w.transfer, named_states=lambda s=states: dict(s))))
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    got = []
+    with Store.create(path, PRIMARY_CFG, synchronous="OFF") as st:
+        for i in range(n):
+            if i:
+                img[i % 16, :8] ^= 1
+            states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
+            with st.checkpoint(parent, {"step": i}, transfer=True) as w:
+                w.add_pages(np.arange(16) if i == 0 else [i % 16], img if i == 0 else img[[i % 16]])
+                for k, v in states.items():
+                    w.add_state(k, v)
+            parent = w.id
+            caps.append((w.id, w.digest, types.SimpleNamespace(
+                trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
+                transfer=w.transfer, named_states=lambda s=states: dict(s))))
+    return caps
 
-    def standby():
+
+def _fake_standby(answer) -> tuple[int, list, threading.Thread]:
+    """A standby that reads whole checkpoints and lets ``answer(meta)`` return the ack
+    payloads to send (dicts): (port, the (meta, states) received, its thread)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    got: list = []
+
+    def run():
         conn, _ = srv.accept()
         ch = P.Channel(conn, None, b"S")
         ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
@@ -337,30 +343,46 @@ def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_outpu
             while ch.recv()[0] != P.END:
                 pass
             got.append((meta, states))
-            refuse = meta["id"] == caps[2][0]        # checkpoint 2: "cannot import"
-            ch.send(P.ACK, P.encode_json({"id": meta["id"], **({"need_full": True} if refuse else {})}))
+            for ack in answer(meta):
+                ch.send(P.ACK, P.encode_json(ack))
         conn.close()
+        srv.close()
 
-    t = threading.Thread(target=standby, daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
+    return srv.getsockname()[1], got, t
+
+
+def _wait_for(cond) -> None:
+    deadline = time.monotonic() + 60
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_output_since(tmp_path, capfd):
+    """The primary's side of a refusal: nothing it covered is released, the next checkpoint
+    goes full, and its output states hold the output of every checkpoint since the last
+    acknowledged one (what a failover after it must write)."""
+    from snapctl.replication.primary import Replicator
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 5, 7)
+    ids = [c[0] for c in caps]
+    # checkpoint 2: "cannot import"
+    port, got, t = _fake_standby(lambda m: [{"id": m["id"], **({"need_full": True} if m["id"] == ids[2] else {})}])
     rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": cfg, "schedule": {"count": 4}})
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 4}})
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
-        if ckpt == caps[3][0]:        # let the refusal of 2 and the ack of 3 be taken in
-            deadline = time.monotonic() + 60
-            while not (rep.awaiting_full() and rep.acked == caps[3][0]) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        if ckpt == ids[3]:        # let the refusal of 2 and the ack of 3 be taken in
+            _wait_for(lambda: rep.awaiting_full() and rep.acked == ids[3])
     rep.finish({})
     t.join(10)
-    st.close()
     kinds = [(m["id"], m["full"]) for m, _ in got]
-    assert kinds == [(caps[0][0], True), (caps[1][0], False), (caps[2][0], False), (caps[3][0], False),
-                     (caps[4][0], True)], kinds
+    assert kinds == [(ids[0], True), (ids[1], False), (ids[2], False), (ids[3], False), (ids[4], True)], kinds
     last_meta, last_states = got[-1]
     assert last_meta["released_before"] is False
     assert last_states["stream/stdout"] == b"out2;out3;out4;"      # since checkpoint 1, the last acknowledged
-    assert rep.acked == caps[4][0]
+    assert rep.acked == ids[4]
     assert "refused checkpoint" in capfd.readouterr().err
 
 
@@ -369,81 +391,36 @@ def test_a_late_refusal_of_a_checkpoint_before_the_full_image_starts_no_second_r
     arrives after the full image 4 was sent, it is answered already: 5 goes as an increment
     carrying only its own output (a second re-sync would carry 2..4's output again, which
     4's acknowledgement released: a failover after it would write that output twice)."""
-    import types
-    from storage import Store
     from snapctl.replication.primary import Replicator
-    cfg = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
-           "ram": [{"gpa": 0, "size": 16 * P.PAGE, "slot": 0}]}
     path = str(tmp_path / "p.snap")
-    st = Store.create(path, cfg, synchronous="OFF")
-    img = np.zeros((16, P.PAGE), np.uint8)
-    img[:, 0] = np.arange(16)
-    caps, parent = [], None
-    for i in range(6):
-        if i:
-            img[i % 16, 8:16] ^= 1
-        states = {"vcpu/0": b"v", "stream/stdout": f"out{i};".encode()}
-        with st.checkpoint(parent, {"step": i}, transfer=True) as w:
-            w.add_pages(np.arange(16) if i == 0 else [i % 16], img if i == 0 else img[[i % 16]])
-            for k, v in states.items():
-                w.add_state(k, v)
-        parent = w.id
-        caps.append((w.id, w.digest, types.SimpleNamespace(
-            trigger="base" if i == 0 else "sync", steps=[i], states={"stream/stdout": states["stream/stdout"]},
-            transfer=w.transfer, named_states=lambda s=states: dict(s))))
+    caps = _committed_run(path, 6, 8)
     ids = [c[0] for c in caps]
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    got = []
 
-    def standby():
-        conn, _ = srv.accept()
-        ch = P.Channel(conn, None, b"S")
-        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
-        ch.nonce = b"n" * 16
-        ch.limit = P.STATE_LIMIT
-        ch.recv((P.START,))
-        while True:
-            ftype, payload = ch.recv()
-            if ftype == P.FINISH:
-                break
-            if ftype != P.CKPT:
-                continue
-            meta, states = P.decode_checkpoint(payload)
-            while ch.recv()[0] != P.END:
-                pass
-            got.append((meta, states))
-            pid = meta["id"]
-            if pid == ids[2]:
-                ch.send(P.ACK, P.encode_json({"id": pid, "need_full": True, "reason": "test"}))
-            elif pid == ids[3]:
-                pass                                   # its refusal goes after the full image arrives
-            elif pid == ids[4]:
-                ch.send(P.ACK, P.encode_json({"id": ids[3], "need_full": True, "reason": "test"}))
-                ch.send(P.ACK, P.encode_json({"id": pid}))
-            else:
-                ch.send(P.ACK, P.encode_json({"id": pid}))
-        conn.close()
+    sent_full = threading.Event()
 
-    t = threading.Thread(target=standby, daemon=True)
-    t.start()
+    def answer(meta):
+        pid = meta["id"]
+        if pid == ids[2]:
+            return [{"id": pid, "need_full": True, "reason": "test"}]
+        if pid == ids[3]:
+            return []                               # its refusal goes after the full image arrives
+        if pid == ids[4]:                           # ... once the primary is done sending that image
+            sent_full.wait(60)
+            return [{"id": ids[3], "need_full": True, "reason": "test"}, {"id": pid}]
+        return [{"id": pid}]
+
+    port, got, t = _fake_standby(answer)
     rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": cfg, "schedule": {"count": 5}})
-
-    def wait_for(cond):
-        deadline = time.monotonic() + 60
-        while not cond() and time.monotonic() < deadline:
-            time.sleep(0.01)
-
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 5}})
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
         if ckpt == ids[3]:
-            wait_for(rep.awaiting_full)                 # the refusal of 2 is in: 4 goes full
+            _wait_for(rep.awaiting_full)                 # the refusal of 2 is in: 4 goes full
         if ckpt == ids[4]:
-            wait_for(lambda: rep.acked == ids[4])       # ... and the late refusal of 3 before its ack
+            sent_full.set()
+            _wait_for(lambda: rep.acked == ids[4])       # ... and the late refusal of 3 before its ack
     rep.finish({})
     t.join(10)
-    st.close()
     kinds = [(m["id"], m["full"]) for m, _ in got]
     assert kinds == [(ids[0], True), (ids[1], False), (ids[2], False), (ids[3], False), (ids[4], True),
                      (ids[5], False)], kinds
