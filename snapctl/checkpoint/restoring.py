@@ -7,7 +7,7 @@ vCPU; :func:`restore` continues it as a new branch of the tree.
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from storage import Store
@@ -38,56 +38,28 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = DEFAULT_KVM_PATH, d
         raise ValueError(f"checkpoint {ckpt} has no state for every vCPU; it cannot be restored")
     # the VM is built (its memory slots registered on a thread of their own) while a lazy
     # restore reads the checkpoint's page index on another: both grow with memory, and
-    # the time to the first instruction is what a lazy restore is for
-    index = _Background(store.page_index, ckpt) if lazy else None
-    try:
+    # the time to the first instruction is what a lazy restore is for (leaving the block
+    # waits for the read, whatever failed)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-read") as pool:
+        index = pool.submit(store.page_index, ckpt) if lazy else None
         m = Machine(config, kvm_path=kvm_path, boot=False, driver=driver, register_in_background=True)
-    except BaseException:
-        if index is not None:
-            index.wait()     # the store is not left in use by the reading thread
-        raise
-    try:
-        if lazy:
-            from .lazy import serve_lazily
-            serve_lazily(store, ckpt, m, index=index.result())
-        else:
-            from storage.lazy import fill
-            # straight into guest RAM: through userfaultfd where it is available (each page
-            # allocated already filled: no first-touch fault), else decoded into the fresh,
-            # all-zero mapping (zero pages are not touched)
-            if not fill(store, ckpt, m.memory.host_addr, m.memory.npages):
-                store.materialize(ckpt, m.memory.pages, out_is_zero=True)
-        m.check_mailboxes(steps)
-        m.restore_state(None, states)
-    except BaseException:
-        m.close()
-        raise
+        try:
+            if lazy:
+                from .lazy import serve_lazily
+                serve_lazily(store, ckpt, m, index=index.result())
+            else:
+                from storage.lazy import fill
+                # straight into guest RAM: through userfaultfd where it is available (each page
+                # allocated already filled: no first-touch fault), else decoded into the fresh,
+                # all-zero mapping (zero pages are not touched)
+                if not fill(store, ckpt, m.memory.host_addr, m.memory.npages):
+                    store.materialize(ckpt, m.memory.pages, out_is_zero=True)
+            m.check_mailboxes(steps)
+            m.restore_state(None, states)
+        except BaseException:
+            m.close()
+            raise
     return m
-
-
-class _Background:
-    """``fn(*args)`` on a thread of its own; :meth:`result` waits and returns (or raises) it."""
-
-    def __init__(self, fn, *args) -> None:
-        self._out: tuple = (None, None)
-
-        def run() -> None:
-            try:
-                self._out = (fn(*args), None)
-            except BaseException as e:   # noqa: BLE001 - raised by result() on the caller's thread
-                self._out = (None, e)
-        self._t = threading.Thread(target=run, name="restore-read", daemon=True)
-        self._t.start()
-
-    def wait(self) -> None:
-        self._t.join()
-
-    def result(self):
-        self._t.join()
-        value, error = self._out
-        if error is not None:
-            raise error
-        return value
 
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
