@@ -65,7 +65,7 @@ def _run(cfg: MachineConfig, n: int, every: int, path: str, rep=None):
     from .checkpoint.schedule import Schedule
     from .checkpoint.session import Checkpointer
     with Machine(cfg) as m, Store.create(path, cfg.to_dict()) as st:
-        cp = Checkpointer(m, st, None, after_commit=rep.after_commit if rep else None)
+        cp = Checkpointer(m, st, None, replica=rep)
         cp.base()
         base_stored = cp.summary.stored_bytes
         base_wire = rep.wire_bytes if rep else 0
@@ -161,7 +161,7 @@ def _figures(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str
     from .checkpoint.schedule import Schedule
     from .checkpoint.session import Checkpointer
     with Machine(big) as m, Store.create(os.path.join(d, f"big-{tag}.snap"), big.to_dict()) as st:
-        cp = Checkpointer(m, st, None, after_commit=rep.after_commit)
+        cp = Checkpointer(m, st, None, replica=rep)
         cp.base()
         cp.run(Schedule(count=k, every_steps=10 * every))
         end = time.monotonic() + 60

@@ -417,7 +417,7 @@ def run(
     try:
         with _on_demand(control) as hook, _progress(sched.count + 1, "checkpoints", as_json, live=True) as adv:
             summary = run_(path, cfg, sched, on_checkpoint=_live(adv), kvm_path=_kvm(), precopy=precopy,
-                           on_checkpointer=hook, after_commit=rep.after_commit if rep else None).as_dict()
+                           on_checkpointer=hook, replica=rep).as_dict()
     except Interrupted:
         if existed or not os.path.exists(path):  # never created (or not ours): nothing kept
             raise Interrupted("interrupted: 0 checkpoints kept") from None
@@ -578,8 +578,7 @@ def restore(
                 if rep is not None:
                     rep.start_info["schedule"] = RP.schedule_dict(sched)
                 summary = restore_(st, ckpt, sched, on_checkpoint=_live(adv), kvm_path=_kvm(), precopy=precopy,
-                                   lazy=lazy, on_checkpointer=hook,
-                                   after_commit=rep.after_commit if rep else None).as_dict()
+                                   lazy=lazy, on_checkpointer=hook, replica=rep).as_dict()
         except Interrupted:
             raise _interrupted(st, last_before) from None
         RP.finish(rep, summary)

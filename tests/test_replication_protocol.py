@@ -427,3 +427,60 @@ def test_a_late_refusal_of_a_checkpoint_before_the_full_image_starts_no_second_r
     assert got[4][1]["stream/stdout"] == b"out2;out3;out4;"     # the full image: since 1, the last acked
     assert got[5][1]["stream/stdout"] == b"out5;"               # not 2..5 again
     assert rep.acked == ids[5]
+
+
+def test_the_replicator_waits_out_the_checkpointers_pauses(tmp_path):
+    """While the checkpointer's pause window is closed (a capture has the guest paused),
+    the sender builds and sends nothing and an arrived acknowledgement is not taken in;
+    both go on once it opens."""
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.replication.primary import Replicator
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 3, 9)
+    ids = [c[0] for c in caps]
+    go = threading.Event()
+
+    def answer(meta):
+        if meta["id"] == ids[2]:
+            go.wait(60)            # acknowledged once the test has closed the window
+        return [{"id": meta["id"]}]
+
+    port, got, t = _fake_standby(answer)
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    window = PauseWindow()
+    rep.follow(window)
+    rep.after_commit(*caps[0][::2], {"digest": caps[0][1]})      # the base: sent from this thread
+    _wait_for(lambda: rep.acked == ids[0])
+    assert rep.acked == ids[0]
+    with window.closed():
+        assert not window.is_open()
+        rep.after_commit(ids[1], caps[1][2], {"digest": caps[1][1]})   # queued for the sender
+        time.sleep(0.3)                                               # a sender that ignored the window
+        assert [m["id"] for m, _ in got] == [ids[0]]                  # would have sent it by now
+        assert rep.acked == ids[0]
+    _wait_for(lambda: rep.acked == ids[1])
+    assert [m["id"] for m, _ in got] == ids[:2] and rep.acked == ids[1]
+    # an ack that arrives while the window is closed waits for it to open
+    rep.after_commit(ids[2], caps[2][2], {"digest": caps[2][1]})
+    _wait_for(lambda: len(got) == 3)
+    with window.closed():
+        go.set()
+        time.sleep(0.3)                      # an ack reader that ignored the window would have it
+        assert rep.acked == ids[1]
+    _wait_for(lambda: rep.acked == ids[2])
+    assert rep.acked == ids[2] and window.is_open()
+    rep.finish({})
+    t.join(10)
+
+
+def test_a_pause_window_opens_again_however_the_capture_ends():
+    from snapctl.checkpoint.captures import PauseWindow
+    w = PauseWindow()
+    assert w.is_open()
+    with pytest.raises(RuntimeError):
+        with w.closed():
+            assert not w.is_open()
+            raise RuntimeError("capture failed")
+    assert w.is_open()
+    w.wait()    # returns at once while open

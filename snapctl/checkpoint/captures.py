@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,15 +166,57 @@ class StagingPool:
         return buf
 
 
+class PauseWindow:
+    """Open while the guest runs, closed while :func:`capture` has it paused.
+
+    Work that runs beside the guest in this process (replication's sender,
+    acknowledgement and heartbeat threads) waits for it to open before each step
+    instead of competing with the pause for the GIL and a CPU. Measured on the
+    2-core host: a replication sender running into a pause lengthened it by about
+    0.4 ms (median pause 0.63 ms without an overlap, 1.07 ms with one)."""
+
+    #: the longest a waiter waits for one pause (a pause is ~1 ms; never a deadlock)
+    LONGEST = 1.0
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+
+    @contextmanager
+    def closed(self):
+        """Closed for the body (a capture), open again however it ends."""
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def wait(self) -> None:
+        """Return once the guest is not paused by a capture (at most :attr:`LONGEST` s)."""
+        if not self._open.is_set():
+            self._open.wait(self.LONGEST)
+
+
 def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
-            buffer: StagingBuffer | None = None, resume: bool = True) -> Capture:
+            buffer: StagingBuffer | None = None, resume: bool = True,
+            window: PauseWindow | None = None) -> Capture:
     """The part of a checkpoint that needs the guest stopped. Resumes it at the end
-    (unless ``resume`` is False: the last checkpoint of a run).
+    (unless ``resume`` is False: the last checkpoint of a run). ``window`` is
+    closed from the start of the pause until the guest runs again.
 
     Only this happens in the pause: harvest + reset, one gather of the dirty
     pages into a staging buffer (pages pre-copied at ring-full exits and not
     written since are not copied again), vCPU state. Hashing, compression and
     the store write happen after resume."""
+    with window.closed() if window is not None else nullcontext():
+        return _capture(machine, trigger, already_paused, buffer, resume)
+
+
+def _capture(machine: Machine, trigger: str, already_paused: bool, buffer: "StagingBuffer | None",
+             resume: bool) -> Capture:
     t0 = time.perf_counter()
     if not already_paused:
         machine.pause()

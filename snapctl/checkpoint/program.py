@@ -119,7 +119,8 @@ def _loop(m, cp: Checkpointer, driver: ProgramGuest, sched: ProgramSchedule) -> 
     writer = cp.background_writer()
 
     def take(trigger: str, *, last: bool = False) -> None:
-        writer.submit(capture(m, trigger, already_paused=True, buffer=cp.staging_buffer(), resume=not last))
+        writer.submit(capture(m, trigger, already_paused=True, buffer=cp.staging_buffer(), resume=not last,
+                              window=cp.pause_window))
 
     def boundary_or_kick(grace: float) -> str:
         """Hold at the next system call; kick if none comes within ``grace`` seconds."""
@@ -185,7 +186,7 @@ def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, m
                 live_output: bool = True, replica=None) -> ProgramRun:
     """Load ``spec``'s program into a new VM, checkpoint 0 before its first instruction,
     then run it under ``sched`` into a new store. ``replica`` (snapctl.replication): gets
-    every committed checkpoint (``after_commit``) and the program's live output (``bind_output``)."""
+    every committed checkpoint (``after_commit``, waiting out the pauses: ``follow``) and the program's live output (``bind_output``)."""
     sched.validate()
     with open(spec.path, "rb") as f:
         exe = f.read()
@@ -200,7 +201,7 @@ def run_program(store_path: str, spec: ProgramSpec, sched: ProgramSchedule, *, m
             prepare_new_store(store_path)
             with Store.create(store_path, cfg.to_dict()) as store:
                 cp = Checkpointer(m, store, None, on_checkpoint,
-                                  after_commit=replica.after_commit if replica is not None else None)
+                                  replica=replica)
                 cp.base()
                 seconds = _loop(m, cp, driver, sched)
                 return _result(driver, cp.summary, spec, seconds)
@@ -262,7 +263,7 @@ def restore_program(store: Store, ckpt: int, sched: ProgramSchedule, *, kvm_path
         with load_machine(store, ckpt, kvm_path=kvm_path, driver=driver, lazy=lazy) as m, lazy_errors(m):
             driver.restore()
             cp = Checkpointer(m, store, ckpt, on_checkpoint,
-                              after_commit=replica.after_commit if replica is not None else None)
+                              replica=replica)
             seconds = _loop(m, cp, driver, sched)
             if m.lazy is not None:
                 cp.summary.lazy = m.lazy.stats()

@@ -64,13 +64,13 @@ def load_machine(store: Store, ckpt: int, *, kvm_path: str = DEFAULT_KVM_PATH, d
 
 def restore(store: Store, ckpt: int, schedule: Schedule, *, on_checkpoint=None,
             kvm_path: str = DEFAULT_KVM_PATH, precopy: bool = False, lazy: bool = False,
-            on_checkpointer=None, after_commit=None) -> RunSummary:
+            on_checkpointer=None, replica=None) -> RunSummary:
     """Continue checkpoint ``ckpt`` in a fresh VM; new checkpoints branch from it.
     ``lazy``: the guest starts before its memory is restored (see :func:`load_machine`)."""
     schedule.validate()
     store.claim()  # another process writing the store: say so before the guest runs
     with load_machine(store, ckpt, kvm_path=kvm_path, lazy=lazy) as m, lazy_errors(m):
-        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy, after_commit=after_commit)
+        cp = Checkpointer(m, store, ckpt, on_checkpoint, precopy=precopy, replica=replica)
         if on_checkpointer is not None:
             on_checkpointer(cp)
         summary = cp.run(schedule)

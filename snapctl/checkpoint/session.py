@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from storage import lock as store_lock
 from ..kvm.constants import DEFAULT_KVM_PATH, PAGE_SIZE
 from ..machine import Machine, MachineConfig
 from . import captures as C
-from .captures import STAGING_HINT_PAGES, Capture, StagingBuffer, StagingPool, capture
+from .captures import STAGING_HINT_PAGES, Capture, PauseWindow, StagingBuffer, StagingPool, capture
 from .schedule import Schedule
 from .writer import QUEUE_DEPTH, Writer
 
@@ -63,6 +63,19 @@ class RunSummary:
         }
 
 
+class Replica(Protocol):
+    """What follows a run's checkpoints as they are committed (snapctl.replication's
+    Replicator)."""
+
+    def follow(self, window: PauseWindow) -> None:
+        """The checkpointer's pause window: closed while the guest is paused."""
+
+    def after_commit(self, ckpt: int, cap: Capture, stats: dict) -> None:
+        """Called on the writer thread once ``ckpt`` is committed, before ``cap`` is
+        released: ``cap.transfer`` is what the checkpoint added to the store
+        (storage.transfer)."""
+
+
 class Checkpointer:
     """Takes checkpoints of one machine into one store, as a chain from ``parent``.
 
@@ -71,13 +84,15 @@ class Checkpointer:
 
     def __init__(self, machine: Machine, store: Store, parent: int | None,
                  on_checkpoint: Callable[[int, dict], None] | None = None, *, background: bool = True,
-                 depth: int = QUEUE_DEPTH, precopy: bool = False,
-                 after_commit: Callable[[int, Capture, dict], None] | None = None):
+                 depth: int = QUEUE_DEPTH, precopy: bool = False, replica: Replica | None = None):
         self.machine = machine
+        #: closed while a capture has the guest paused (work beside the guest waits it out)
+        self.pause_window = PauseWindow()
         #: called with (id, capture, stats) once a checkpoint is committed, before its
-        #: capture is released (replication sends it from here: ``capture.transfer`` is then
-        #: what the checkpoint added to the store, storage.transfer)
-        self.after_commit = after_commit
+        #: capture is released (replication sends it from here)
+        self.after_commit = replica.after_commit if replica is not None else None
+        if replica is not None:
+            replica.follow(self.pause_window)
         self.store = store
         self.parent = parent
         self.on_checkpoint = on_checkpoint
@@ -176,7 +191,7 @@ class Checkpointer:
 
         def take(trigger: str, already_paused: bool) -> None:
             buf = self._pool.acquire()  # before the pause: waiting here costs no downtime
-            cap = capture(m, trigger, already_paused=already_paused, buffer=buf)
+            cap = capture(m, trigger, already_paused=already_paused, buffer=buf, window=self.pause_window)
             if writer is not None:
                 writer.submit(cap)
             else:
@@ -252,14 +267,15 @@ def prepare_new_store(store_path: str) -> None:
 
 
 def run(store_path: str, config: MachineConfig, schedule: Schedule, *, on_checkpoint=None,
-        kvm_path: str = DEFAULT_KVM_PATH, precopy: bool = False, on_checkpointer=None, after_commit=None) -> RunSummary:
+        kvm_path: str = DEFAULT_KVM_PATH, precopy: bool = False, on_checkpointer=None,
+        replica: Replica | None = None) -> RunSummary:
     """Boot ``config``'s guest, write the base checkpoint and the scheduled ones into a new store."""
     schedule.validate()
     with Machine(config, kvm_path=kvm_path) as m:  # validates everything before a file is created
         prepare_new_store(store_path)
         store = Store.create(store_path, config.to_dict())
         with store:
-            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy, after_commit=after_commit)
+            cp = Checkpointer(m, store, None, on_checkpoint, precopy=precopy, replica=replica)
             if on_checkpointer is not None:  # e.g. to call cp.request() on SIGUSR1
                 on_checkpointer(cp)
             cp.base()

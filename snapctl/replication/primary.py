@@ -1,10 +1,11 @@
 """The primary's side: send every committed checkpoint to the standby, hold a program's
 output until the checkpoint covering it is acknowledged (Remus' output commit).
 
-Hooked after each commit (``Checkpointer(after_commit=...)``): it runs on the
-checkpoint writer thread while the guest runs on, so replication adds nothing
-to the pause. Acknowledgements arrive on a reader thread; heartbeats go out on
-their own thread. A lost standby costs one warning line: held output is
+Hooked after each commit (``Checkpointer(replica=...)`` calls ``after_commit``): it
+runs on the checkpoint writer thread while the guest runs on; a sender thread frames
+and sends, acknowledgements arrive on a reader thread, heartbeats go out on their own
+thread. Each of them waits out the checkpointer's pauses (its ``PauseWindow``) before
+each step, so replication adds nothing to the pause -- not even a contended GIL. A lost standby costs one warning line: held output is
 released and the run goes on without replication (``required``: it stops
 instead, exit status 4, output not covered by an acknowledged checkpoint is
 never released).
@@ -25,6 +26,8 @@ import numpy as np
 
 from storage import Store
 from storage.transfer import Transfer
+
+from ..checkpoint.captures import PauseWindow
 
 from . import protocol as P
 from .releaser import OutputGate, Releaser, write_all  # noqa: F401  (write_all: the standby's)
@@ -89,6 +92,29 @@ class Replicator:
         #: increments waiting for the sender thread (sending, off the writer thread)
         self._jobs: queue.Queue = queue.Queue()
         self._sender: threading.Thread | None = None
+        #: the checkpointer's pauses, waited out by every thread of this replicator
+        self._window: PauseWindow | None = None
+
+    def follow(self, window: PauseWindow) -> None:
+        """Wait out the pauses of the checkpointer this replicates (``window`` is closed
+        while its guest is paused): the sender, acknowledgement and heartbeat threads
+        hold off until the guest runs again, so they take neither the GIL nor a CPU
+        from the pause."""
+        self._window = window
+
+    def _aside(self) -> None:
+        if self._window is not None:
+            self._window.wait()
+
+    def _aside_each(self, frames):
+        """``frames``, each one built and handed on only while the guest is not paused."""
+        it = iter(frames)
+        while True:
+            self._aside()
+            frame = next(it, None)
+            if frame is None:
+                return
+            yield frame
 
     # -- connection -----------------------------------------------------------------------------
     def connect(self) -> bool:
@@ -175,6 +201,7 @@ class Replicator:
                         raise P.ProtocolError(f"no acknowledgement for {ACK_TIMEOUT:.0f} s") from None
                     continue
                 waited = 0.0
+                self._aside()
                 ack = P.decode_json(payload, "ack")
                 ckpt = int(ack.get("id", -1))
                 with self._cond:
@@ -215,6 +242,7 @@ class Replicator:
     def _heartbeat(self, chan: P.Channel, gen: int) -> None:
         while True:
             time.sleep(self.hb_interval)
+            self._aside()
             if gen != self._gen:
                 return
             try:
@@ -383,15 +411,16 @@ class Replicator:
         """One checkpoint: CKPT (meta, states, the transfer's counts and digests), one PACK
         frame per pack as the primary's writer encoded it, its page map in MAP frames (whose
         entries name those packs' blobs), END."""
+        self._aside()
         t = self._complete(t)
         before = chan.bytes_sent
         meta = dict(meta, map=len(t.pages), packs=len(t.packs), parent_digest=t.parent_digest,
                     digest=meta.get("digest") or t.digest)
-        chan.send_all(itertools.chain(
+        chan.send_all(self._aside_each(itertools.chain(
             [(P.CKPT, P.encode_checkpoint(meta, states))],
             ((P.PACK, pack.to_bytes()) for pack in t.packs),
             ((P.MAP, t.map_bytes(lo, lo + P.MAP_CHUNK)) for lo in range(0, len(t.pages), P.MAP_CHUNK)),
-            [(P.END, b"")]))
+            [(P.END, b"")])))
         return chan.bytes_sent - before
 
     def finish(self, summary: dict) -> None:
