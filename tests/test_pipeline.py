@@ -53,11 +53,11 @@ def test_a_failed_write_is_carried_into_the_next_checkpoint(tmp_path, monkeypatc
     real_commit = captures.commit
     calls = {"n": 0}
 
-    def flaky_commit(store, parent, cap, extra=None):
+    def flaky_commit(store, parent, cap, extra=None, **kw):
         calls["n"] += 1
         if calls["n"] in (3, 4):  # checkpoints 3 and 4 of the schedule fail (the base is call 1)
             raise OSError(28, "No space left on device (injected)")
-        return real_commit(store, parent, cap, extra)
+        return real_commit(store, parent, cap, extra, **kw)
 
     monkeypatch.setattr(captures, "commit", flaky_commit)
     mem = 16 << 20
@@ -78,11 +78,11 @@ def test_writes_that_keep_failing_stop_the_run_and_keep_what_was_committed(tmp_p
     real_commit = captures.commit
     calls = {"n": 0}
 
-    def broken_after_two(store, parent, cap, extra=None):
+    def broken_after_two(store, parent, cap, extra=None, **kw):
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(5, "Input/output error (injected)")
-        return real_commit(store, parent, cap, extra)
+        return real_commit(store, parent, cap, extra, **kw)
 
     monkeypatch.setattr(captures, "commit", broken_after_two)
     mem = 16 << 20
@@ -117,3 +117,35 @@ def test_precopy_images_equal_the_model(tmp_path, trigger):
             data = img[DATA_GPA // PAGE:]
             assert (np.array_equal(data, stamp_image(1, pages, c.step))
                     or (trigger == "async" and np.array_equal(data, stamp_image(1, pages, c.step + 1)))), c.id
+
+
+def test_the_writer_waits_out_a_pause_before_each_step(tmp_path):
+    """While the checkpointer's pause window is closed, the background writer begins no
+    transaction and commits nothing; once it opens, the capture is committed whole."""
+    import threading
+    import time
+
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.checkpoint.writer import Writer
+    seed = 11
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    pages = np.unique(rng.integers(0, 64, 20))
+    data = rng.integers(0, 255, (pages.size, PAGE))
+    window = PauseWindow()
+    with Store.create(tmp_path / "w.db", {"mem_size": 64 * PAGE}) as st:
+        w = Writer(st, None, window=window)
+        with window.closed():
+            w.submit(_cap(pages, data))
+            time.sleep(0.3)            # a writer that ignored the window would have committed by now
+            assert st.checkpoints() == []
+        done = threading.Thread(target=w.close)
+        done.start()
+        done.join(60)
+        assert not done.is_alive()
+        (c,) = st.checkpoints()
+        img = np.zeros((64, PAGE), np.uint8)
+        st.materialize(c.id, img)
+        want = np.zeros((64, PAGE), np.uint8)
+        want[pages] = data
+        assert np.array_equal(img, want)

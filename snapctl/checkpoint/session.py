@@ -138,7 +138,7 @@ class Checkpointer:
     def background_writer(self) -> Writer:
         """A writer committing this chain's captures behind a bounded queue (close it at the end)."""
         return Writer(self.store, self.parent, depth=self.depth, on_commit=self._account,
-                      transfer=self.after_commit is not None)
+                      transfer=self.after_commit is not None, window=self.pause_window)
 
     def staging_buffer(self) -> StagingBuffer:
         """A reused staging buffer for the next capture (may wait while the writer is behind)."""
@@ -187,7 +187,7 @@ class Checkpointer:
         start_steps = m.steps()
         t_run, pages_before = time.perf_counter(), self.summary.pages
         writer = Writer(self.store, self.parent, depth=self.depth, on_commit=self._account,
-                        transfer=self.after_commit is not None) if self.background else None
+                        transfer=self.after_commit is not None, window=self.pause_window) if self.background else None
 
         def take(trigger: str, already_paused: bool) -> None:
             buf = self._pool.acquire()  # before the pause: waiting here costs no downtime

@@ -32,8 +32,10 @@ class Writer:
     store keeps every checkpoint committed before (each is one transaction)."""
 
     def __init__(self, store: Store, parent: int | None, *, depth: int = QUEUE_DEPTH, max_failures: int = MAX_FAILURES,
-                 on_commit: Callable[[int, Capture, dict], None] | None = None, transfer: bool = False):
+                 on_commit: Callable[[int, Capture, dict], None] | None = None, transfer: bool = False,
+                 window: C.PauseWindow | None = None):
         self.store = store
+        self.window = window       # the checkpointer's pauses: each write step waits one out
         self.transfer = transfer   # keep each checkpoint's storage.transfer.Transfer on its capture
         self.parent = parent
         self.on_commit = on_commit
@@ -66,8 +68,8 @@ class Writer:
             cap, self._carry = C.merge(self._carry, cap), None
         try:
             # (``transfer`` only when asked: commit's plain signature stays what callers know)
-            ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True) if self.transfer
-                           else C.commit(self.store, self.parent, cap))
+            ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True, window=self.window)
+                           if self.transfer else C.commit(self.store, self.parent, cap, window=self.window))
         except Exception as e:  # disk full, I/O error: keep the pages for the next try
             self.failed_writes += 1
             self._failures += 1
