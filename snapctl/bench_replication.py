@@ -119,7 +119,7 @@ def _veth():
 
 
 #: the pause ratio's alternated runs: rounds of one plain and one replicated run each
-PAUSE_ROUNDS = 6
+PAUSE_ROUNDS = 10
 
 
 def _replicated(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host: str, netns: str | None

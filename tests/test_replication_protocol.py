@@ -333,18 +333,21 @@ def _fake_standby(answer) -> tuple[int, list, threading.Thread]:
         ch.nonce = b"n" * 16
         ch.limit = P.STATE_LIMIT
         ch.recv((P.START,))
-        while True:
-            ftype, payload = ch.recv()
-            if ftype == P.FINISH:
-                break
-            if ftype != P.CKPT:
-                continue
-            meta, states = P.decode_checkpoint(payload)
-            while ch.recv()[0] != P.END:
-                pass
-            got.append((meta, states))
-            for ack in answer(meta):
-                ch.send(P.ACK, P.encode_json(ack))
+        try:
+            while True:
+                ftype, payload = ch.recv()
+                if ftype == P.FINISH:
+                    break
+                if ftype != P.CKPT:
+                    continue
+                meta, states = P.decode_checkpoint(payload)
+                while ch.recv()[0] != P.END:
+                    pass
+                got.append((meta, states))
+                for ack in answer(meta):
+                    ch.send(P.ACK, P.encode_json(ack))
+        except (P.ProtocolError, OSError):     # the primary dropped the connection
+            pass
         conn.close()
         srv.close()
 
@@ -484,3 +487,62 @@ def test_a_pause_window_opens_again_however_the_capture_ends():
             raise RuntimeError("capture failed")
     assert w.is_open()
     w.wait()    # returns at once while open
+
+
+def test_a_readable_wait_is_not_woken_in_a_pause():
+    """Data that arrives while the window is closed wakes a ``readable`` waiter only once
+    it opens (the ack reader then takes no GIL from the pause)."""
+    from snapctl.checkpoint.captures import PauseWindow
+    a, b = socket.socketpair()
+    w = PauseWindow()
+    r = w.readable(a.fileno())
+    try:
+        assert not r.wait(0)
+        with w.closed():
+            b.send(b"x")
+            assert not r.wait(0.2)
+        assert r.wait(5)
+        assert a.recv(1) == b"x"
+        assert not r.wait(0)
+        b.close()                       # a hang-up wakes it, window open or not
+        with w.closed():
+            assert r.wait(5)
+    finally:
+        r.close()
+        a.close()
+
+
+def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_timeout(tmp_path, monkeypatch, capfd):
+    """With the pause window followed, the ack reader's idle spells (no frame for the
+    socket timeout) neither end the session while acknowledgements are merely slow nor
+    keep it alive once none came for the ack timeout."""
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.replication import primary
+    from snapctl.replication.primary import Replicator
+    monkeypatch.setattr(primary, "SOCKET_TIMEOUT", 0.2)
+    monkeypatch.setattr(primary, "ACK_TIMEOUT", 1.0)
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 3, 10)
+    ids = [c[0] for c in caps]
+    slow = threading.Event()
+
+    def answer(meta):
+        if meta["id"] == ids[1]:
+            slow.wait(0.7)              # three idle spells, under the ack timeout
+        if meta["id"] == ids[2]:
+            return []                   # never acknowledged
+        return [{"id": meta["id"]}]
+
+    port, got, t = _fake_standby(answer)
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    rep.follow(PauseWindow())
+    for ckpt, digest, cap in caps[:2]:
+        rep.after_commit(ckpt, cap, {"digest": digest})
+    _wait_for(lambda: rep.acked == ids[1])
+    assert rep.acked == ids[1] and rep.lost_reason is None
+    rep.after_commit(ids[2], caps[2][2], {"digest": caps[2][1]})
+    _wait_for(lambda: rep.lost_reason is not None)
+    assert "no acknowledgement" in (rep.lost_reason or "")
+    assert "continuing without a standby" in capfd.readouterr().err
+    rep.finish({})

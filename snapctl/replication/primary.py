@@ -187,13 +187,20 @@ class Replicator:
 
     def _reader(self, chan: P.Channel, gen: int) -> None:
         waited = 0.0
+        # an ack arriving in a pause does not wake this thread (which would take the GIL
+        # from the pause to find the window closed): it is read once the guest runs
+        watch = self._window.readable(chan.sock.fileno()) if self._window is not None else None
         try:
             while True:
+                idle = watch is not None and not chan.pending() and not watch.wait(SOCKET_TIMEOUT)
                 try:
-                    _, payload = chan.recv((P.ACK,))
+                    if not idle:
+                        _, payload = chan.recv((P.ACK,))
                 except socket.timeout:
                     if not chan.between_frames:
                         raise P.ProtocolError("timed out in the middle of a frame") from None
+                    idle = True
+                if idle:      # nothing for SOCKET_TIMEOUT
                     with self._cond:
                         busy = bool(self._inflight)
                     waited = waited + SOCKET_TIMEOUT if busy else 0.0
@@ -238,6 +245,9 @@ class Replicator:
                     self.gate.release(bound, ckpt)
         except (OSError, P.ProtocolError, ValueError) as e:
             self._lose(f"standby {self.addr}: {e}", gen=gen)
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _heartbeat(self, chan: P.Channel, gen: int) -> None:
         while True:

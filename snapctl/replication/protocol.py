@@ -176,6 +176,11 @@ class Channel:
             got += k
         return buf
 
+    def pending(self) -> bool:
+        """Whether bytes of the next frame were already read from the socket (a wait for
+        the socket to become readable must not block then)."""
+        return False
+
     def recv(self, expect: tuple[int, ...] | None = None) -> tuple[int, bytearray]:
         """The next frame (type, payload). Raises ProtocolError on anything unexpected;
         ``socket.timeout`` if nothing arrives within the socket's timeout (then
