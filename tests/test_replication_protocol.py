@@ -320,16 +320,18 @@ def _committed_run(path: str, n: int, seed: int) -> list:
     return caps
 
 
-def _fake_standby(answer) -> tuple[int, list, threading.Thread]:
+def _fake_standby(answer, *, heartbeat_ms: float = 1000, beats: list | None = None
+                  ) -> tuple[int, list, threading.Thread]:
     """A standby that reads whole checkpoints and lets ``answer(meta)`` return the ack
-    payloads to send (dicts): (port, the (meta, states) received, its thread)."""
+    payloads to send (dicts; several go out in one write, as one segment): (port, the
+    (meta, states) received, its thread). ``beats`` collects the times heartbeats arrived."""
     srv = socket.create_server(("127.0.0.1", 0))
     got: list = []
 
     def run():
         conn, _ = srv.accept()
         ch = P.Channel(conn, None, b"S")
-        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": 1000}))
+        ch.send(P.HELLO, P.encode_json({"nonce": (b"n" * 16).hex(), "heartbeat_ms": heartbeat_ms}))
         ch.nonce = b"n" * 16
         ch.limit = P.STATE_LIMIT
         ch.recv((P.START,))
@@ -338,14 +340,15 @@ def _fake_standby(answer) -> tuple[int, list, threading.Thread]:
                 ftype, payload = ch.recv()
                 if ftype == P.FINISH:
                     break
+                if ftype == P.HEARTBEAT and beats is not None:
+                    beats.append(time.monotonic())
                 if ftype != P.CKPT:
                     continue
                 meta, states = P.decode_checkpoint(payload)
                 while ch.recv()[0] != P.END:
                     pass
                 got.append((meta, states))
-                for ack in answer(meta):
-                    ch.send(P.ACK, P.encode_json(ack))
+                ch.send_all([(P.ACK, P.encode_json(ack)) for ack in answer(meta)])
         except (P.ProtocolError, OSError):     # the primary dropped the connection
             pass
         conn.close()
@@ -493,23 +496,32 @@ def test_a_readable_wait_is_not_woken_in_a_pause():
     """Data that arrives while the window is closed wakes a ``readable`` waiter only once
     it opens (the ack reader then takes no GIL from the pause)."""
     from snapctl.checkpoint.captures import PauseWindow
-    a, b = socket.socketpair()
+    srv = socket.create_server(("127.0.0.1", 0))
+    b = socket.create_connection(srv.getsockname())
+    a, _ = srv.accept()
+    srv.close()
     w = PauseWindow()
     r = w.readable(a.fileno())
+    late = None
     try:
         assert not r.wait(0)
         with w.closed():
             b.send(b"x")
             assert not r.wait(0.2)
-        assert r.wait(5)
+            late = w.readable(a.fileno())      # made while closed: armed when it opens
+            assert not late.wait(0.1)
+        assert r.wait(5) and late.wait(5)
         assert a.recv(1) == b"x"
         assert not r.wait(0)
-        b.close()                       # a hang-up wakes it, window open or not
         with w.closed():
+            a.shutdown(socket.SHUT_RDWR)       # Channel.close(): wakes the reader even in a pause
             assert r.wait(5)
     finally:
-        r.close()
+        w.forget(r)
+        if late is not None:
+            w.forget(late)
         a.close()
+        b.close()
 
 
 def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_timeout(tmp_path, monkeypatch, capfd):
@@ -520,7 +532,7 @@ def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_ti
     from snapctl.replication import primary
     from snapctl.replication.primary import Replicator
     monkeypatch.setattr(primary, "SOCKET_TIMEOUT", 0.2)
-    monkeypatch.setattr(primary, "ACK_TIMEOUT", 1.0)
+    monkeypatch.setattr(primary, "ACK_TIMEOUT", 60.0)
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 3, 10)
     ids = [c[0] for c in caps]
@@ -528,7 +540,7 @@ def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_ti
 
     def answer(meta):
         if meta["id"] == ids[1]:
-            slow.wait(0.7)              # three idle spells, under the ack timeout
+            slow.wait(0.7)              # idle spells (0.2 s each), under the ack timeout
         if meta["id"] == ids[2]:
             return []                   # never acknowledged
         return [{"id": meta["id"]}]
@@ -541,8 +553,85 @@ def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_ti
         rep.after_commit(ckpt, cap, {"digest": digest})
     _wait_for(lambda: rep.acked == ids[1])
     assert rep.acked == ids[1] and rep.lost_reason is None
+    monkeypatch.setattr(primary, "ACK_TIMEOUT", 1.0)
     rep.after_commit(ids[2], caps[2][2], {"digest": caps[2][1]})
     _wait_for(lambda: rep.lost_reason is not None)
     assert "no acknowledgement" in (rep.lost_reason or "")
     assert "continuing without a standby" in capfd.readouterr().err
     rep.finish({})
+
+
+def test_acks_that_arrive_together_are_all_taken_in(tmp_path):
+    """Two acknowledgements in one segment: the reader, waiting for its socket through the
+    pause window, takes both (the second must not wait in a read buffer for more data)."""
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.replication.primary import Replicator
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 3, 12)
+    ids = [c[0] for c in caps]
+
+    def answer(meta):
+        if meta["id"] == ids[1]:
+            return []                                     # held back ...
+        if meta["id"] == ids[2]:
+            return [{"id": ids[1]}, {"id": ids[2]}]       # ... and sent with the next one
+        return [{"id": meta["id"]}]
+
+    port, got, t = _fake_standby(answer)
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    rep.follow(PauseWindow())
+    for ckpt, digest, cap in caps:
+        rep.after_commit(ckpt, cap, {"digest": digest})
+    _wait_for(lambda: rep.acked == ids[2])
+    assert rep.acked == ids[2] and rep.lost_reason is None
+    rep.finish({})
+    t.join(10)
+
+
+def test_heartbeats_go_out_through_a_long_pause(tmp_path, monkeypatch):
+    """A capture longer than the standby's failover timeout must not look like a lost
+    primary: the heartbeat does not wait for the pause window."""
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.replication.primary import Replicator
+    monkeypatch.setattr(PauseWindow, "LONGEST", 600.0)   # a waiting heartbeat would wait it out
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 1, 13)
+    beats: list = []
+    port, got, t = _fake_standby(lambda m: [{"id": m["id"]}], heartbeat_ms=50, beats=beats)
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 0}})
+    window = PauseWindow()
+    rep.follow(window)
+    rep.after_commit(caps[0][0], caps[0][2], {"digest": caps[0][1]})
+    _wait_for(lambda: rep.acked == caps[0][0])
+    with window.closed():
+        t0 = time.monotonic()
+        _wait_for(lambda: any(b > t0 for b in beats))
+        assert any(b > t0 for b in beats)
+    rep.finish({})
+    t.join(10)
+
+
+def test_the_ack_reader_ends_with_its_connection(tmp_path):
+    """Dropping the connection (as a dying primary does) ends its ack reader and frees its
+    wait, window followed or not: no thread or epoll set outlives the connection."""
+    from snapctl.checkpoint.captures import PauseWindow
+    from snapctl.replication.primary import Replicator
+    path = str(tmp_path / "p.snap")
+    caps = _committed_run(path, 1, 14)
+    port, got, t = _fake_standby(lambda m: [{"id": m["id"]}])
+    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 0}})
+    window = PauseWindow()
+    rep.follow(window)
+    rep.after_commit(caps[0][0], caps[0][2], {"digest": caps[0][1]})
+    _wait_for(lambda: rep.acked == caps[0][0])
+
+    def readers():
+        return [th for th in threading.enumerate() if th.name == "replication-acks"]
+    assert len(readers()) == 1
+    rep.abandon()
+    _wait_for(lambda: not readers())
+    assert not readers()
+    t.join(10)

@@ -168,7 +168,7 @@ class StagingPool:
 
 
 class PauseWindow:
-    """Open while the guest runs, closed while :func:`capture` has it paused.
+    """Open while the guest runs, closed while :func:`capture` runs (the pause).
 
     Work that runs beside the guest in this process (the store writer,
     replication's sender, acknowledgement and heartbeat threads) waits for it to
@@ -177,10 +177,15 @@ class PauseWindow:
     lengthened it by about 0.4 ms (median pause 0.63 ms without an overlap, 1.07
     ms with one).
 
-    A thread that blocks on a file descriptor (a socket it reads) would still wake
-    in a pause when data arrives, and take the GIL to find the window closed; it
-    waits with :meth:`readable` instead, which does not wake it until the window
-    is open."""
+    A step already running when a capture begins carries on; the window only
+    keeps the next one from starting. A thread that blocks on a file descriptor
+    (a socket it reads) would still wake in a pause when data arrives, and take
+    the GIL to find the window closed; it waits with :meth:`readable` instead,
+    which does not wake it until the window is open.
+
+    The window is closed exactly while :func:`capture` runs (with
+    ``already_paused`` the guest stopped a little earlier; with ``resume=False``
+    it stays stopped after the window opens)."""
 
     #: the longest a waiter waits for one pause (a pause is ~1 ms; never a deadlock)
     LONGEST = 1.0
@@ -188,58 +193,66 @@ class PauseWindow:
     def __init__(self) -> None:
         self._open = threading.Event()
         self._open.set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # the watch list and every arm() change
         self._watches: list[Readable] = []
 
     @contextmanager
     def closed(self):
         """Closed for the body (a capture), open again however it ends."""
-        self._open.clear()
-        watches = self._watches       # replaced, never changed in place: no lock needed here
-        for w in watches:
-            w.arm(False)
         try:
+            with self._lock:
+                self._open.clear()
+                for w in self._watches:
+                    w.arm(False)
             yield
         finally:
-            self._open.set()
-            for w in watches:
-                w.arm(True)
+            with self._lock:
+                self._open.set()
+                for w in self._watches:
+                    w.arm(True)
 
     def is_open(self) -> bool:
         return self._open.is_set()
 
     def wait(self) -> None:
-        """Return once the guest is not paused by a capture (at most :attr:`LONGEST` s)."""
+        """Return once no capture is running (at most :attr:`LONGEST` s)."""
         if not self._open.is_set():
             self._open.wait(self.LONGEST)
 
     def readable(self, fd: int) -> "Readable":
         """A wait for ``fd`` to be readable that a pause does not wake (close it when done)."""
-        w = Readable(self, fd)
-        with self._lock:
-            self._watches = [*self._watches, w]
-        w.arm(self._open.is_set())
+        w = Readable(fd)
+        with self._lock:      # armed as the window is now, and re-armed by every change after
+            self._watches.append(w)
+            w.arm(self._open.is_set())
         return w
 
-    def _forget(self, w: "Readable") -> None:
+    def forget(self, w: "Readable") -> None:
+        """Close ``w`` (a :meth:`readable` of this window)."""
         with self._lock:
-            self._watches = [x for x in self._watches if x is not w]
+            if w in self._watches:
+                self._watches.remove(w)
+            w.close()
 
 
 class Readable:
     """:meth:`PauseWindow.readable`: an epoll set holding ``fd`` only while the window
-    is open, so data that arrives in a pause wakes the waiter once the guest runs."""
+    is open, so data that arrives in a pause wakes the waiter once the capture is over
+    (a hang-up or an error still wakes it at once: epoll always reports those)."""
 
-    def __init__(self, window: PauseWindow, fd: int) -> None:
-        self._window = window
+    def __init__(self, fd: int) -> None:
         self._fd = fd
         self._ep = select.epoll(1)
-        self._ep.register(fd, 0)
+        try:
+            self._ep.register(fd, 0)
+        except BaseException:
+            self._ep.close()
+            raise
 
     def arm(self, on: bool) -> None:
         try:
             self._ep.modify(self._fd, select.EPOLLIN if on else 0)
-        except (OSError, ValueError):   # the descriptor or this set is closed: nothing to wake
+        except (OSError, ValueError):   # the descriptor is closed: nothing left to wake
             pass
 
     def wait(self, timeout: float | None) -> bool:
@@ -248,7 +261,6 @@ class Readable:
         return bool(self._ep.poll(-1 if timeout is None else timeout, 1))
 
     def close(self) -> None:
-        self._window._forget(self)
         self._ep.close()
 
 
@@ -261,7 +273,7 @@ def capture(machine: Machine, trigger: str, *, already_paused: bool = False,
             window: PauseWindow | None = None) -> Capture:
     """The part of a checkpoint that needs the guest stopped. Resumes it at the end
     (unless ``resume`` is False: the last checkpoint of a run). ``window`` is
-    closed from the start of the pause until the guest runs again.
+    closed while this runs.
 
     Only this happens in the pause: harvest + reset, one gather of the dirty
     pages into a staging buffer (pages pre-copied at ring-full exits and not

@@ -67,9 +67,7 @@ class Writer:
         if self._carry is not None:
             cap, self._carry = C.merge(self._carry, cap), None
         try:
-            # (``transfer`` only when asked: commit's plain signature stays what callers know)
-            ckpt, stats = (C.commit(self.store, self.parent, cap, transfer=True, window=self.window)
-                           if self.transfer else C.commit(self.store, self.parent, cap, window=self.window))
+            ckpt, stats = C.commit(self.store, self.parent, cap, transfer=self.transfer, window=self.window)
         except Exception as e:  # disk full, I/O error: keep the pages for the next try
             self.failed_writes += 1
             self._failures += 1

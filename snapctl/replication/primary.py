@@ -4,8 +4,9 @@ output until the checkpoint covering it is acknowledged (Remus' output commit).
 Hooked after each commit (``Checkpointer(replica=...)`` calls ``after_commit``): it
 runs on the checkpoint writer thread while the guest runs on; a sender thread frames
 and sends, acknowledgements arrive on a reader thread, heartbeats go out on their own
-thread. Each of them waits out the checkpointer's pauses (its ``PauseWindow``) before
-each step, so replication adds nothing to the pause -- not even a contended GIL. A lost standby costs one warning line: held output is
+thread. The sender and the reader wait out the checkpointer's captures (its
+``PauseWindow``) before each step, so replication adds next to nothing to the pause --
+not even a contended GIL. A lost standby costs one warning line: held output is
 released and the run goes on without replication (``required``: it stops
 instead, exit status 4, output not covered by an acknowledged checkpoint is
 never released).
@@ -97,9 +98,10 @@ class Replicator:
 
     def follow(self, window: PauseWindow) -> None:
         """Wait out the pauses of the checkpointer this replicates (``window`` is closed
-        while its guest is paused): the sender, acknowledgement and heartbeat threads
-        hold off until the guest runs again, so they take neither the GIL nor a CPU
-        from the pause."""
+        while it captures): the sender and the acknowledgement reader hold off until
+        the capture is over, so they take neither the GIL nor a CPU from it. The
+        heartbeat does not: a pause longer than the standby's failover timeout (a
+        capture of gigabytes of dirty pages) would otherwise look like a lost primary."""
         self._window = window
 
     def _aside(self) -> None:
@@ -187,10 +189,11 @@ class Replicator:
 
     def _reader(self, chan: P.Channel, gen: int) -> None:
         waited = 0.0
-        # an ack arriving in a pause does not wake this thread (which would take the GIL
-        # from the pause to find the window closed): it is read once the guest runs
-        watch = self._window.readable(chan.sock.fileno()) if self._window is not None else None
+        watch = None
         try:
+            # an ack arriving in a pause does not wake this thread (which would take the GIL
+            # from the pause to find the window closed): it is read once the guest runs
+            watch = self._window.readable(chan.sock.fileno()) if self._window is not None else None
             while True:
                 idle = watch is not None and not chan.pending() and not watch.wait(SOCKET_TIMEOUT)
                 try:
@@ -202,6 +205,8 @@ class Replicator:
                     idle = True
                 if idle:      # nothing for SOCKET_TIMEOUT
                     with self._cond:
+                        if gen != self._gen:    # this connection was dropped meanwhile
+                            return
                         busy = bool(self._inflight)
                     waited = waited + SOCKET_TIMEOUT if busy else 0.0
                     if waited >= ACK_TIMEOUT:
@@ -247,13 +252,12 @@ class Replicator:
             self._lose(f"standby {self.addr}: {e}", gen=gen)
         finally:
             if watch is not None:
-                watch.close()
+                self._window.forget(watch)
 
     def _heartbeat(self, chan: P.Channel, gen: int) -> None:
         while True:
-            time.sleep(self.hb_interval)
-            self._aside()
-            if gen != self._gen:
+            time.sleep(self.hb_interval)     # not held by a pause: a long one must not
+            if gen != self._gen:                # look like a lost primary to the standby
                 return
             try:
                 chan.send(P.HEARTBEAT)
