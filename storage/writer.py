@@ -614,7 +614,8 @@ class CheckpointWriter:
         for p in packs:
             if not isinstance(p, TransferPack):
                 raise TransferError("transfer: a pack is not a TransferPack")
-            p.check()                                # (cheap; a parsed pack is checked again)
+            if not p.parsed_intact():                # (a parsed pack was checked as it was parsed)
+                p.check()
         # Every blob's checksum (what this store will record for it).
         xh = blob_crc
         for k, p in enumerate(packs):
@@ -898,7 +899,8 @@ class CheckpointWriter:
         hashes = np.empty((len(blobs), 16), np.uint8)
         hashes[~is_new] = cat.hash[blobs[~is_new]]
         hashes[is_new] = new_hash[blobs[is_new] - first]
-        digest = codec.digest_update(self._pdigest, pages, cat.hash[self._pblob[pages]], hashes)
+        digest = (pageloops.digest_update if self._native else codec.digest_update)(
+            self._pdigest, pages, cat.hash[self._pblob[pages]], hashes)
         if self._expect_digest is not None and codec.digest_hex(digest) != self._expect_digest:
             raise TransferError(f"transfer: the imported image's digest {codec.digest_hex(digest)} "
                                 f"is not the exporter's {self._expect_digest}")

@@ -281,6 +281,38 @@ def test_a_malformed_wire_form_is_refused(stores, cut):
             parse_map(t.map_bytes(), N, t.packs[:0])
 
 
+@pytest.mark.parametrize("cut", ["raw-short", "too-large", "delta-no-base", "delta-count"])
+def test_a_wire_pack_that_check_would_refuse_is_refused_as_it_is_parsed(loops, cut):
+    """from_bytes holds the wire form to what TransferPack.check does (the import
+    does not check a parsed pack again): a raw blob shorter than a page, a blob
+    larger than one, a delta whose base hash is zero, a wrong delta count."""
+    from storage.codec import CODEC_LZ4, CODEC_RAW
+    codec = {"raw-short": CODEC_RAW, "too-large": CODEC_LZ4}.get(cut, CODEC_LZ4_DELTA)
+    size = PAGE + 1 if cut == "too-large" else 10
+    bases = np.full((1, 16), 7 if codec == CODEC_LZ4_DELTA else 0, np.uint8)
+    pack = TransferPack(np.array([codec], np.uint8), bases, np.ones((1, 16), np.uint8),
+                        np.array([size]), np.zeros(1, np.uint64), bytes(size))
+    raw = bytearray(pack.to_bytes())
+    if cut == "delta-no-base":
+        raw[-size - 16:-size] = bytes(16)
+    elif cut == "delta-count":
+        raw[8:12] = (0).to_bytes(4, "little")
+        del raw[-size - 16:-size]
+    with pytest.raises(TransferError):
+        TransferPack.from_bytes(raw)
+
+
+def test_a_parsed_pack_is_checked_again_once_it_is_changed(stores):
+    """The import skips check() only for a pack exactly as from_bytes left it."""
+    rng = np.random.default_rng(seed_for("transfer-parsed", 18))
+    a = stores("a")
+    t = list(_chain(a, rng, 2))[1][0].transfer
+    p = TransferPack.from_bytes(t.packs[0].to_bytes())
+    assert p.parsed_intact() and not p.codecs.flags.writeable
+    p.codecs = p.codecs.copy()
+    assert not p.parsed_intact()
+
+
 def test_a_delta_whose_base_the_importer_holds_as_a_delta_is_stored_plainly(stores, loops):
     """Depth stays <= 1: the importer's copy of the base is itself a delta
     (it wrote that content as a delta of an older one), so the imported
