@@ -125,10 +125,11 @@ class CheckpointWriter:
         self.digest: str | None = None     # hex, set on commit
         self.stats: dict = {}
         try:
-            text = json.dumps(meta)
+            text = json.dumps(meta, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"meta is not JSON-serialisable: {exc}") from None
         validate.to_store(text, "meta", validate.json_object)
+        self._meta_text = text                     # what is stored: the meta as checked here
         step = meta.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidArgumentError(f"meta['step'] must be an int, not {step!r}")
@@ -137,6 +138,7 @@ class CheckpointWriter:
         if not isinstance(trigger, str):
             raise InvalidArgumentError(f"meta['trigger'] must be a str, not {trigger!r}")
         validate.to_store(trigger, "meta['trigger']", validate.text, 64)
+        self._step, self._trigger = step, trigger
 
     def __enter__(self) -> "CheckpointWriter":
         conn = self._conn = self._conns.begin_write()
@@ -184,6 +186,7 @@ class CheckpointWriter:
         self._pdigest = view.digest
         self._blob = view.blob.copy()             # this checkpoint's image
         self._written = np.zeros(self._page_count, bool)
+        self._touched: np.ndarray | None = None    # the pages written, when known without _written
         # The highest blob id any pack row claims: the catalogue (just
         # brought up to date in this transaction) holds it for every intact
         # pack up to its max_pack, so SQL adds up only the rows it did not
@@ -621,15 +624,27 @@ class CheckpointWriter:
         for k, p in enumerate(packs):
             if p.crcs_from_data:
                 continue                             # taken from these very bytes on arrival
-            mv = memoryview(p.data)
-            got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
-                              np.uint64, p.n)
+            if pageloops.native("read"):           # one C call per pack
+                got = pageloops.crcs(p.data, p.ends)
+            else:
+                mv = memoryview(p.data)
+                got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
+                                  np.uint64, p.n)
             if not np.array_equal(got, np.asarray(p.crcs, np.uint64)):
                 i = int(np.flatnonzero(got != p.crcs)[0])
                 raise TransferError(f"transfer: pack {k}, blob {i}: its bytes fail their checksum")
 
         # All blobs as flat arrays (transfer order: a base before its deltas).
-        if packs:
+        if len(packs) == 1:                        # the usual case: no joining
+            p = packs[0]
+            codecs = np.asarray(p.codecs, np.uint8)
+            bhash = np.asarray(p.bases)
+            thash = np.ascontiguousarray(p.hashes)
+            ends = np.asarray(p.ends, np.int64)
+            lens = np.diff(ends, prepend=0)
+            starts = ends - lens
+            which = np.zeros(nblobs, np.int64)
+        elif packs:
             codecs = np.concatenate([p.codecs for p in packs]).astype(np.uint8)
             bhash = np.concatenate([p.bases for p in packs])
             thash = np.ascontiguousarray(np.concatenate([p.hashes for p in packs]))
@@ -684,10 +699,12 @@ class CheckpointWriter:
                 u = np.unique(ids)
                 dicts = np.stack([np.asarray(got[int(b)], np.uint8).reshape(P) for b in u.tolist()])
                 dict_at[dj[~inside]] = dicts.ctypes.data + np.searchsorted(u, ids) * P
-        order = np.concatenate((np.flatnonzero(~is_delta), dj))
-        for part in (order[:nblobs - len(dj)], dj):
-            for k in np.unique(which[part]).tolist():
-                sel = part[which[part] == k]
+        parts = (np.flatnonzero(~is_delta), dj) if len(dj) else (np.arange(nblobs),)
+        for part in parts:
+            for k in (range(len(packs)) if len(packs) == 1 else np.unique(which[part]).tolist()):
+                sel = part if len(packs) == 1 else part[which[part] == k]
+                if not len(sel):
+                    continue
                 bad = decode_blobs(packs[k].data, starts[sel], lens[sel], codecs[sel], buf, sel,
                                    dict_at[sel], thash[sel])
                 if bad >= 0:
@@ -729,10 +746,10 @@ class CheckpointWriter:
         self._new_index.update(zip(kh, blob_of[kept].tolist()))
         self._new_hashes.extend(kh)
         for k, p in enumerate(packs):
-            sel = kept[which[kept] == k]
+            sel = kept if len(packs) == 1 else kept[which[kept] == k]
             if not len(sel):
                 continue
-            lo = int(np.flatnonzero(which == k)[0])
+            lo = 0 if len(packs) == 1 else int(np.flatnonzero(which == k)[0])
             cd, ln, cr = codecs[sel].copy(), lens[sel].copy(), np.asarray(p.crcs)[sel - lo].copy()
             if len(sel) == p.n and not replain[sel].any():
                 data = p.data
@@ -754,8 +771,8 @@ class CheckpointWriter:
             self._insert_pack(int(blob_of[sel[0]]), cd, bases,
                               kh if len(packs) == 1 else [th[i] for i in sel.tolist()], ln, cr, data)
             stats["new_blobs"] += len(sel)
-            stats["delta_blobs"] += int((cd == CODEC_LZ4_DELTA).sum())
-            stats["raw_blobs"] += int((cd == CODEC_RAW).sum())
+            stats["delta_blobs"] += int(np.count_nonzero(cd == CODEC_LZ4_DELTA))
+            stats["raw_blobs"] += int(np.count_nonzero(cd == CODEC_RAW))
             stats["stored_bytes"] += len(data)
 
         ids = np.where(zero, 0, np.where(mpos >= 0, blob_of[np.maximum(mpos, 0)] if nblobs else 0,
@@ -765,6 +782,8 @@ class CheckpointWriter:
             self._written[:] = True
         self._blob[pages] = ids
         self._written[pages] = True
+        if not t.full:
+            self._touched = pages                  # increasing (checked above)
         self._expect_digest = t.digest
         changed = ids != self._pblob[pages]
         stats["pages"] += len(pages)
@@ -888,7 +907,7 @@ class CheckpointWriter:
     def _commit(self, conn) -> None:
         cat = self._cat
         # The page map: pages whose blob differs from the parent's image.
-        touched = np.flatnonzero(self._written)
+        touched = self._touched if self._touched is not None else np.flatnonzero(self._written)
         pages = touched[self._blob[touched] != self._pblob[touched]]
         blobs = self._blob[pages]
         # Digest: the parent's, minus the old terms of those pages, plus the new.
@@ -943,13 +962,11 @@ class CheckpointWriter:
         stats = dict(self.stats)
         stats.update(self._extra_stats)
         stats["write_ms"] = round((time.perf_counter() - self._t0) * 1000, 3)
-        meta = self._meta
-        trigger = meta.get("trigger", "base" if self._parent is None else "sync")
         conn.execute(
             "INSERT INTO checkpoints(id, parent, created, trigger, step, meta, stats, digest) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.id, self._parent, time.time(), trigger, meta.get("step"),
-             json.dumps(meta, sort_keys=True), json.dumps(stats, sort_keys=True),
+            (self.id, self._parent, time.time(), self._trigger, self._step,
+             self._meta_text, json.dumps(stats, sort_keys=True),
              codec.digest_to_bytes(digest)))
         conn.execute("UPDATE meta SET value = ? WHERE key = 'next_checkpoint_id'",
                      (str(self.id + 1),))
