@@ -11,6 +11,7 @@ by a second thread while the next pack is encoded.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -603,7 +604,7 @@ class CheckpointWriter:
             raise TransferError("transfer: malformed page map")
         pages = pages.astype(np.int64)
         if len(pages) > pc or (len(pages) and (pages[0] < 0 or pages[-1] >= pc
-                                               or not (np.diff(pages) > 0).all())):
+                                               or not (pages[1:] > pages[:-1]).all())):
             raise TransferError(f"transfer: page map out of range or not increasing "
                                 f"(the image has {pc} pages)")
         packs = list(t.packs)
@@ -641,8 +642,9 @@ class CheckpointWriter:
             bhash = np.asarray(p.bases)
             thash = np.ascontiguousarray(p.hashes)
             ends = np.asarray(p.ends, np.int64)
-            lens = np.diff(ends, prepend=0)
-            starts = ends - lens
+            starts = np.zeros(nblobs, np.int64)
+            starts[1:] = ends[:-1]
+            lens = ends - starts
             which = np.zeros(nblobs, np.int64)
         elif packs:
             codecs = np.concatenate([p.codecs for p in packs]).astype(np.uint8)
@@ -952,10 +954,9 @@ class CheckpointWriter:
         # (an imported transfer's delta may have its base among its own new blobs)
         refs = [pack_of(blobs[blobs > 0])] + [pack_of(a[1][a[1] > 0]) for _, a in kept]
         counted = np.concatenate(refs) if refs else np.zeros(0, np.int64)
-        u, cnt = np.unique(counted, return_counts=True)
         conn.executemany("INSERT INTO refs(pack, n) VALUES (?, ?) "
                          "ON CONFLICT(pack) DO UPDATE SET n = n + excluded.n",
-                         zip(u.tolist(), cnt.tolist()))
+                         sorted(collections.Counter(counted.tolist()).items()))
 
         conn.executemany("INSERT INTO states(ckpt, name, hash, data) VALUES (?, ?, ?, ?)",
                          [(self.id, k, content_hash(v), v) for k, v in self._states.items()])
