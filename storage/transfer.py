@@ -268,23 +268,33 @@ def parse_map(buf, page_count: int, packs: list) -> tuple[np.ndarray, np.ndarray
         raise TransferError("transfer map: corrupt compressed data") from None
     if len(raw) != 8 * n:
         raise TransferError("transfer map: wrong decompressed size")
-    body = np.frombuffer(raw, "<u4").astype(np.uint32)
-    pages = np.cumsum(body[:n], dtype=np.uint32).astype(np.int64)
-    refs = np.cumsum(body[n:], dtype=np.uint32).astype(np.int64) - 2
-    if n and int(pages.max()) >= page_count:
+    if not n:
+        return np.zeros(0, np.int64), np.zeros((0, 16), np.uint8)
+    # page numbers and blob indexes (+2), each as running sums (uint32: they may wrap)
+    sums = np.cumsum(np.frombuffer(raw, "<u4").reshape(2, n), axis=1, dtype=np.uint32).astype(np.int64)
+    pages, refs = sums[0], sums[1] - 2              # refs >= -2 by construction
+    if int(pages.max()) >= page_count:
         raise TransferError(f"transfer map: page {int(pages.max())} out of range "
                             f"(the image has {page_count} pages)")
     nblobs = sum(p.n for p in packs)
+    lo, hi = int(refs.min()), int(refs.max())
+    if hi >= nblobs:
+        raise TransferError("transfer map: an entry names no blob of the transfer")
+    allh = (packs[0].hashes if len(packs) == 1 else np.concatenate([p.hashes for p in packs])) \
+        if nblobs else None
+    if lo >= 0:                                      # every entry names a blob of the transfer
+        if nh:
+            raise TransferError("transfer map: an entry names no blob of the transfer")
+        return pages, np.asarray(allh)[refs]
     explicit = refs == -2
-    if (refs < -2).any() or (refs >= nblobs).any() or int(explicit.sum()) != nh:
+    if int(np.count_nonzero(explicit)) != nh:
         raise TransferError("transfer map: an entry names no blob of the transfer")
     hashes = np.empty((n, 16), np.uint8)
     hashes[explicit] = np.frombuffer(mv[pos + clen:], np.uint8).reshape(nh, 16)
     hashes[refs == -1] = np.frombuffer(ZERO_HASH, np.uint8)
     own = refs >= 0
     if own.any():
-        allh = np.concatenate([p.hashes for p in packs])
-        hashes[own] = allh[refs[own]]
+        hashes[own] = np.asarray(allh)[refs[own]]
     return pages, hashes
 
 
@@ -292,8 +302,11 @@ def join_maps(parts: list[tuple[np.ndarray, np.ndarray]], page_count: int) -> tu
     """The map chunks of one transfer joined; pages must increase strictly."""
     if not parts:
         return np.zeros(0, np.int64), np.zeros((0, 16), np.uint8)
-    pages = np.concatenate([p for p, _ in parts])
-    hashes = np.concatenate([h for _, h in parts])
-    if len(pages) > page_count or (len(pages) > 1 and not (np.diff(pages) > 0).all()):
+    if len(parts) == 1:
+        pages, hashes = parts[0]
+    else:
+        pages = np.concatenate([p for p, _ in parts])
+        hashes = np.concatenate([h for _, h in parts])
+    if len(pages) > page_count or (len(pages) > 1 and not (pages[1:] > pages[:-1]).all()):
         raise TransferError("transfer map: pages not strictly increasing")
     return pages, hashes
