@@ -386,3 +386,27 @@ def test_pages_of_their_own_after_a_transfer_are_refused_and_nothing_is_stored(s
             wb.add_transfer(w.transfer)
             wb.add_pages([0], random_pages(rng, 1))
     assert b.checkpoints() == [] and not b.verify().problems
+
+
+def test_map_chunks_with_blob_zero_and_explicit_entries_parse_back(stores):
+    """parse_map's three kinds of entry, alone and mixed, in chunks of every size: a
+    blob of the transfer (the fast path when a chunk holds only those), a zero
+    page, a content named by its hash."""
+    from storage.codec import ZERO_HASH
+    rng = np.random.default_rng(seed_for("transfer-map-kinds", 19))
+    a = stores("a")
+    t = list(_chain(a, rng, 2))[1][0].transfer
+    m = len(t.pages)
+    for kind in ("blobs", "zero", "explicit", "mixed"):
+        hashes = t.hashes.copy()
+        pick = rng.random(m) < 0.5 if kind == "mixed" else np.full(m, kind != "blobs")
+        if kind in ("zero", "mixed"):
+            hashes[pick] = np.frombuffer(ZERO_HASH, np.uint8)
+        if kind in ("explicit", "mixed"):
+            ex = pick & (rng.random(m) < 0.5) if kind == "mixed" else pick
+            hashes[ex] = rng.integers(0, 256, (int(ex.sum()), 16), dtype=np.uint8)
+        u = Transfer(t.pages, hashes, t.packs, t.digest, t.parent_digest, t.full)
+        for step in (1, 3, m):
+            parts = [parse_map(u.map_bytes(lo, lo + step), N, t.packs) for lo in range(0, m, step)]
+            pages, got = join_maps(parts, N)
+            assert (pages == t.pages).all() and (got == hashes).all(), (kind, step)
