@@ -211,12 +211,12 @@ class BlobIndex:
             cur = self._cat if self._cat is not None and self._cat.generation == cat.generation \
                 else cat
             missing = [k for k in kept if k[0].id not in cur.packs]   # a reader may have them
-            self.mark_verified(np.fromiter(new_index.values(), np.int64, len(new_index)))
+            ids = np.fromiter(new_index.values(), np.int64, len(new_index))
+            self.mark_verified(ids)
             new_cat = cur.with_packs(missing) if missing else cur
             self._cat = new_cat
             key, idx = self._hidx
             if key == (cat.generation, cat.max_pack):
-                ids = np.fromiter(new_index.values(), np.int64, len(new_index))
                 ok = (ids < new_cat.n) & (new_cat.pack[np.minimum(ids, new_cat.n - 1)] >= 0)
                 if ok.all():
                     idx.update(new_index)

@@ -22,7 +22,7 @@ import threading
 
 import numpy as np
 
-from .codec import MASK63, PAGE_SIZE
+from .codec import MASK63, PAGE_SIZE, ZERO_HASH
 
 
 LZ4_NAMES = ("LZ4_decompress_safe", "LZ4_decompress_safe_usingDict", "LZ4_compress_default",
@@ -82,7 +82,7 @@ def _load():
         from ._pagecodec import lib as pagecodec
     except ImportError as exc:
         return None, f"pure Python (C extension not built: {exc})"
-    if not hasattr(pagecodec, "pc_encode_fns"):
+    if not all(hasattr(pagecodec, f) for f in ("pc_encode_fns", "pc_xxh3_64_many", "pc_digest_update")):
         return None, "pure Python (C extension out of date: rebuild it, python setup.py build_ext --inplace)"
     lz4_fns, lz4_from = entry_points(lz4_libraries(), LZ4_NAMES)
     xxh_fns, xxh_from = entry_points(xxhash_libraries(), XXH_NAMES)
@@ -313,6 +313,36 @@ def image_digest(img: np.ndarray, pack: np.ndarray, nblobs: int, hashes: np.ndar
     out = np.zeros(2, np.uint64)
     bad = int(_lib.pc_image_digest(len(img), _p(img), _p(pack), nblobs, _p(hashes), _p(out)))
     return bad, int(out[0]) | (int(out[1]) << 64)
+
+
+def crcs(data, ends: np.ndarray) -> np.ndarray:
+    """xxh3_64 (``formats.blob_crc``) of each blob stored back to back in
+    ``data`` (bytes-like), blob i ending at ``ends[i]``: one call, no per-blob
+    Python.  ValueError when the ends decrease or run past ``data``."""
+    src = np.frombuffer(data, np.uint8)
+    ends = np.ascontiguousarray(ends, np.int64)
+    out = np.empty(len(ends), np.uint64)
+    bad = int(_lib.pc_xxh3_64_many(len(ends), _p(src) if len(src) else 0, len(src), _p(ends), _p(out),
+                                   _XXH64))
+    if bad >= 0:
+        raise ValueError(f"blob {bad} ends before it starts or past the data")
+    return out
+
+
+def digest_update(digest: int, pages: np.ndarray, old_hashes: np.ndarray, new_hashes: np.ndarray) -> int:
+    """``codec.digest_update`` in one pass in C."""
+    pages = np.ascontiguousarray(pages, np.int64)
+    old = np.ascontiguousarray(old_hashes, np.uint8)
+    new = np.ascontiguousarray(new_hashes, np.uint8)
+    n = len(pages)
+    assert old.shape == new.shape == (n, 16)
+    io = np.array([digest & MASK64, (digest >> 64) & MASK64, 0, 0], np.uint64)
+    _lib.pc_digest_update(n, _p(pages), _p(old), _p(new), _p(_ZERO), _p(io), _p(io[2:]))
+    return int(io[2]) | (int(io[3]) << 64)
+
+
+_ZERO = np.frombuffer(ZERO_HASH, np.uint8)
+MASK64 = (1 << 64) - 1
 
 
 def check63(data: bytes) -> int:

@@ -29,7 +29,7 @@ from itertools import repeat
 
 import numpy as np
 
-from . import validate
+from . import pageloops, validate
 from .codec import (CODEC_LZ4, CODEC_LZ4_DELTA, CODEC_RAW, PAGE_SIZE, ZERO_HASH, lz4_compress,
                     lz4_decompress, xxh3_64)
 from .errors import InvalidArgumentError
@@ -89,40 +89,65 @@ class TransferPack:
     @classmethod
     def from_bytes(cls, buf) -> "TransferPack":
         """Parse (and bound) the wire form of one pack; its checksums are taken
-        from the bytes received."""
-        mv = memoryview(buf)
+        from the bytes received (in C when storage.pageloops is loaded)."""
+        mv = memoryview(buf).cast("B")
         if len(mv) < _PACK_HEAD.size:
             raise TransferError("transfer pack: too short")
-        n, size, nd = _PACK_HEAD.unpack(mv[:_PACK_HEAD.size])
+        n, size, nd = _PACK_HEAD.unpack_from(mv)
         if not 0 < n <= MAX_TRANSFER_PACK_BLOBS or size > MAX_TRANSFER_PACK_BYTES or nd > n:
             raise TransferError(f"transfer pack: {n} blobs / {size} bytes out of bounds")
         pos = _PACK_HEAD.size
         if len(mv) != pos + n * (1 + 2 + 16) + 16 * nd + size:
             raise TransferError("transfer pack: its length does not match its counts")
-
-        def take(k):
-            nonlocal pos
-            part = mv[pos:pos + k]
-            pos += k
-            return part
-        codecs = np.frombuffer(take(n), np.uint8).copy()
-        lens = np.frombuffer(take(2 * n), "<u2").astype(np.int64) + 1
-        hashes = np.frombuffer(take(16 * n), np.uint8).reshape(n, 16).copy()
-        bases = np.zeros((n, 16), np.uint8)
-        d = codecs == CODEC_LZ4_DELTA
-        if int(d.sum()) != nd:
-            raise TransferError("transfer pack: its delta count does not match its codecs")
-        bases[d] = np.frombuffer(take(16 * nd), np.uint8).reshape(nd, 16)
+        # What check() holds a pack to, from the wire form: every count and
+        # length is bounded above; codecs, blob sizes and delta bases here.
+        codecs = np.frombuffer(mv, np.uint8, n, pos).copy()
+        pos += n
+        if not _VALID[codecs].all():
+            raise TransferError(f"transfer pack: unknown codec {codecs[~_VALID[codecs]][0]}")
+        lens = np.frombuffer(mv, "<u2", n, pos).astype(np.int64)
+        lens += 1                                         # 1..65536: never 0
+        pos += 2 * n
         ends = np.cumsum(lens)
-        data = bytes(take(size))
         if int(ends[-1]) != size:
             raise TransferError("transfer pack: blob lengths do not add up to its size")
-        dv = memoryview(data)
-        crcs = np.fromiter(map(xxh3_64, [dv[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())]),
-                           np.uint64, n)
+        if lens.max() > PAGE_SIZE or ((codecs == CODEC_RAW) & (lens != PAGE_SIZE)).any():
+            raise TransferError("transfer pack: a blob is larger than a page, or a raw blob is not "
+                                "one page long")
+        hashes = np.frombuffer(mv, np.uint8, 16 * n, pos).reshape(n, 16).copy()
+        pos += 16 * n
+        d = codecs == CODEC_LZ4_DELTA
+        bases = np.zeros((n, 16), np.uint8)
+        if nd:
+            if int(np.count_nonzero(d)) != nd:
+                raise TransferError("transfer pack: its delta count does not match its codecs")
+            got = np.frombuffer(mv, np.uint8, 16 * nd, pos).reshape(nd, 16)
+            if not got.any(axis=1).all():
+                raise TransferError("transfer pack: a delta without a base, or a base without a delta")
+            bases[d] = got
+            pos += 16 * nd
+        elif d.any():
+            raise TransferError("transfer pack: its delta count does not match its codecs")
+        data = bytes(mv[pos:pos + size])
+        if pageloops.native("read"):
+            crcs = pageloops.crcs(data, ends)
+        else:
+            dv = memoryview(data)
+            crcs = np.fromiter(map(xxh3_64, [dv[a:b] for a, b in zip((ends - lens).tolist(), ends.tolist())]),
+                               np.uint64, n)
         pack = cls(codecs, bases, hashes, ends, crcs, data, crcs_from_data=True)
-        pack.check()
+        for a in (codecs, bases, hashes, ends, crcs):
+            a.flags.writeable = False
+        pack._parsed = (codecs, bases, hashes, ends, crcs, data)
         return pack
+
+    def parsed_intact(self) -> bool:
+        """Whether this pack is, unchanged, what :meth:`from_bytes` parsed and
+        checked (its arrays read-only since): :meth:`check` need not run again."""
+        got = getattr(self, "_parsed", None)
+        return (got is not None and got[0] is self.codecs and got[1] is self.bases
+                and got[2] is self.hashes and got[3] is self.ends and got[4] is self.crcs
+                and got[5] is self.data and self.crcs_from_data)
 
     def check(self) -> None:
         """The structure alone: codecs, offsets, blob sizes (TransferError)."""
@@ -243,23 +268,33 @@ def parse_map(buf, page_count: int, packs: list) -> tuple[np.ndarray, np.ndarray
         raise TransferError("transfer map: corrupt compressed data") from None
     if len(raw) != 8 * n:
         raise TransferError("transfer map: wrong decompressed size")
-    body = np.frombuffer(raw, "<u4").astype(np.uint32)
-    pages = np.cumsum(body[:n], dtype=np.uint32).astype(np.int64)
-    refs = np.cumsum(body[n:], dtype=np.uint32).astype(np.int64) - 2
-    if n and int(pages.max()) >= page_count:
+    if not n:
+        return np.zeros(0, np.int64), np.zeros((0, 16), np.uint8)
+    # page numbers and blob indexes (+2), each as running sums (uint32: they may wrap)
+    sums = np.cumsum(np.frombuffer(raw, "<u4").reshape(2, n), axis=1, dtype=np.uint32).astype(np.int64)
+    pages, refs = sums[0], sums[1] - 2              # refs >= -2 by construction
+    if int(pages.max()) >= page_count:
         raise TransferError(f"transfer map: page {int(pages.max())} out of range "
                             f"(the image has {page_count} pages)")
     nblobs = sum(p.n for p in packs)
+    lo, hi = int(refs.min()), int(refs.max())
+    if hi >= nblobs:
+        raise TransferError("transfer map: an entry names no blob of the transfer")
+    allh = (packs[0].hashes if len(packs) == 1 else np.concatenate([p.hashes for p in packs])) \
+        if nblobs else None
+    if lo >= 0:                                      # every entry names a blob of the transfer
+        if nh:
+            raise TransferError("transfer map: an entry names no blob of the transfer")
+        return pages, np.asarray(allh)[refs]
     explicit = refs == -2
-    if (refs < -2).any() or (refs >= nblobs).any() or int(explicit.sum()) != nh:
+    if int(np.count_nonzero(explicit)) != nh:
         raise TransferError("transfer map: an entry names no blob of the transfer")
     hashes = np.empty((n, 16), np.uint8)
     hashes[explicit] = np.frombuffer(mv[pos + clen:], np.uint8).reshape(nh, 16)
     hashes[refs == -1] = np.frombuffer(ZERO_HASH, np.uint8)
     own = refs >= 0
     if own.any():
-        allh = np.concatenate([p.hashes for p in packs])
-        hashes[own] = allh[refs[own]]
+        hashes[own] = np.asarray(allh)[refs[own]]
     return pages, hashes
 
 
@@ -267,8 +302,11 @@ def join_maps(parts: list[tuple[np.ndarray, np.ndarray]], page_count: int) -> tu
     """The map chunks of one transfer joined; pages must increase strictly."""
     if not parts:
         return np.zeros(0, np.int64), np.zeros((0, 16), np.uint8)
-    pages = np.concatenate([p for p, _ in parts])
-    hashes = np.concatenate([h for _, h in parts])
-    if len(pages) > page_count or (len(pages) > 1 and not (np.diff(pages) > 0).all()):
+    if len(parts) == 1:
+        pages, hashes = parts[0]
+    else:
+        pages = np.concatenate([p for p, _ in parts])
+        hashes = np.concatenate([h for _, h in parts])
+    if len(pages) > page_count or (len(pages) > 1 and not (pages[1:] > pages[:-1]).all()):
         raise TransferError("transfer map: pages not strictly increasing")
     return pages, hashes

@@ -20,7 +20,7 @@ import sqlite3
 
 from .codec import PAGE_SIZE
 from .deferred import numpy as np
-from .errors import CorruptionError, NotAStoreError
+from .errors import CorruptionError, InvalidArgumentError, NotAStoreError
 
 #: Largest guest memory a store may describe (the page tables snapctl's
 #: guests use map 64 GiB): images are arrays of 8 bytes per page.
@@ -143,7 +143,6 @@ def _shallow_text(value: str) -> bool:
 def to_store(value, what: str, check, *args):
     """What the writer is given must pass the check the reader applies:
     ``check(value, *args)`` failing is an InvalidArgumentError about ``what``."""
-    from .errors import InvalidArgumentError
     try:
         return check(value, "", what, *args)
     except CorruptionError as exc:

@@ -11,6 +11,7 @@ by a second thread while the next pack is encoded.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -125,10 +126,11 @@ class CheckpointWriter:
         self.digest: str | None = None     # hex, set on commit
         self.stats: dict = {}
         try:
-            text = json.dumps(meta)
+            text = json.dumps(meta, sort_keys=True)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"meta is not JSON-serialisable: {exc}") from None
         validate.to_store(text, "meta", validate.json_object)
+        self._meta_text = text                     # what is stored: the meta as checked here
         step = meta.get("step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise InvalidArgumentError(f"meta['step'] must be an int, not {step!r}")
@@ -137,6 +139,7 @@ class CheckpointWriter:
         if not isinstance(trigger, str):
             raise InvalidArgumentError(f"meta['trigger'] must be a str, not {trigger!r}")
         validate.to_store(trigger, "meta['trigger']", validate.text, 64)
+        self._step, self._trigger = step, trigger
 
     def __enter__(self) -> "CheckpointWriter":
         conn = self._conn = self._conns.begin_write()
@@ -184,6 +187,7 @@ class CheckpointWriter:
         self._pdigest = view.digest
         self._blob = view.blob.copy()             # this checkpoint's image
         self._written = np.zeros(self._page_count, bool)
+        self._touched: np.ndarray | None = None    # the pages written, when known without _written
         # The highest blob id any pack row claims: the catalogue (just
         # brought up to date in this transaction) holds it for every intact
         # pack up to its max_pack, so SQL adds up only the rows it did not
@@ -600,7 +604,7 @@ class CheckpointWriter:
             raise TransferError("transfer: malformed page map")
         pages = pages.astype(np.int64)
         if len(pages) > pc or (len(pages) and (pages[0] < 0 or pages[-1] >= pc
-                                               or not (np.diff(pages) > 0).all())):
+                                               or not (pages[1:] > pages[:-1]).all())):
             raise TransferError(f"transfer: page map out of range or not increasing "
                                 f"(the image has {pc} pages)")
         packs = list(t.packs)
@@ -614,21 +618,35 @@ class CheckpointWriter:
         for p in packs:
             if not isinstance(p, TransferPack):
                 raise TransferError("transfer: a pack is not a TransferPack")
-            p.check()                                # (cheap; a parsed pack is checked again)
+            if not p.parsed_intact():                # (a parsed pack was checked as it was parsed)
+                p.check()
         # Every blob's checksum (what this store will record for it).
         xh = blob_crc
         for k, p in enumerate(packs):
             if p.crcs_from_data:
                 continue                             # taken from these very bytes on arrival
-            mv = memoryview(p.data)
-            got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
-                              np.uint64, p.n)
+            if pageloops.native("read"):           # one C call per pack
+                got = pageloops.crcs(p.data, p.ends)
+            else:
+                mv = memoryview(p.data)
+                got = np.fromiter(map(xh, [mv[s:e] for s, e in zip(p.starts.tolist(), p.ends.tolist())]),
+                                  np.uint64, p.n)
             if not np.array_equal(got, np.asarray(p.crcs, np.uint64)):
                 i = int(np.flatnonzero(got != p.crcs)[0])
                 raise TransferError(f"transfer: pack {k}, blob {i}: its bytes fail their checksum")
 
         # All blobs as flat arrays (transfer order: a base before its deltas).
-        if packs:
+        if len(packs) == 1:                        # the usual case: no joining
+            p = packs[0]
+            codecs = np.asarray(p.codecs, np.uint8)
+            bhash = np.asarray(p.bases)
+            thash = np.ascontiguousarray(p.hashes)
+            ends = np.asarray(p.ends, np.int64)
+            starts = np.zeros(nblobs, np.int64)
+            starts[1:] = ends[:-1]
+            lens = ends - starts
+            which = np.zeros(nblobs, np.int64)
+        elif packs:
             codecs = np.concatenate([p.codecs for p in packs]).astype(np.uint8)
             bhash = np.concatenate([p.bases for p in packs])
             thash = np.ascontiguousarray(np.concatenate([p.hashes for p in packs]))
@@ -683,10 +701,12 @@ class CheckpointWriter:
                 u = np.unique(ids)
                 dicts = np.stack([np.asarray(got[int(b)], np.uint8).reshape(P) for b in u.tolist()])
                 dict_at[dj[~inside]] = dicts.ctypes.data + np.searchsorted(u, ids) * P
-        order = np.concatenate((np.flatnonzero(~is_delta), dj))
-        for part in (order[:nblobs - len(dj)], dj):
-            for k in np.unique(which[part]).tolist():
-                sel = part[which[part] == k]
+        parts = (np.flatnonzero(~is_delta), dj) if len(dj) else (np.arange(nblobs),)
+        for part in parts:
+            for k in (range(len(packs)) if len(packs) == 1 else np.unique(which[part]).tolist()):
+                sel = part if len(packs) == 1 else part[which[part] == k]
+                if not len(sel):
+                    continue
                 bad = decode_blobs(packs[k].data, starts[sel], lens[sel], codecs[sel], buf, sel,
                                    dict_at[sel], thash[sel])
                 if bad >= 0:
@@ -728,10 +748,10 @@ class CheckpointWriter:
         self._new_index.update(zip(kh, blob_of[kept].tolist()))
         self._new_hashes.extend(kh)
         for k, p in enumerate(packs):
-            sel = kept[which[kept] == k]
+            sel = kept if len(packs) == 1 else kept[which[kept] == k]
             if not len(sel):
                 continue
-            lo = int(np.flatnonzero(which == k)[0])
+            lo = 0 if len(packs) == 1 else int(np.flatnonzero(which == k)[0])
             cd, ln, cr = codecs[sel].copy(), lens[sel].copy(), np.asarray(p.crcs)[sel - lo].copy()
             if len(sel) == p.n and not replain[sel].any():
                 data = p.data
@@ -753,8 +773,8 @@ class CheckpointWriter:
             self._insert_pack(int(blob_of[sel[0]]), cd, bases,
                               kh if len(packs) == 1 else [th[i] for i in sel.tolist()], ln, cr, data)
             stats["new_blobs"] += len(sel)
-            stats["delta_blobs"] += int((cd == CODEC_LZ4_DELTA).sum())
-            stats["raw_blobs"] += int((cd == CODEC_RAW).sum())
+            stats["delta_blobs"] += int(np.count_nonzero(cd == CODEC_LZ4_DELTA))
+            stats["raw_blobs"] += int(np.count_nonzero(cd == CODEC_RAW))
             stats["stored_bytes"] += len(data)
 
         ids = np.where(zero, 0, np.where(mpos >= 0, blob_of[np.maximum(mpos, 0)] if nblobs else 0,
@@ -764,6 +784,8 @@ class CheckpointWriter:
             self._written[:] = True
         self._blob[pages] = ids
         self._written[pages] = True
+        if not t.full:
+            self._touched = pages                  # increasing (checked above)
         self._expect_digest = t.digest
         changed = ids != self._pblob[pages]
         stats["pages"] += len(pages)
@@ -887,7 +909,7 @@ class CheckpointWriter:
     def _commit(self, conn) -> None:
         cat = self._cat
         # The page map: pages whose blob differs from the parent's image.
-        touched = np.flatnonzero(self._written)
+        touched = self._touched if self._touched is not None else np.flatnonzero(self._written)
         pages = touched[self._blob[touched] != self._pblob[touched]]
         blobs = self._blob[pages]
         # Digest: the parent's, minus the old terms of those pages, plus the new.
@@ -898,7 +920,8 @@ class CheckpointWriter:
         hashes = np.empty((len(blobs), 16), np.uint8)
         hashes[~is_new] = cat.hash[blobs[~is_new]]
         hashes[is_new] = new_hash[blobs[is_new] - first]
-        digest = codec.digest_update(self._pdigest, pages, cat.hash[self._pblob[pages]], hashes)
+        digest = (pageloops.digest_update if self._native else codec.digest_update)(
+            self._pdigest, pages, cat.hash[self._pblob[pages]], hashes)
         if self._expect_digest is not None and codec.digest_hex(digest) != self._expect_digest:
             raise TransferError(f"transfer: the imported image's digest {codec.digest_hex(digest)} "
                                 f"is not the exporter's {self._expect_digest}")
@@ -931,23 +954,20 @@ class CheckpointWriter:
         # (an imported transfer's delta may have its base among its own new blobs)
         refs = [pack_of(blobs[blobs > 0])] + [pack_of(a[1][a[1] > 0]) for _, a in kept]
         counted = np.concatenate(refs) if refs else np.zeros(0, np.int64)
-        u, cnt = np.unique(counted, return_counts=True)
         conn.executemany("INSERT INTO refs(pack, n) VALUES (?, ?) "
                          "ON CONFLICT(pack) DO UPDATE SET n = n + excluded.n",
-                         zip(u.tolist(), cnt.tolist()))
+                         sorted(collections.Counter(counted.tolist()).items()))
 
         conn.executemany("INSERT INTO states(ckpt, name, hash, data) VALUES (?, ?, ?, ?)",
                          [(self.id, k, content_hash(v), v) for k, v in self._states.items()])
         stats = dict(self.stats)
         stats.update(self._extra_stats)
         stats["write_ms"] = round((time.perf_counter() - self._t0) * 1000, 3)
-        meta = self._meta
-        trigger = meta.get("trigger", "base" if self._parent is None else "sync")
         conn.execute(
             "INSERT INTO checkpoints(id, parent, created, trigger, step, meta, stats, digest) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (self.id, self._parent, time.time(), trigger, meta.get("step"),
-             json.dumps(meta, sort_keys=True), json.dumps(stats, sort_keys=True),
+            (self.id, self._parent, time.time(), self._trigger, self._step,
+             self._meta_text, json.dumps(stats, sort_keys=True),
              codec.digest_to_bytes(digest)))
         conn.execute("UPDATE meta SET value = ? WHERE key = 'next_checkpoint_id'",
                      (str(self.id + 1),))

@@ -635,3 +635,118 @@ def test_the_ack_reader_ends_with_its_connection(tmp_path):
     _wait_for(lambda: not readers())
     assert not readers()
     t.join(10)
+
+
+class _Capture:
+    def __init__(self):
+        self.out = bytearray()
+
+    def sendall(self, data):
+        self.out += data
+
+
+def _frames(chan, frames):
+    """The wire bytes of ``frames`` [(type, payload)] as ``chan`` would send them."""
+    chan.sock, real = _Capture(), chan.sock
+    try:
+        chan.send_all(frames)
+        return bytes(chan.sock.out)
+    finally:
+        chan.sock = real
+
+
+def _sender_and_receiver(token=TOKEN):
+    a, b = socket.socketpair()
+    b.settimeout(5)
+    p, s = P.Channel(a, token, b"P"), P.Channel(b, token, b"S")
+    p.nonce = s.nonce = b"n" * 16
+    s.limit = P.STATE_LIMIT                            # a session's (after the handshake)
+    return a, p, s
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_buffered_recv_takes_several_frames_from_one_segment(token):
+    a, p, s = _sender_and_receiver(token)
+    frames = [(P.HEARTBEAT, b""), (P.ACK, b'{"id": 1}'), (P.MAP, b"m" * 3000),
+              (P.PACK, b"p" * (P.RECV_BUFFER + 12345)), (P.END, b""), (P.ACK, b'{"id": 2}')]
+    a.sendall(_frames(p, frames))                      # all of it at once
+    assert [s.recv() for _ in frames] == [(t, bytearray(x)) for t, x in frames]
+
+
+@pytest.mark.parametrize("token", [TOKEN, None])
+def test_buffered_recv_joins_frames_split_across_segments(token):
+    """Frames cut at every kind of place (in the header, payload, MAC), with pauses
+    between the pieces: the receiver waits for the rest."""
+    rng = np.random.default_rng(seed_for("protocol-split", 41))
+    a, p, s = _sender_and_receiver(token)
+    frames = [(P.ACK, bytes(rng.integers(0, 256, int(k), dtype=np.uint8)))
+              for k in rng.integers(0, 3 * P.RECV_BUFFER, 12)] + [(P.HEARTBEAT, b"")] * 5
+    wire = _frames(p, frames)
+    cuts = sorted(set(rng.integers(1, len(wire), 60).tolist()) | {1, 2, 19, 20, 21})
+
+    def send():
+        last = 0
+        for c in cuts + [len(wire)]:
+            a.sendall(wire[last:c])
+            last = c
+            time.sleep(0.001)
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        assert [s.recv() for _ in frames] == [(t_, bytearray(x)) for t_, x in frames]
+    finally:
+        t.join()
+
+
+def test_buffered_recv_refuses_a_too_long_frame_before_its_payload_arrives():
+    """The limit is checked on the header alone: no payload was sent, and recv does not
+    wait for one (it would time out) nor allocate it."""
+    a, p, s = _sender_and_receiver()
+    s.limit = 1000
+    a.sendall(P.HEADER.pack(P.MAGIC, P.VERSION, P.PACK, 0, 0, 1001))
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):   # not socket.timeout
+        s.recv()
+
+
+@pytest.mark.parametrize("size, cut", [(100, 5), (100, P.HEADER.size), (100, P.HEADER.size + 50),
+                                       (100, P.HEADER.size + 100 + 10),
+                                       (3 * P.RECV_BUFFER, 2 * P.RECV_BUFFER)])
+def test_buffered_recv_a_truncated_frame_is_a_closed_peer(size, cut):
+    a, p, s = _sender_and_receiver()
+    wire = _frames(p, [(P.ACK, b"x" * size)])
+
+    def send():                                        # (more than a socket buffer holds)
+        a.sendall(wire[:cut])
+        a.close()
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        with pytest.raises(P.PeerClosed, match="mid-frame"):
+            s.recv()
+    finally:
+        t.join()
+
+
+def test_buffered_recv_timeouts_say_whether_a_frame_was_cut():
+    """A timeout with nothing of a frame received leaves the channel usable
+    (between_frames: the primary's ack reader waits again); one in the middle of a
+    frame says so."""
+    a, p, s = _sender_and_receiver()
+    s.sock.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        s.recv()
+    assert s.between_frames
+    wire = _frames(p, [(P.ACK, b'{"id": 1}'), (P.ACK, b'{"id": 2}')])
+    first = len(wire) // 2
+    a.sendall(wire[:first - 3])                       # frame 1 whole but its last 3 bytes
+    with pytest.raises(socket.timeout):
+        s.recv()
+    assert not s.between_frames
+    s2_a, p2, s2 = _sender_and_receiver()
+    s2_a.sendall(wire)
+    s2.sock.settimeout(0.05)
+    assert s2.recv() == (P.ACK, bytearray(b'{"id": 1}'))
+    assert s2.recv() == (P.ACK, bytearray(b'{"id": 2}'))
+    with pytest.raises(socket.timeout):
+        s2.recv()
+    assert s2.between_frames

@@ -4,9 +4,10 @@ A frame is a 20-byte header, the payload, and (with a token) a 32-byte MAC::
 
     magic "SNRP" | version u8 | type u8 | flags u16 | seq u64 | length u32   (network order)
 
-- ``length`` is checked against the receiver's current limit *before* any
-  payload is read: a peer cannot make the receiver allocate more than the
-  limit (64 KiB until the handshake is done, then :data:`STATE_LIMIT`); the
+- ``length`` is checked against the receiver's current limit *before* the
+  payload is read (frames are read through a fixed :data:`RECV_BUFFER`, so at
+  most that much of what follows a header is read ahead, into that buffer):
+  a peer cannot make the receiver allocate more than the limit (64 KiB until the handshake is done, then :data:`STATE_LIMIT`); the
   checkpoint inside (MAP and PACK frames, storage.transfer's wire form) is
   bounded again by the guest's size before it is imported.
 - ``seq`` starts at 0 in each direction and must go up by exactly one: a
@@ -51,6 +52,9 @@ NAMES = {HELLO: "hello", START: "start", CKPT: "checkpoint", MAP: "map", END: "e
 
 #: before the handshake completes, no frame may be larger than this
 HANDSHAKE_LIMIT = 64 << 10
+#: bytes each side reads ahead of the frame it parses: headers, MACs and small frames
+#: arrive together in one recv (a larger payload is read straight into its own buffer)
+RECV_BUFFER = 64 << 10
 #: page map entries per MAP frame (storage.transfer's wire form: LZ4 of the page and blob-index
 #: differences, and a 16-byte content hash for an entry naming no blob of the transfer)
 MAP_CHUNK = 1 << 16
@@ -114,6 +118,11 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.between_frames = True
+        #: received bytes not yet taken: _rbuf[_rlo:_rhi] (see recv)
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._rlo = self._rhi = 0
+        self._frame_start = True
 
     def _mac(self, direction: bytes, header: bytes, payload) -> bytes:
         h = hmac.new(self.token, direction + self.nonce + header, hashlib.sha256)
@@ -162,33 +171,80 @@ class Channel:
                 self.bytes_sent += len(header) + len(payload) + (MAC_SIZE if self.token is not None else 0)
             self.sock.sendall(b"".join(parts))
 
-    def _read(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+    def _fill(self, n: int) -> None:
+        """Until at least ``n`` (<= RECV_BUFFER) unread bytes are in the receive buffer:
+        each ``recv_into`` takes whatever has arrived, up to the buffer's free space
+        (the next frames' headers and small payloads with this one's)."""
+        buf, lo, hi = self._rbuf, self._rlo, self._rhi
+        if hi - lo >= n:
+            return
+        if lo == hi:
+            lo = hi = 0
+        elif len(buf) - lo < n:                  # too little room left behind them: to the front
+            buf[:hi - lo] = buf[lo:hi]
+            lo, hi = 0, hi - lo
+        self._rlo = lo
+        view = self._rview
+        try:
+            while hi - lo < n:
+                try:
+                    k = self.sock.recv_into(view[hi:])
+                except ConnectionError as e:
+                    raise PeerClosed(f"connection lost ({e.__class__.__name__})") from None
+                if k == 0:
+                    raise PeerClosed("connection closed" if self._frame_start and hi == lo
+                                     else "connection closed mid-frame")
+                hi += k
+        finally:
+            self._rhi = hi
+
+    def _take(self, n: int) -> bytearray:
+        """The next ``n`` bytes of the stream (a payload whose length was checked)."""
+        if n <= len(self._rbuf):
+            self._fill(n)
+            lo = self._rlo
+            self._rlo = lo + n
+            return bytearray(self._rview[lo:lo + n])
+        # larger than the buffer: what is buffered, then the rest straight into the payload
+        out = bytearray(n)
+        view = memoryview(out)
+        got = self._rhi - self._rlo
+        view[:got] = self._rview[self._rlo:self._rhi]
+        self._rlo = self._rhi = 0
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
             except ConnectionError as e:
                 raise PeerClosed(f"connection lost ({e.__class__.__name__})") from None
             if k == 0:
-                raise PeerClosed("connection closed" if got == 0 else "connection closed mid-frame")
+                raise PeerClosed("connection closed mid-frame")
             got += k
-        return buf
+        return out
 
     def pending(self) -> bool:
         """Whether bytes of the next frame were already read from the socket (a wait for
         the socket to become readable must not block then)."""
-        return False
+        return self._rhi > self._rlo
 
     def recv(self, expect: tuple[int, ...] | None = None) -> tuple[int, bytearray]:
         """The next frame (type, payload). Raises ProtocolError on anything unexpected;
         ``socket.timeout`` if nothing arrives within the socket's timeout (then
-        ``between_frames`` says whether a frame was cut in the middle)."""
-        self.between_frames = True
-        first = self._read(1)
-        self.between_frames = False
-        header = bytes(first + self._read(HEADER.size - 1))
+        ``between_frames`` says whether no byte of a frame had arrived: only then may
+        ``recv`` be called again; a frame cut in the middle leaves the channel unusable).
+
+        Reads are buffered (RECV_BUFFER): one ``recv_into`` usually brings a frame's
+        header with its MAC and the small frames after it.  A payload is only read --
+        and its buffer only allocated -- once its header passed every check, the length
+        against ``limit`` among them."""
+        self._frame_start = True
+        try:
+            self._fill(HEADER.size)
+        finally:
+            self.between_frames = self._rhi == self._rlo
+        self._frame_start = False
+        lo = self._rlo
+        header = bytes(self._rview[lo:lo + HEADER.size])
+        self._rlo = lo + HEADER.size
         magic, ver, ftype, flags, seq, length = HEADER.unpack(header)
         if magic != MAGIC:
             raise ProtocolError("not a snapctl replication peer (bad magic)")
@@ -200,10 +256,13 @@ class Channel:
             raise ProtocolError(f"{NAMES[ftype]} frame of {length} bytes exceeds the limit of {self.limit}")
         if seq != self._recv_seq:
             raise ProtocolError(f"frame sequence {seq}, expected {self._recv_seq} (replayed or lost frame)")
-        payload = self._read(length)
+        payload = self._take(length)
         self.bytes_received += HEADER.size + length
         if self.token is not None:
-            mac = bytes(self._read(MAC_SIZE))
+            self._fill(MAC_SIZE)
+            lo = self._rlo
+            mac = bytes(self._rview[lo:lo + MAC_SIZE])
+            self._rlo = lo + MAC_SIZE
             self.bytes_received += MAC_SIZE
             if not hmac.compare_digest(mac, self._mac(self.peer, header, payload)):
                 raise AuthError("frame authentication failed (wrong or missing --token-file)")

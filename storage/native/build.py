@@ -12,6 +12,8 @@ int64_t pc_decode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t
                   uintptr_t, uintptr_t, uintptr_t);
 void pc_scan(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 uint64_t pc_xxh3_64(uintptr_t, int64_t, uintptr_t);
+int64_t pc_xxh3_64_many(int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t, uintptr_t);
+void pc_digest_update(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
 const char *pc_encode_fns(void);
 int64_t pc_encode(int64_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
                   uintptr_t);

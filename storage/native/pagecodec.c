@@ -193,6 +193,28 @@ uint64_t pc_xxh3_64(uintptr_t p, int64_t n, uintptr_t fn)
     return ((h64_fn)fn)((const void *)p, (size_t)n);
 }
 
+/* xxh3_64 of each of the n blobs stored back to back in the size bytes at
+ * data: blob i ends at ends[i] and starts where blob i-1 ended (0 for the
+ * first); into out[i].  Returns -1, or the index of the first blob whose end
+ * is below its start or past size (nothing is read beyond data + size). */
+int64_t pc_xxh3_64_many(int64_t n, uintptr_t data_, int64_t size, uintptr_t ends_, uintptr_t out_,
+                        uintptr_t fn)
+{
+    const char *data = (const char *)data_;
+    const int64_t *ends = (const int64_t *)ends_;
+    uint64_t *out = (uint64_t *)out_;
+    h64_fn h64 = (h64_fn)fn;
+    int64_t start = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t end = ends[i];
+        if (end < start || end > size)
+            return i;
+        out[i] = h64(data + start, (size_t)(end - start));
+        start = end;
+    }
+    return -1;
+}
+
 static uint64_t fmix64(uint64_t x)
 {
     x ^= x >> 33;
@@ -200,6 +222,40 @@ static uint64_t fmix64(uint64_t x)
     x ^= x >> 33;
     x *= 0xC4CEB9FE1A85EC53ULL;
     return x ^ (x >> 33);
+}
+
+/* The digest term (storage/codec.py) of page p with the content hash at h
+ * (16 bytes: little-endian lo, hi halves); 0 for the zero page's hash z. */
+static unsigned __int128 term(uint64_t p, const uint8_t *h, const uint8_t *z)
+{
+    uint64_t lo, hi, zlo, zhi;
+    memcpy(&lo, h, 8);
+    memcpy(&hi, h + 8, 8);
+    memcpy(&zlo, z, 8);
+    memcpy(&zhi, z + 8, 8);
+    if (lo == zlo && hi == zhi)
+        return 0;
+    uint64_t k = p * 0x9E3779B97F4A7C15ULL;
+    return ((unsigned __int128)fmix64(hi ^ (k + 0x632BE59BD9B4E019ULL)) << 64) | fmix64(lo ^ k);
+}
+
+/* storage/codec.py's digest_update: out = digest - terms(pages, old) +
+ * terms(pages, new) modulo 2**128 (digest and out as low, high uint64
+ * halves; old and new: n x 16 content hashes; zero: the zero page's hash). */
+void pc_digest_update(int64_t n, uintptr_t pages_, uintptr_t old_, uintptr_t new_, uintptr_t zero_,
+                      uintptr_t digest_, uintptr_t out_)
+{
+    const int64_t *pages = (const int64_t *)pages_;
+    const uint8_t *old = (const uint8_t *)old_, *nw = (const uint8_t *)new_, *z = (const uint8_t *)zero_;
+    const uint64_t *digest = (const uint64_t *)digest_;
+    uint64_t *out = (uint64_t *)out_;
+    unsigned __int128 sum = ((unsigned __int128)digest[1] << 64) | digest[0];
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t p = (uint64_t)pages[i];
+        sum += term(p, nw + 16 * i, z) - term(p, old + 16 * i, z);
+    }
+    out[0] = (uint64_t)sum;
+    out[1] = (uint64_t)(sum >> 64);
 }
 
 /* The image digest (storage/codec.py) of an image given as a blob id per
@@ -213,23 +269,14 @@ int64_t pc_image_digest(int64_t npages, uintptr_t img_, uintptr_t pack_, int64_t
     const int64_t *img = (const int64_t *)img_, *pack = (const int64_t *)pack_;
     const uint8_t *hash = (const uint8_t *)hash_;
     uint64_t *out = (uint64_t *)out_;
-    uint64_t zlo, zhi;
     unsigned __int128 sum = 0;
-    memcpy(&zlo, hash, 8);
-    memcpy(&zhi, hash + 8, 8);
     for (int64_t p = 0; p < npages; p++) {
         int64_t b = img[p];
         if (!b)
             continue;
         if (b < 0 || b >= nblobs || pack[b] < 0)
             return p;
-        uint64_t lo, hi;
-        memcpy(&lo, hash + 16 * b, 8);
-        memcpy(&hi, hash + 16 * b + 8, 8);
-        if (lo == zlo && hi == zhi)
-            continue;
-        uint64_t k = (uint64_t)p * 0x9E3779B97F4A7C15ULL;
-        sum += ((unsigned __int128)fmix64(hi ^ (k + 0x632BE59BD9B4E019ULL)) << 64) | fmix64(lo ^ k);
+        sum += term((uint64_t)p, hash + 16 * b, hash);
     }
     out[0] = (uint64_t)sum;
     out[1] = (uint64_t)(sum >> 64);

@@ -295,3 +295,41 @@ def test_loaded_functions_that_hash_differently_are_refused():
     with pytest.raises(ValueError, match="xxh3_128 differs"):
         pageloops.use_functions(dict(fns, XXH3_128bits=fns["XXH3_64bits"]))
     assert pageloops.check_functions(fns) == ""        # the refused set was not installed
+
+
+@native
+def test_batch_checksums_match_xxhash_and_refuse_bad_ends():
+    """pageloops.crcs (one C call per pack, as a received transfer pack's
+    checksums are taken) against one xxhash call per blob."""
+    from storage_helpers import seed_for
+    rng = np.random.default_rng(seed_for("pageloops-crcs", 31))
+    for n in (1, 2, 7, 160, 1000):
+        lens = rng.integers(1, PAGE + 1, n)
+        ends = np.cumsum(lens)
+        data = rng.integers(0, 256, int(ends[-1]), dtype=np.uint8).tobytes()
+        want = [xxhash.xxh3_64_intdigest(data[e - k:e]) for e, k in zip(ends.tolist(), lens.tolist())]
+        assert pageloops.crcs(data, ends).tolist() == want
+        assert pageloops.crcs(bytearray(data), ends).tolist() == want     # any bytes-like
+    assert pageloops.crcs(b"", np.zeros(0, np.int64)).tolist() == []
+    for bad in ([5, 3], [4, 11], [-1]):                  # decreasing, past the data, negative
+        with pytest.raises(ValueError):
+            pageloops.crcs(b"0123456789", np.array(bad))
+
+
+@native
+def test_digest_update_in_c_matches_the_numpy_terms():
+    """pageloops.digest_update against storage.codec's numpy one, on random
+    pages and hashes with zero-page hashes among them, and digests that wrap."""
+    from storage import codec
+    from storage_helpers import seed_for
+    rng = np.random.default_rng(seed_for("pageloops-digest", 32))
+    zero = np.frombuffer(codec.ZERO_HASH, np.uint8)
+    for n in (0, 1, 5, 300, 5000):
+        pages = rng.integers(0, 1 << 40, n)
+        old = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+        new = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+        old[rng.random(n) < 0.2] = zero
+        new[rng.random(n) < 0.2] = zero
+        for digest in (0, int(rng.integers(0, 1 << 62)) << 66 | 12345, (1 << 128) - 1):
+            assert pageloops.digest_update(digest, pages, old, new) == \
+                codec.digest_update(digest, pages, old, new)

@@ -281,6 +281,38 @@ def test_a_malformed_wire_form_is_refused(stores, cut):
             parse_map(t.map_bytes(), N, t.packs[:0])
 
 
+@pytest.mark.parametrize("cut", ["raw-short", "too-large", "delta-no-base", "delta-count"])
+def test_a_wire_pack_that_check_would_refuse_is_refused_as_it_is_parsed(loops, cut):
+    """from_bytes holds the wire form to what TransferPack.check does (the import
+    does not check a parsed pack again): a raw blob shorter than a page, a blob
+    larger than one, a delta whose base hash is zero, a wrong delta count."""
+    from storage.codec import CODEC_LZ4, CODEC_RAW
+    codec = {"raw-short": CODEC_RAW, "too-large": CODEC_LZ4}.get(cut, CODEC_LZ4_DELTA)
+    size = PAGE + 1 if cut == "too-large" else 10
+    bases = np.full((1, 16), 7 if codec == CODEC_LZ4_DELTA else 0, np.uint8)
+    pack = TransferPack(np.array([codec], np.uint8), bases, np.ones((1, 16), np.uint8),
+                        np.array([size]), np.zeros(1, np.uint64), bytes(size))
+    raw = bytearray(pack.to_bytes())
+    if cut == "delta-no-base":
+        raw[-size - 16:-size] = bytes(16)
+    elif cut == "delta-count":
+        raw[8:12] = (0).to_bytes(4, "little")
+        del raw[-size - 16:-size]
+    with pytest.raises(TransferError):
+        TransferPack.from_bytes(raw)
+
+
+def test_a_parsed_pack_is_checked_again_once_it_is_changed(stores):
+    """The import skips check() only for a pack exactly as from_bytes left it."""
+    rng = np.random.default_rng(seed_for("transfer-parsed", 18))
+    a = stores("a")
+    t = list(_chain(a, rng, 2))[1][0].transfer
+    p = TransferPack.from_bytes(t.packs[0].to_bytes())
+    assert p.parsed_intact() and not p.codecs.flags.writeable
+    p.codecs = p.codecs.copy()
+    assert not p.parsed_intact()
+
+
 def test_a_delta_whose_base_the_importer_holds_as_a_delta_is_stored_plainly(stores, loops):
     """Depth stays <= 1: the importer's copy of the base is itself a delta
     (it wrote that content as a delta of an older one), so the imported
@@ -354,3 +386,27 @@ def test_pages_of_their_own_after_a_transfer_are_refused_and_nothing_is_stored(s
             wb.add_transfer(w.transfer)
             wb.add_pages([0], random_pages(rng, 1))
     assert b.checkpoints() == [] and not b.verify().problems
+
+
+def test_map_chunks_with_blob_zero_and_explicit_entries_parse_back(stores):
+    """parse_map's three kinds of entry, alone and mixed, in chunks of every size: a
+    blob of the transfer (the fast path when a chunk holds only those), a zero
+    page, a content named by its hash."""
+    from storage.codec import ZERO_HASH
+    rng = np.random.default_rng(seed_for("transfer-map-kinds", 19))
+    a = stores("a")
+    t = list(_chain(a, rng, 2))[1][0].transfer
+    m = len(t.pages)
+    for kind in ("blobs", "zero", "explicit", "mixed"):
+        hashes = t.hashes.copy()
+        pick = rng.random(m) < 0.5 if kind == "mixed" else np.full(m, kind != "blobs")
+        if kind in ("zero", "mixed"):
+            hashes[pick] = np.frombuffer(ZERO_HASH, np.uint8)
+        if kind in ("explicit", "mixed"):
+            ex = pick & (rng.random(m) < 0.5) if kind == "mixed" else pick
+            hashes[ex] = rng.integers(0, 256, (int(ex.sum()), 16), dtype=np.uint8)
+        u = Transfer(t.pages, hashes, t.packs, t.digest, t.parent_digest, t.full)
+        for step in (1, 3, m):
+            parts = [parse_map(u.map_bytes(lo, lo + step), N, t.packs) for lo in range(0, m, step)]
+            pages, got = join_maps(parts, N)
+            assert (pages == t.pages).all() and (got == hashes).all(), (kind, step)
