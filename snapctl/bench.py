@@ -707,7 +707,9 @@ def verdict_rows(results: dict, figures: bool = False) -> list[tuple]:
             for key, sub in r.items():
                 if isinstance(sub, dict) and "goal" in sub and "met" in sub:
                     value = next((sub[k] for k in ("ratio", "per_s", "ms") if k in sub), None)
-                    rows.append((f"{name} {key}", value, sub["goal"], sub["met"]))
+                    fig = (f"{sub['pause_ms_median_replicated']} vs {sub['pause_ms_median_plain']} ms"
+                           if "pause_ms_median_replicated" in sub else "")
+                    rows.append((f"{name} {key}", value, sub["goal"], sub["met"]) + ((fig,) if figures else ()))
         if not isinstance(r, dict) or "ratio" not in r:
             continue
         fig = "; ".join(f"{c['what']} {c['figure']} (goal {c['goal']}){'' if c['met'] else ': MISSED'}"

@@ -1113,6 +1113,13 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Smaller sizes; abou
             continue
         _out(f"{name}: " + ", ".join(f"{k}={v}" for k, v in r.items()
                                      if k not in skip and not isinstance(v, (list, dict))))
+        for k, sub in r.items():   # a second set of figures (replication's veth pair)
+            if isinstance(sub, dict) and "link" in sub:
+                _out(f"{name} {k} ({sub['link']}): " + ", ".join(
+                    f"{kk}={next((vv[x] for x in ('ratio', 'per_s', 'ms') if x in vv), None)}"
+                    for kk, vv in sub.items() if isinstance(vv, dict)))
+            elif isinstance(sub, dict) and "skipped" in sub:
+                _out(f"{name} {k}: skipped ({sub['skipped']})")
 
 
 @app.command()

@@ -289,6 +289,37 @@ def test_bench_rows_show_the_four_replication_goals():
     assert [row[0] for row in rows] == ["replication checkpoint_rate", "replication pause_ratio",
                                         "replication failover_ms", "replication wire_ratio"]
     assert rows[0][1:] == (75.0, ">= 100/s", False) and rows[2][1] == 6.4
+    # the table `snapctl bench` prints has a figure column: every row has one
+    r["replication"]["pause_ratio"].update(pause_ms_median_replicated=0.77, pause_ms_median_plain=0.7)
+    rows = verdict_rows(r, figures=True)
+    assert [len(row) for row in rows] == [5] * 4
+    assert rows[1] == ("replication pause_ratio", 1.1, "<= 1.2x", True, "0.77 vs 0.7 ms")
+
+
+def test_bench_prints_the_replication_goals_and_the_veth_figures(monkeypatch):
+    """`snapctl bench --only replication` without --json: the table of the four goals and a
+    line with the veth pair's figures (the table once failed on these rows: no figure column)."""
+    from typer.testing import CliRunner
+
+    from snapctl import bench
+    from snapctl.cli import app
+    sub = {"checkpoint_rate": {"per_s": 150.0, "goal": ">= 100/s", "met": True},
+           "pause_ratio": {"ratio": 1.1, "pause_ms_median_replicated": 0.77, "pause_ms_median_plain": 0.7,
+                           "goal": "<= 1.2x", "met": True},
+           "failover_ms": {"ms": 4.0, "goal": "<= 50 ms", "met": True},
+           "wire_ratio": {"ratio": 0.81, "goal": "<= 1.1x", "met": True}}
+    veth = {"link": "veth pair", **{k: {kk: vv for kk, vv in v.items() if kk != "met"} for k, v in sub.items()}}
+    veth["pause_ratio"]["ratio"] = 1.15
+    monkeypatch.setattr(bench, "run_all", lambda quick, only, progress=None: {
+        "replication": {"guest": "random 64 MiB", **sub, "veth": veth}})
+    res = CliRunner().invoke(app, ["bench", "--only", "replication"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    row = next(line for line in lines if line.startswith("replication pause_ratio"))
+    assert row.split()[2:5] == ["1.1", "<=", "1.2x"] and row.endswith("0.77 vs 0.7 ms")
+    assert sum(line.startswith("replication ") and line.split()[-1] in ("yes", "ms") for line in lines) >= 4
+    veth_line = next(line for line in lines if line.startswith("replication veth"))
+    assert "pause_ratio=1.15" in veth_line and "checkpoint_rate=150.0" in veth_line
 
 
 PRIMARY_CFG = {"mem_size": 16 * P.PAGE, "vcpus": 1, "name": "t", "guest": "random",
