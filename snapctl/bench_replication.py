@@ -152,8 +152,14 @@ def _pause_ratio(cfg: MachineConfig, n: int, every: int, d: str, tag: str, host:
         rep += got["rep"]
         pairs.append(statistics.median(got["rep"]) / statistics.median(got["plain"]))
     p0, p1 = statistics.median(plain), statistics.median(rep)
+
+    def p90(xs: list[float]) -> float:
+        return round(statistics.quantiles(xs, n=10)[-1], 3)
     return {"ratio": round(p1 / p0, 3), "pause_ms_median_replicated": round(p1, 3),
-            "pause_ms_median_plain": round(p0, 3), "runs_per_arm": PAUSE_ROUNDS, "checkpoints_per_run": n,
+            "pause_ms_median_plain": round(p0, 3),
+            # the tail, for the record (the goal is on the medians)
+            "pause_ms_p90_replicated": p90(rep), "pause_ms_p90_plain": p90(plain),
+            "runs_per_arm": PAUSE_ROUNDS, "checkpoints_per_run": n,
             "per_round_ratio": [round(min(pairs), 3), round(statistics.median(pairs), 3), round(max(pairs), 3)],
             "goal": "<= 1.2x", "met": bool(p1 / p0 <= 1.2)}
 
