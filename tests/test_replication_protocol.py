@@ -390,6 +390,13 @@ def _fake_standby(answer, *, heartbeat_ms: float = 1000, beats: list | None = No
     return srv.getsockname()[1], got, t
 
 
+def _replicator(port: int, path: str, count: int):
+    """A primary's replicator to the fake standby on ``port`` for the store at ``path``."""
+    from snapctl.replication.primary import Replicator
+    return Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
+                      start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": count}})
+
+
 def _wait_for(cond) -> None:
     deadline = time.monotonic() + 60
     while not cond() and time.monotonic() < deadline:
@@ -400,14 +407,12 @@ def test_a_refused_checkpoint_makes_the_primary_send_a_full_image_with_the_outpu
     """The primary's side of a refusal: nothing it covered is released, the next checkpoint
     goes full, and its output states hold the output of every checkpoint since the last
     acknowledged one (what a failover after it must write)."""
-    from snapctl.replication.primary import Replicator
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 5, 7)
     ids = [c[0] for c in caps]
     # checkpoint 2: "cannot import"
     port, got, t = _fake_standby(lambda m: [{"id": m["id"], **({"need_full": True} if m["id"] == ids[2] else {})}])
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 4}})
+    rep = _replicator(port, path, 4)
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
         if ckpt == ids[3]:        # let the refusal of 2 and the ack of 3 be taken in
@@ -428,7 +433,6 @@ def test_a_late_refusal_of_a_checkpoint_before_the_full_image_starts_no_second_r
     arrives after the full image 4 was sent, it is answered already: 5 goes as an increment
     carrying only its own output (a second re-sync would carry 2..4's output again, which
     4's acknowledgement released: a failover after it would write that output twice)."""
-    from snapctl.replication.primary import Replicator
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 6, 8)
     ids = [c[0] for c in caps]
@@ -447,8 +451,7 @@ def test_a_late_refusal_of_a_checkpoint_before_the_full_image_starts_no_second_r
         return [{"id": pid}]
 
     port, got, t = _fake_standby(answer)
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 5}})
+    rep = _replicator(port, path, 5)
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
         if ckpt == ids[3]:
@@ -471,7 +474,6 @@ def test_the_replicator_waits_out_the_checkpointers_pauses(tmp_path, monkeypatch
     the sender builds and sends nothing and an arrived acknowledgement is not taken in;
     both go on once it opens."""
     from snapctl.checkpoint.captures import PauseWindow
-    from snapctl.replication.primary import Replicator
     monkeypatch.setattr(PauseWindow, "LONGEST", 600.0)   # the test's own stalls must not end a wait
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 3, 9)
@@ -484,8 +486,7 @@ def test_the_replicator_waits_out_the_checkpointers_pauses(tmp_path, monkeypatch
         return [{"id": meta["id"]}]
 
     port, got, t = _fake_standby(answer)
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    rep = _replicator(port, path, 2)
     window = PauseWindow()
     rep.follow(window)
     rep.after_commit(*caps[0][::2], {"digest": caps[0][1]})      # the base: sent from this thread
@@ -562,7 +563,6 @@ def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_ti
     keep it alive once none came for the ack timeout."""
     from snapctl.checkpoint.captures import PauseWindow
     from snapctl.replication import primary
-    from snapctl.replication.primary import Replicator
     monkeypatch.setattr(primary, "SOCKET_TIMEOUT", 0.2)
     monkeypatch.setattr(primary, "ACK_TIMEOUT", 60.0)
     path = str(tmp_path / "p.snap")
@@ -578,8 +578,7 @@ def test_the_ack_reader_waits_through_quiet_spells_and_gives_up_after_the_ack_ti
         return [{"id": meta["id"]}]
 
     port, got, t = _fake_standby(answer)
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    rep = _replicator(port, path, 2)
     rep.follow(PauseWindow())
     for ckpt, digest, cap in caps[:2]:
         rep.after_commit(ckpt, cap, {"digest": digest})
@@ -602,7 +601,6 @@ def test_acks_that_arrive_together_are_all_taken_in(tmp_path):
     """Two acknowledgements in one segment: the reader, waiting for its socket through the
     pause window, takes both (the second must not wait in a read buffer for more data)."""
     from snapctl.checkpoint.captures import PauseWindow
-    from snapctl.replication.primary import Replicator
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 3, 12)
     ids = [c[0] for c in caps]
@@ -615,8 +613,7 @@ def test_acks_that_arrive_together_are_all_taken_in(tmp_path):
         return [{"id": meta["id"]}]
 
     port, got, t = _fake_standby(answer)
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 2}})
+    rep = _replicator(port, path, 2)
     rep.follow(PauseWindow())
     for ckpt, digest, cap in caps:
         rep.after_commit(ckpt, cap, {"digest": digest})
@@ -630,14 +627,12 @@ def test_heartbeats_go_out_through_a_long_pause(tmp_path, monkeypatch):
     """A capture longer than the standby's failover timeout must not look like a lost
     primary: the heartbeat does not wait for the pause window."""
     from snapctl.checkpoint.captures import PauseWindow
-    from snapctl.replication.primary import Replicator
     monkeypatch.setattr(PauseWindow, "LONGEST", 600.0)   # a waiting heartbeat would wait it out
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 1, 13)
     beats: list = []
     port, got, t = _fake_standby(lambda m: [{"id": m["id"]}], heartbeat_ms=50, beats=beats)
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 0}})
+    rep = _replicator(port, path, 0)
     window = PauseWindow()
     rep.follow(window)
     rep.after_commit(caps[0][0], caps[0][2], {"digest": caps[0][1]})
@@ -654,12 +649,10 @@ def test_the_ack_reader_ends_with_its_connection(tmp_path):
     """Dropping the connection (as a dying primary does) ends its ack reader and frees its
     wait, window followed or not: no thread or epoll set outlives the connection."""
     from snapctl.checkpoint.captures import PauseWindow
-    from snapctl.replication.primary import Replicator
     path = str(tmp_path / "p.snap")
     caps = _committed_run(path, 1, 14)
     port, got, t = _fake_standby(lambda m: [{"id": m["id"]}])
-    rep = Replicator(f"127.0.0.1:{port}", token=None, required=False, store_path=path,
-                     start={"kind": "run", "config": PRIMARY_CFG, "schedule": {"count": 0}})
+    rep = _replicator(port, path, 0)
     window = PauseWindow()
     rep.follow(window)
     rep.after_commit(caps[0][0], caps[0][2], {"digest": caps[0][1]})
