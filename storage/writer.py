@@ -378,7 +378,6 @@ class CheckpointWriter:
         page compresses to a few dozen bytes plainly, so a delta would only
         add a decompression to every restore."""
         cat = self._cat
-        stats = self.stats
         m = len(rows)
         prev = self._pblob[pn[rows]]
         prev = np.where(cat.known(prev), prev, 0)
